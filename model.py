@@ -1,0 +1,284 @@
+"""Uni-Mol encoder (frozen), the MLP energy head and the Energy-DPO losses."""
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from data import PREPROCESS_VERSION, InputError, cached_features, file_sha256, unimol_dict_path
+
+log = logging.getLogger("energy_dpo")
+
+WEIGHTS_FILE = "mol_pre_no_h_220816.pt"
+WEIGHTS_SOURCE = ("the Uni-Mol authors' release: GitHub dptech-corp/Uni-Mol, release v0.1 "
+                  "(weights/mol_pre_no_h_220816.pt), or the Hugging Face repo dptech/Uni-Mol-Models")
+RANDOM_INIT_SEED = 0
+# Checkpoint entries that belong to Uni-Mol's pretraining objectives, not to the encoder.
+PRETRAINING_HEADS = ("lm_head.", "pair2coord_proj.", "dist_head.", "encoder.final_head_layer_norm.",
+                     "classification_head.")
+
+
+def default_weights_path():
+    weight_dir = os.environ.get("UNIMOL_WEIGHT_DIR")
+    return str(Path(weight_dir) / WEIGHTS_FILE) if weight_dir else f"./weights/{WEIGHTS_FILE}"
+
+
+def _import_unimol_model():
+    """unimol_tools creates ./logs/ and a log file on import; do that in a scratch directory."""
+    cwd, root_level = os.getcwd(), logging.root.level
+    with tempfile.TemporaryDirectory() as scratch:
+        os.chdir(scratch)
+        try:
+            from unimol_tools.models.unimol import UniMolModel
+            from unimol_tools.utils import logger as unimol_logger
+        finally:
+            os.chdir(cwd)
+    for handler in list(unimol_logger.handlers):
+        if isinstance(handler, logging.FileHandler):
+            unimol_logger.removeHandler(handler)
+    unimol_logger.setLevel(logging.WARNING)
+    logging.root.setLevel(root_level)  # it also lowers the root logger to NOTSET
+    return UniMolModel
+
+
+def build_unimol(init_seed=RANDOM_INIT_SEED):
+    """unimol_tools' Uni-Mol v1 (no H) with seeded random weights and no network access."""
+    UniMolModel = _import_unimol_model()
+    with tempfile.TemporaryDirectory() as scratch, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed)
+        empty = Path(scratch) / "empty.pt"
+        torch.save({"model": {}}, empty)  # a path stops unimol_tools from downloading weights
+        unimol = UniMolModel(output_dim=1, data_type="molecule", remove_hs=True,
+                             pretrained_model_path=str(empty), pretrained_dict_path=str(unimol_dict_path()))
+    del unimol.classification_head
+    return unimol
+
+
+def missing_weights(path):
+    return (f"Uni-Mol weights not found at {path}: download {WEIGHTS_FILE} from {WEIGHTS_SOURCE} into "
+            f"weights/ (or set UNIMOL_WEIGHT_DIR), or pass --unimol_weights random for a randomly "
+            f"initialised encoder")
+
+
+def load_unimol_weights(unimol, path):
+    """Load an official checkpoint; every backbone tensor must be there with the right shape."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(missing_weights(path))
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for bad files
+        raise InputError(f"{path}: cannot load as a weights-only torch checkpoint ({exc})") from None
+    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        raise InputError(f"{path}: expected {{'model': state_dict}} as in {WEIGHTS_FILE}")
+    expected = unimol.state_dict()
+    missing = sorted(k for k in expected if k not in state)
+    unexpected = sorted(k for k in state if k not in expected and not k.startswith(PRETRAINING_HEADS))
+    if missing or unexpected:
+        hint = " (keys carry a 'module.' prefix: strip it)" if any(k.startswith("module.") for k in state) else ""
+        raise InputError(f"{path}: not a Uni-Mol v1 no-H checkpoint{hint}: {len(missing)} missing keys "
+                        f"{missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}")
+    wrong = [k for k in expected if tuple(state[k].shape) != tuple(expected[k].shape)]
+    if wrong:
+        raise InputError(f"{path}: shape mismatch for {wrong[:5]}, e.g. {wrong[0]} is "
+                        f"{tuple(state[wrong[0]].shape)}, the model needs {tuple(expected[wrong[0]].shape)}")
+    unimol.load_state_dict({k: state[k] for k in expected}, strict=True)
+
+
+def collate(conformers, dictionary, device):
+    """Pad a list of (atoms, coords) into Uni-Mol's inputs: tokens, distances and edge types."""
+    pad = dictionary.pad()
+    n_tok = len(dictionary)
+    length = max(len(atoms) for atoms, _ in conformers) + 2
+    tokens = np.full((len(conformers), length), pad, dtype=np.int64)
+    coords = np.zeros((len(conformers), length, 3), dtype=np.float64)
+    for i, (atoms, xyz) in enumerate(conformers):
+        tokens[i, 0] = dictionary.bos()
+        tokens[i, 1:len(atoms) + 1] = [dictionary.index(a) for a in atoms]
+        tokens[i, len(atoms) + 1] = dictionary.eos()
+        coords[i, 1:len(atoms) + 1] = xyz
+    tokens = torch.from_numpy(tokens)
+    coords = torch.from_numpy(coords)
+    # float64 like unimol_tools' scipy distance matrix, then float32 as the model sees it
+    dist = (coords[:, :, None] - coords[:, None, :]).norm(dim=-1).float()
+    edge = tokens[:, :, None] * n_tok + tokens[:, None, :]
+    padded = tokens.eq(pad)
+    dist = dist.masked_fill(padded[:, :, None] | padded[:, None, :], 0.0)
+    edge = edge.masked_fill(padded[:, :, None] | padded[:, None, :], pad)
+    return tokens.to(device), dist.to(device), edge.to(device)
+
+
+class UniMolEncoder(nn.Module):
+    """Frozen Uni-Mol: conformers in, 512-d CLS vectors out (the final layer norm applied)."""
+
+    def __init__(self, weights):
+        super().__init__()
+        self.unimol = build_unimol()
+        if weights == "random":
+            self.weights_id = f"random-init(seed={RANDOM_INIT_SEED})"
+            self.weights_sha256 = None
+        else:
+            load_unimol_weights(self.unimol, weights)
+            self.weights_sha256 = file_sha256(weights)
+            self.weights_id = f"sha256:{self.weights_sha256}"
+        self.dictionary = self.unimol.dictionary
+        self.requires_grad_(False)
+        self.eval()
+
+    @property
+    def is_random_init(self):
+        return self.weights_sha256 is None
+
+    def embed(self, tokens, dist, edge):
+        """Atom states after the embedding layer norm, and the first layer's attention bias."""
+        m, enc = self.unimol, self.unimol.encoder
+        bsz, n = tokens.shape
+        bias = m.gbf_proj(m.gbf(dist, edge)).permute(0, 3, 1, 2).contiguous().view(-1, n, n)
+        x = enc.emb_layer_norm(m.embed_tokens(tokens))
+        x = F.dropout(x, p=enc.emb_dropout, training=enc.training)
+        padded = tokens.eq(m.padding_idx)
+        if padded.any():
+            x = x * (1 - padded.unsqueeze(-1).type_as(x))
+            bias = bias.view(bsz, -1, n, n).masked_fill(padded[:, None, None, :], float("-inf")).view(-1, n, n)
+        return x, bias
+
+    def run_layers(self, x, bias, layers):
+        # Each layer's attention logits (bias included) are the next layer's pair bias.
+        for i in layers:
+            x, bias, _ = self.unimol.encoder.layers[i](x, padding_mask=None, attn_bias=bias, return_attn=True)
+        return x, bias
+
+    def forward(self, tokens, dist, edge):
+        x, bias = self.embed(tokens, dist, edge)
+        x, _ = self.run_layers(x, bias, range(len(self.unimol.encoder.layers)))
+        return self.unimol.encoder.final_layer_norm(x)[:, 0]
+
+    @torch.inference_mode()
+    def encode(self, conformers, batch_size=64, device="cpu", desc="encoding"):
+        """CLS features for a list of (atoms, coords), in input order. Batches are length-sorted so
+        that little compute goes to padding."""
+        order = np.argsort([len(a) for a, _ in conformers], kind="stable")
+        out = np.zeros((len(conformers), self.unimol.args.encoder_embed_dim), dtype=np.float32)
+        self.to(device)
+        for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
+            idx = order[start:start + batch_size]
+            out[idx] = self(*collate([conformers[i] for i in idx], self.dictionary, device)).float().cpu().numpy()
+        return out
+
+
+def feature_store_dir(cache_dir, encoder):
+    tag = encoder.weights_id.replace("sha256:", "")[:16].replace("(", "-").replace(")", "").replace("=", "")
+    return Path(cache_dir) / f"features-{tag}-p{PREPROCESS_VERSION}"
+
+
+def frozen_features(encoder, smiles, conformers, cache_dir, batch_size, device, force=False):
+    """Frozen CLS features for canonical SMILES, cached per (weights, preprocessing version)."""
+    meta = {"kind": "unimol-cls-features", "encoder_weights": encoder.weights_id,
+            "preprocess_version": PREPROCESS_VERSION, "dtype": "float32"}
+    compute = lambda missing: encoder.encode([conformers[s][:2] for s in missing], batch_size, device)  # noqa: E731
+    return cached_features(smiles, feature_store_dir(cache_dir, encoder), meta, compute, force)
+
+
+def features_by_role(encoder, roles, conformers, args):
+    """Frozen features of every role as float32 tensors, one encoder pass for all of them."""
+    everything = [s for mols in roles.values() for s in mols]
+    rows = frozen_features(encoder, everything, conformers, args.cache_dir, args.encode_batch_size,
+                           args.device, args.force_recompute_cache)
+    out, start = {}, 0
+    for role, mols in roles.items():
+        out[role] = torch.from_numpy(rows[start:start + len(mols)])
+        start += len(mols)
+    return out
+
+
+class EnergyHead(nn.Module):
+    """512 → h → h/2 → 1 MLP; higher energy means more out-of-distribution."""
+
+    def __init__(self, in_dim=512, hidden_dim=256, dropout=0.1):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(hidden_dim, hidden_dim // 2), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(hidden_dim // 2, 1))
+
+    def forward(self, features):
+        return self.net(features).squeeze(-1)
+
+
+def energy_loss(e_id, e_ood, loss_type="dpo", beta=0.1, lambda_reg=0.01, margin=1.0):
+    """Loss over a batch of ID and OOD energies; pairwise losses use all n×m pairs."""
+    delta = e_ood[None, :] - e_id[:, None]
+    if loss_type == "dpo":
+        main = F.softplus(-beta * delta).mean()  # = -log sigmoid(beta * delta)
+    elif loss_type == "hinge":
+        main = F.relu(margin - delta).mean()
+    elif loss_type == "bce":
+        logits = torch.cat([e_id, e_ood])
+        main = F.binary_cross_entropy_with_logits(logits, torch.cat([torch.zeros_like(e_id), torch.ones_like(e_ood)]))
+    elif loss_type == "mse":
+        main = F.mse_loss(torch.sigmoid(e_id), torch.zeros_like(e_id)) + \
+            F.mse_loss(torch.sigmoid(e_ood), torch.ones_like(e_ood))
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}")
+    return main + lambda_reg * (e_id.pow(2).mean() + e_ood.pow(2).mean())
+
+
+@torch.no_grad()
+def pair_diagnostics(e_id, e_ood):
+    delta = e_ood[None, :] - e_id[:, None]
+    return {"misranked": (delta < 0).float().mean().item(), "margin": delta.mean().item(),
+            "e_id": e_id.mean().item(), "e_ood": e_ood.mean().item()}
+
+
+class EnergyDPOModel(nn.Module):
+    """Energy head plus its loss settings. Frozen-encoder training feeds it cached features."""
+
+    def __init__(self, in_dim=512, hidden_dim=256, loss_type="dpo", beta=0.1, lambda_reg=0.01, margin=1.0):
+        super().__init__()
+        self.head = EnergyHead(in_dim, hidden_dim)
+        self.loss_kwargs = dict(loss_type=loss_type, beta=beta, lambda_reg=lambda_reg, margin=margin)
+
+    def forward(self, features):
+        return self.head(features)
+
+    def loss(self, e_id, e_ood):
+        return energy_loss(e_id, e_ood, **self.loss_kwargs)
+
+
+def save_checkpoint(path, payload):
+    """torch.save to a temp file, then rename: a crash never leaves half a checkpoint."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+
+
+def load_checkpoint(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@torch.no_grad()
+def energies(model, features, batch_size):
+    """Energies in fp32 with the model in eval mode, restoring its previous mode."""
+    was_training = model.training
+    model.eval()
+    out = torch.cat([model(features[i:i + batch_size]).float() for i in range(0, len(features), batch_size)])
+    model.train(was_training)
+    return out
+
+
+def load_best_model(model, path, expected_encoder):
+    """Load best_model.pt into `model`; refuse a checkpoint made with other encoder weights."""
+    if not path.is_file():
+        raise InputError(f"{path}: no such checkpoint; train first (--mode train) or pass --model_path")
+    state = load_checkpoint(path)
+    if state["encoder_weights"] != expected_encoder:
+        raise InputError(f"{path} was trained on encoder {state['encoder_weights']}, "
+                         f"but the encoder loaded now is {expected_encoder}")
+    model.load_state_dict(state["model"])
+    return state

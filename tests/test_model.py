@@ -1,0 +1,138 @@
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import model
+from data import InputError, canonicalize, make_conformer
+from model import EnergyHead, UniMolEncoder, energy_loss
+
+MOLECULES = ["CCO", "CC(=O)Oc1ccccc1C(=O)O", "CN1C=NC2=C1C(=O)N(C(=O)N2C)C", "C[Si](C)(C)Cl",
+             "O=C([O-])c1ccccc1.[Na+]", "Clc1ccc(cc1)C(c1ccccc1)N1CCNCC1", "FC(F)(F)c1ccc(Br)cc1I"]
+
+
+@pytest.fixture(scope="module")
+def encoder(random_ckpt):
+    return UniMolEncoder(str(random_ckpt))
+
+
+def test_architecture_is_the_real_15_layer_unimol(encoder):
+    unimol = encoder.unimol
+    assert len(unimol.encoder.layers) == 15
+    assert len(encoder.dictionary) == 31 and encoder.dictionary.index("[MASK]") == 30
+    assert [encoder.dictionary.index(s) for s in ("[CLS]", "[UNK]", "[PAD]", "[SEP]", "C", "N", "O")] == \
+        [0, 1, 2, 3, 4, 5, 6]
+    per_layer = sum(p.numel() for p in unimol.encoder.layers[0].parameters())
+    assert per_layer == 3_152_384
+    assert sum(p.numel() for p in unimol.parameters()) == 47_331_139 - 513  # without the unused classifier
+    assert not any(p.requires_grad for p in encoder.parameters())
+
+
+def test_features_equal_unimol_tools_repr(encoder, random_ckpt):
+    """Our featurisation path against unimol_tools' own UniMolRepr on the same checkpoint."""
+    from unimol_tools import UniMolRepr
+    smiles = [canonicalize(s)[0] for s in MOLECULES]
+    ours = encoder.encode([make_conformer(s)[:2] for s in smiles], batch_size=3)
+    repr_ = UniMolRepr(remove_hs=True, use_cuda=False, batch_size=4, pretrained_model_path=str(random_ckpt),
+                       pretrained_dict_path=str(data.unimol_dict_path()))
+    theirs = np.asarray(repr_.get_repr(smiles))
+    assert theirs.shape == ours.shape == (len(smiles), 512)
+    assert np.abs(ours - theirs).max() < 1e-4
+
+
+def test_batching_does_not_change_features(encoder):
+    confs = [make_conformer(canonicalize(s)[0])[:2] for s in MOLECULES]
+    one_by_one = encoder.encode(confs, batch_size=1)
+    batched = encoder.encode(confs, batch_size=7)
+    assert np.abs(one_by_one - batched).max() < 1e-4
+
+
+def test_checkpoint_weights_are_loaded(encoder, random_ckpt):
+    state = torch.load(random_ckpt, weights_only=True)["model"]
+    loaded = encoder.unimol.state_dict()
+    assert all(torch.equal(loaded[k], state[k]) for k in loaded)
+    assert encoder.weights_id.startswith("sha256:") and not encoder.is_random_init
+    random_enc = UniMolEncoder("random")
+    assert random_enc.is_random_init and random_enc.weights_id == "random-init(seed=0)"
+    assert not torch.equal(random_enc.unimol.embed_tokens.weight, loaded["embed_tokens.weight"])
+    again = UniMolEncoder("random")  # seeded: the same random encoder every time
+    assert torch.equal(again.unimol.embed_tokens.weight, random_enc.unimol.embed_tokens.weight)
+
+
+def test_pretraining_heads_are_ignored_but_other_keys_are_not(tmp_path, random_ckpt):
+    state = torch.load(random_ckpt, weights_only=True)["model"]
+    with_heads = dict(state, **{"lm_head.dense.weight": torch.zeros(2), "dist_head.out_proj.bias": torch.zeros(1)})
+    torch.save({"model": with_heads, "args": {"arch": "unimol"}}, tmp_path / "heads.pt")
+    UniMolEncoder(str(tmp_path / "heads.pt"))
+
+    torch.save({"model": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "prefixed.pt")
+    with pytest.raises(InputError, match="module.*prefix.*193 missing keys"):
+        UniMolEncoder(str(tmp_path / "prefixed.pt"))
+
+    missing = {k: v for k, v in state.items() if not k.startswith("encoder.layers.14.")}
+    torch.save({"model": missing}, tmp_path / "missing.pt")
+    with pytest.raises(InputError, match=r"missing keys \['encoder.layers.14"):
+        UniMolEncoder(str(tmp_path / "missing.pt"))
+
+    wrong = dict(state, **{"embed_tokens.weight": torch.zeros(30, 512)})
+    torch.save({"model": wrong}, tmp_path / "wrong.pt")
+    with pytest.raises(InputError, match="shape mismatch.*embed_tokens"):
+        UniMolEncoder(str(tmp_path / "wrong.pt"))
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_checkpoints_never_execute_code(tmp_path):
+    torch.save({"model": {"x": _Payload()}}, tmp_path / "evil.pt")
+    with pytest.raises(InputError, match="weights-only"):
+        UniMolEncoder(str(tmp_path / "evil.pt"))
+
+
+def test_missing_weights_say_where_to_get_them(tmp_path):
+    with pytest.raises(InputError) as err:
+        UniMolEncoder(str(tmp_path / "mol_pre_no_h_220816.pt"))
+    msg = str(err.value)
+    assert str(tmp_path) in msg and "dptech" in msg and "--unimol_weights random" in msg
+
+
+def test_weights_path_honours_unimol_weight_dir(monkeypatch):
+    monkeypatch.delenv("UNIMOL_WEIGHT_DIR", raising=False)
+    assert model.default_weights_path() == "./weights/mol_pre_no_h_220816.pt"
+    monkeypatch.setenv("UNIMOL_WEIGHT_DIR", "/opt/unimol")
+    assert model.default_weights_path() == "/opt/unimol/mol_pre_no_h_220816.pt"
+
+
+def test_energy_head_shape_and_size():
+    head = EnergyHead(512, 256)
+    assert sum(p.numel() for p in head.parameters()) == 164_353
+    assert head(torch.zeros(5, 512)).shape == (5,)
+
+
+def test_losses_on_hand_computed_cases():
+    e_id, e_ood = torch.tensor([0.0, 1.0]), torch.tensor([2.0])
+    dpo = (math.log1p(math.exp(-2)) + math.log1p(math.exp(-1))) / 2
+    assert energy_loss(e_id, e_ood, "dpo", beta=1.0, lambda_reg=0.0).item() == pytest.approx(dpo, abs=1e-6)
+    # λ (mean E_id² + mean E_ood²) = 0.5 (0.5 + 4)
+    assert energy_loss(e_id, e_ood, "dpo", beta=1.0, lambda_reg=0.5).item() == pytest.approx(dpo + 2.25, abs=1e-6)
+    # β scales the margin: softplus(-0.1·Δ)
+    dpo_b = (math.log1p(math.exp(-0.2)) + math.log1p(math.exp(-0.1))) / 2
+    assert energy_loss(e_id, e_ood, "dpo", beta=0.1, lambda_reg=0.0).item() == pytest.approx(dpo_b, abs=1e-6)
+    assert energy_loss(e_id, torch.tensor([0.5]), "hinge", lambda_reg=0.0, margin=1.0).item() == pytest.approx(1.0)
+    zero = torch.zeros(1)
+    assert energy_loss(zero, zero, "bce", lambda_reg=0.0).item() == pytest.approx(math.log(2), abs=1e-6)
+    assert energy_loss(zero, zero, "mse", lambda_reg=0.0).item() == pytest.approx(0.5, abs=1e-6)
+
+
+def test_dpo_loss_uses_all_pairs():
+    e_id, e_ood = torch.tensor([0.0, 3.0]), torch.tensor([1.0, 2.0, 4.0])
+    pairs = [o - i for i in (0.0, 3.0) for o in (1.0, 2.0, 4.0)]
+    expected = sum(math.log1p(math.exp(-d)) for d in pairs) / 6
+    assert energy_loss(e_id, e_ood, "dpo", beta=1.0, lambda_reg=0.0).item() == pytest.approx(expected, abs=1e-6)
+    diag = model.pair_diagnostics(e_id, e_ood)
+    assert diag["misranked"] == pytest.approx(2 / 6) and diag["margin"] == pytest.approx(sum(pairs) / 6)

@@ -1,0 +1,172 @@
+"""Energy-DPO training on frozen features: pairwise loss, validation-AUROC model selection,
+early stopping and resumable checkpoints."""
+import csv
+import importlib.metadata
+import io
+import json
+import logging
+import math
+import platform
+import time
+
+import torch
+
+from data import InputError, atomic_write_text
+from evaluate import ood_metrics
+from model import energies, load_checkpoint, pair_diagnostics, save_checkpoint
+
+log = logging.getLogger("energy_dpo")
+
+HISTORY_COLUMNS = ["epoch", "train_loss", "misranked", "margin", "e_id", "e_ood",
+                   "val_loss", "val_auroc", "val_misranked", "lr", "seconds"]
+
+
+class EnergyDPOTrainer:
+    """Trains the energy head of `model` on ID vs auxiliary-OOD features.
+
+    Each step pairs a batch of ID molecules with a batch of OOD molecules and applies the loss over
+    all pairs. Shuffling and dropout are seeded from (seed, epoch), so a resumed run continues
+    exactly as the uninterrupted one would have.
+    """
+
+    def __init__(self, model, args, run_dir, device, checkpoint_extra):
+        self.model = model.to(device)
+        self.args = args
+        self.run_dir = run_dir
+        self.device = device
+        self.extra = checkpoint_extra  # config, encoder identity: stored in every checkpoint
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        self.history = []
+        self.best_auroc = -math.inf
+        self.best_epoch = 0
+        self.start_epoch = 1
+
+    def _checkpoint(self, epoch):
+        return {"model": self.model.state_dict(), "epoch": epoch, **self.extra}
+
+    def resume(self, path):
+        state = load_checkpoint(path)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.history = state["history"]
+        self.best_auroc, self.best_epoch = state["best_auroc"], state["best_epoch"]
+        self.start_epoch = state["epoch"] + 1
+        log.info("resumed from %s after epoch %d (best val AUROC %.4f at epoch %d)",
+                 path, state["epoch"], self.best_auroc, self.best_epoch)
+
+    def _batches(self, n_id, n_ood, generator):
+        bs = self.args.batch_size
+        perm_id, perm_ood = torch.randperm(n_id, generator=generator), torch.randperm(n_ood, generator=generator)
+        longest = max(n_id, n_ood)
+        for start in range(0, longest, bs):
+            idx = torch.arange(start, min(start + bs, longest))
+            yield perm_id[idx % n_id], perm_ood[idx % n_ood]  # the shorter side cycles
+
+    def _epoch_seed(self, epoch):
+        return self.args.seed * 100_003 + epoch
+
+    def fit(self, feats):
+        """feats: role → float32 tensor of features. Returns the per-epoch history."""
+        x_id, x_ood = feats["id_train"].to(self.device), feats["ood_train"].to(self.device)
+        v_id, v_ood = feats["id_val"].to(self.device), feats["ood_val"].to(self.device)
+        args, stale = self.args, self.start_epoch - 1 - self.best_epoch
+        for epoch in range(self.start_epoch, args.epochs + 1):
+            if args.patience and stale >= args.patience:
+                break
+            t0 = time.time()
+            torch.manual_seed(self._epoch_seed(epoch))
+            generator = torch.Generator().manual_seed(self._epoch_seed(epoch))
+            self.model.train()
+            sums, steps = {"train_loss": 0.0, "misranked": 0.0, "margin": 0.0, "e_id": 0.0, "e_ood": 0.0}, 0
+            for i_id, i_ood in self._batches(len(x_id), len(x_ood), generator):
+                e_id, e_ood = self.model(x_id[i_id]), self.model(x_ood[i_ood])
+                loss = self.model.loss(e_id, e_ood)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.grad_clip)
+                self.optimizer.step()
+                sums["train_loss"] += loss.item()
+                for key, value in pair_diagnostics(e_id.detach(), e_ood.detach()).items():
+                    sums[key] += value
+                steps += 1
+            row = {"epoch": epoch, **{k: v / steps for k, v in sums.items()}}
+            row.update(self.validate(v_id, v_ood))
+            row.update(lr=self.optimizer.param_groups[0]["lr"], seconds=time.time() - t0)
+            self.history.append(row)
+            if row["val_auroc"] > self.best_auroc:
+                self.best_auroc, self.best_epoch, stale = row["val_auroc"], epoch, 0
+                save_checkpoint(self.run_dir / "best_model.pt", self._checkpoint(epoch) | {"val_auroc": row["val_auroc"]})
+            else:
+                stale += 1
+            log.info("epoch %3d  loss %.4f  misranked %.3f  margin %+.3f  E(id) %+.3f  E(ood) %+.3f  "
+                     "val AUROC %.4f%s", epoch, row["train_loss"], row["misranked"], row["margin"], row["e_id"],
+                     row["e_ood"], row["val_auroc"], "  *" if stale == 0 else "")
+            self._write_history()
+            save_checkpoint(self.run_dir / "last.pt", self._checkpoint(epoch) | {
+                "optimizer": self.optimizer.state_dict(), "history": self.history,
+                "best_auroc": self.best_auroc, "best_epoch": self.best_epoch})
+        if args.patience and stale >= args.patience:
+            log.info("early stop: no validation improvement for %d epochs (best epoch %d)", stale, self.best_epoch)
+        return self.history
+
+    def validate(self, v_id, v_ood):
+        e_id = energies(self.model, v_id, self.args.eval_batch_size)
+        e_ood = energies(self.model, v_ood, self.args.eval_batch_size)
+        metrics = ood_metrics(e_id.cpu().numpy(), e_ood.cpu().numpy())
+        return {"val_loss": self.model.loss(e_id, e_ood).item(), "val_auroc": metrics["auroc"],
+                "val_misranked": pair_diagnostics(e_id, e_ood)["misranked"]}
+
+    def _write_history(self):
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=HISTORY_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        for row in self.history:
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        atomic_write_text(self.run_dir / "history.csv", buf.getvalue())
+
+
+RUN_FILES = ("config.json", "training.log", "history.csv", "best_model.pt", "last.pt", "test_metrics.json",
+             "test_scores.csv", "data_report.json", "roc_curve.png", "energy_histogram.png",
+             "training_curves.png", "eval.log")
+# Flags that may differ when an interrupted run is resumed: they change where and how fast, not what.
+RUNTIME_FLAGS = {"device", "num_workers", "cache_dir", "resume", "overwrite", "force_recompute_cache",
+                 "eval_batch_size", "encode_batch_size"}
+
+
+def prepare_run_dir(run_dir, overwrite, resume):
+    """Refuse to clobber a run unless told: --resume continues it, --overwrite replaces it."""
+    finished = (run_dir / "test_metrics.json").exists()
+    started = (run_dir / "last.pt").exists() or (run_dir / "config.json").exists()
+    if resume:
+        if finished:
+            raise InputError(f"{run_dir}: this run has finished (test_metrics.json exists); nothing to resume")
+        if not (run_dir / "last.pt").exists():
+            raise InputError(f"{run_dir}: no last.pt to resume from; start it again with --overwrite")
+    elif finished or started:
+        if not overwrite:
+            raise InputError(f"{run_dir}: holds a {'finished' if finished else 'started'} run; pass --resume to "
+                             f"continue it, --overwrite to replace it, or choose another --output_dir")
+        for name in RUN_FILES:
+            (run_dir / name).unlink(missing_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def check_resumable(run_dir, config):
+    stored = json.loads((run_dir / "config.json").read_text())
+    changed = sorted(k for k in set(stored["args"]) | set(config["args"])
+                     if k not in RUNTIME_FLAGS and stored["args"].get(k) != config["args"].get(k))
+    if changed or stored["encoder_weights"] != config["encoder_weights"]:
+        raise InputError(f"{run_dir}: cannot resume with different settings: "
+                         f"{', '.join(changed) or 'encoder weights'}; rerun with the original flags")
+
+
+def package_versions():
+    names = ("torch", "unimol_tools", "rdkit", "numpy", "scikit-learn", "matplotlib", "tqdm")
+    return {"python": platform.python_version(), **{n: importlib.metadata.version(n) for n in names}}
+
+
+def run_config(args, encoder):
+    """What config.json records: every resolved flag, the encoder weights and package versions."""
+    return {"args": dict(sorted(vars(args).items())), "encoder_weights": encoder.weights_id,
+            "random_init_encoder": encoder.is_random_init, "packages": package_versions(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
