@@ -17,12 +17,13 @@ import torch
 from data import (InputError, atomic_write_json, conformers_for_inputs, load_benchmark, missing_data_file,
                   read_smiles_file)
 from evaluate import RANDOM_INIT_LABEL, evaluate_run, plot_training_curves, write_scores_csv
-from model import (EnergyDPOModel, UniMolEncoder, default_weights_path, energies, features_by_role,
-                   frozen_features, load_best_model, missing_weights)
+from model import (EnergyDPOModel, FinetunableUniMolEncoder, UniMolEncoder, default_weights_path, energies,
+                   load_best_model, missing_weights, parse_freeze_spec, role_inputs)
 from train import EnergyDPOTrainer, check_resumable, prepare_run_dir, run_config, RUNTIME_FLAGS
 
 log = logging.getLogger("energy_dpo")
 FROZEN_BATCH_SIZE, FROZEN_EVAL_BATCH_SIZE = 4096, 2048
+FINETUNE_BATCH_SIZE, FINETUNE_EVAL_BATCH_SIZE = 256, 512
 
 
 def build_parser():
@@ -45,7 +46,15 @@ def build_parser():
                    help=f"checkpoint path, or 'random' for a seeded random-init encoder (default: "
                         f"$UNIMOL_WEIGHT_DIR/mol_pre_no_h_220816.pt if set, else {default_weights_path()}; "
                         f"eval/predict: the run's own)")
-    g.add_argument("--encode_batch_size", type=int, default=64, help="molecules per Uni-Mol forward pass")
+    g.add_argument("--encode_batch_size", type=int, default=64, help="molecules per frozen Uni-Mol forward pass")
+    g.add_argument("--amp", choices=["off", "bf16"], default="off", help="bf16 autocast of the Uni-Mol forward")
+    g = p.add_argument_group("fine-tuning the encoder")
+    g.add_argument("--finetune_encoder", action="store_true", help="train part of Uni-Mol with the head")
+    g.add_argument("--encoder_lr", type=float, default=5e-6, help="learning rate of the encoder parameters")
+    g.add_argument("--freeze_layers", default="0-12",
+                   help="frozen transformer layers: ranges and lists (0-12, 0-5,7,9-12), none, all")
+    g.add_argument("--grad_accum_steps", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--grad_checkpointing", action="store_true", help="recompute trainable layers in backward")
     g = p.add_argument_group("energy head and loss")
     g.add_argument("--hidden_dim", type=int, default=256)
     g.add_argument("--loss_type", choices=["dpo", "bce", "mse", "hinge"], default="dpo")
@@ -54,8 +63,10 @@ def build_parser():
     g.add_argument("--hinge_margin", type=float, default=1.0)
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=100)
-    g.add_argument("--batch_size", type=int, default=None, help=f"per side (default {FROZEN_BATCH_SIZE})")
-    g.add_argument("--eval_batch_size", type=int, default=None, help=f"default {FROZEN_EVAL_BATCH_SIZE}")
+    g.add_argument("--batch_size", type=int, default=None,
+                   help=f"per side (default {FROZEN_BATCH_SIZE}; {FINETUNE_BATCH_SIZE} when fine-tuning)")
+    g.add_argument("--eval_batch_size", type=int, default=None,
+                   help=f"default {FROZEN_EVAL_BATCH_SIZE}; {FINETUNE_EVAL_BATCH_SIZE} when fine-tuning")
     g.add_argument("--lr", type=float, default=1e-4)
     g.add_argument("--weight_decay", type=float, default=1e-5)
     g.add_argument("--grad_clip", type=float, default=1.0, help="max gradient norm")
@@ -76,7 +87,8 @@ def build_parser():
 
 def validate_args(args):
     """Resolve defaults and reject inconsistent flags; returns an error message or None."""
-    for name in ("epochs", "train_size", "val_size", "test_size", "encode_batch_size", "hidden_dim"):
+    for name in ("epochs", "train_size", "val_size", "test_size", "encode_batch_size", "hidden_dim",
+                 "grad_accum_steps"):
         if getattr(args, name) < 1:
             return f"--{name} must be at least 1"
     for name in ("batch_size", "eval_batch_size"):
@@ -84,8 +96,16 @@ def validate_args(args):
             return f"--{name} must be at least 1"
     if args.hidden_dim < 2:
         return "--hidden_dim must be at least 2 (the head halves it)"
-    if args.lr <= 0 or args.dpo_beta <= 0 or args.grad_clip <= 0:
-        return "--lr, --dpo_beta and --grad_clip must be positive"
+    if args.lr <= 0 or args.encoder_lr <= 0 or args.dpo_beta <= 0 or args.grad_clip <= 0:
+        return "--lr, --encoder_lr, --dpo_beta and --grad_clip must be positive"
+    try:
+        frozen = parse_freeze_spec(args.freeze_layers)
+    except ValueError as exc:
+        return str(exc)
+    if args.finetune_encoder and args.foundation_model != "unimol":
+        return f"--finetune_encoder works with --foundation_model unimol only, not {args.foundation_model}"
+    if args.finetune_encoder and len(frozen) == 15:
+        return f"--freeze_layers {args.freeze_layers} leaves no Uni-Mol layer to fine-tune"
     if args.lambda_reg < 0 or args.weight_decay < 0 or args.patience < 0 or args.num_workers < 0:
         return "--lambda_reg, --weight_decay, --patience and --num_workers cannot be negative"
     if args.resume and args.overwrite:
@@ -106,8 +126,10 @@ def validate_args(args):
         if Path(args.output).exists() and not args.overwrite:
             return f"{args.output} exists; pass --overwrite to replace it"
     args.data_file = args.data_file or f"./data/raw/{args.dataset}.json"
-    args.batch_size = args.batch_size or FROZEN_BATCH_SIZE
-    args.eval_batch_size = args.eval_batch_size or FROZEN_EVAL_BATCH_SIZE
+    batch, eval_batch = ((FINETUNE_BATCH_SIZE, FINETUNE_EVAL_BATCH_SIZE) if args.finetune_encoder
+                         else (FROZEN_BATCH_SIZE, FROZEN_EVAL_BATCH_SIZE))
+    args.batch_size = args.batch_size or batch
+    args.eval_batch_size = args.eval_batch_size or eval_batch
     if args.mode in ("train", "featurize"):
         args.unimol_weights = args.unimol_weights or default_weights_path()
     if args.mode == "train":
@@ -134,20 +156,29 @@ def encoder_label(encoder):
     return RANDOM_INIT_LABEL if encoder.is_random_init else f"Uni-Mol weights {encoder.weights_id}"
 
 
-def build_model(args):
+def build_encoder(args):
+    """The frozen encoder, or with --finetune_encoder its own partly trainable Uni-Mol instance."""
+    if not args.finetune_encoder:
+        return UniMolEncoder(args.unimol_weights, amp=args.amp == "bf16")
+    return FinetunableUniMolEncoder(args.unimol_weights, parse_freeze_spec(args.freeze_layers),
+                                    amp=args.amp == "bf16", grad_checkpointing=args.grad_checkpointing)
+
+
+def build_model(args, encoder):
     torch.manual_seed(args.seed)
     return EnergyDPOModel(hidden_dim=args.hidden_dim, loss_type=args.loss_type, beta=args.dpo_beta,
-                          lambda_reg=args.lambda_reg, margin=args.hinge_margin)
+                          lambda_reg=args.lambda_reg, margin=args.hinge_margin,
+                          encoder=encoder if args.finetune_encoder else None)
 
 
-def benchmark_features(args, encoder, run_dir):
+def benchmark_inputs(args, encoder, run_dir):
     roles, conformers, report = load_benchmark(args.data_file, (args.train_size, args.val_size, args.test_size),
                                                args.data_seed, args.cache_dir, args.num_workers,
                                                args.force_recompute_cache)
     atomic_write_json(run_dir / "data_report.json", report)
     log.info("roles: %s; %d items skipped (see data_report.json)",
              ", ".join(f"{r} {len(m)}" for r, m in roles.items()), len(report["skipped"]))
-    return roles, features_by_role(encoder, roles, conformers, args)
+    return roles, role_inputs(encoder, roles, conformers, args)
 
 
 def report_metrics(metrics, args, encoder):
@@ -160,24 +191,28 @@ def run_train(args):
     run_dir = Path(args.output_dir)
     prepare_run_dir(run_dir, args.overwrite, args.resume)
     setup_logging(run_dir / "training.log")
-    encoder = UniMolEncoder(args.unimol_weights)
+    encoder = build_encoder(args)
     config = run_config(args, encoder)
     log.info("configuration: %s", json.dumps(config, indent=1))
+    if args.finetune_encoder:
+        trainable, total = config["encoder_trainable_params"], config["encoder_total_params"]
+        log.info("fine-tuning %s of %s Uni-Mol parameters (%.1f%%), frozen layers %s",
+                 f"{trainable:,}", f"{total:,}", 100 * trainable / total, args.freeze_layers)
     if encoder.is_random_init:
         log.warning("%s: numbers from this run are not Uni-Mol results", RANDOM_INIT_LABEL)
     if args.resume:
         check_resumable(run_dir, config)
     else:
         atomic_write_json(run_dir / "config.json", config)
-    roles, feats = benchmark_features(args, encoder, run_dir)
-    net = build_model(args)
+    roles, inputs = benchmark_inputs(args, encoder, run_dir)
+    net = build_model(args, encoder)
     trainer = EnergyDPOTrainer(net, args, run_dir, args.device,
                                {"config": config, "encoder_weights": encoder.weights_id})
     if args.resume:
         trainer.resume(run_dir / "last.pt")
     title = f"{args.dataset} · {encoder_label(encoder)}"
-    plot_training_curves(run_dir / "training_curves.png", trainer.fit(feats), title)
-    metrics = evaluate_run(run_dir / "best_model.pt", net, feats, roles, encoder, args.eval_batch_size,
+    plot_training_curves(run_dir / "training_curves.png", trainer.fit(inputs), title)
+    metrics = evaluate_run(run_dir / "best_model.pt", net, inputs, roles, encoder, args,
                            {"dataset": args.dataset, "title": title})
     report_metrics(metrics, args, encoder)
 
@@ -197,25 +232,24 @@ def load_run(args):
 def run_eval(args):
     run_dir, ckpt, run_args = load_run(args)
     setup_logging(run_dir / "eval.log")
-    encoder = UniMolEncoder(run_args.unimol_weights)
-    roles, feats = benchmark_features(run_args, encoder, run_dir)
-    metrics = evaluate_run(ckpt, build_model(run_args), feats, roles, encoder, run_args.eval_batch_size,
+    encoder = build_encoder(run_args)
+    roles, inputs = benchmark_inputs(run_args, encoder, run_dir)
+    metrics = evaluate_run(ckpt, build_model(run_args, encoder), inputs, roles, encoder, run_args,
                            {"dataset": run_args.dataset, "title": f"{run_args.dataset} · {encoder_label(encoder)}"})
     report_metrics(metrics, run_args, encoder)
 
 
-def input_features(args, encoder, cache_args):
-    """Features of the user's SMILES: (inputs, {row: canonical}, features of those rows, {row: reason})."""
+def input_molecules(args, encoder, run_args):
+    """The user's SMILES as model inputs: (inputs, {row: canonical}, model inputs, {row: reason})."""
     smiles = args.smiles or read_smiles_file(args.input)
     if not smiles:
         raise InputError(f"{args.input}: no SMILES found")
-    canon, conformers, failed = conformers_for_inputs(smiles, cache_args.cache_dir, cache_args.num_workers,
-                                                      cache_args.force_recompute_cache)
-    feats = frozen_features(encoder, list(canon.values()), conformers, cache_args.cache_dir,
-                            cache_args.encode_batch_size, cache_args.device)
+    canon, conformers, failed = conformers_for_inputs(smiles, run_args.cache_dir, run_args.num_workers,
+                                                      run_args.force_recompute_cache)
+    inputs = role_inputs(encoder, {"input": list(canon.values())}, conformers, run_args)["input"]
     if failed:
         log.warning("%d of %d molecules could not be featurised (listed in the output)", len(failed), len(smiles))
-    return smiles, canon, feats, failed
+    return smiles, canon, inputs, failed
 
 
 def run_predict(args):
@@ -225,11 +259,12 @@ def run_predict(args):
     if not metrics_path.is_file():
         raise InputError(f"{metrics_path}: missing; the run has not finished (its OOD threshold is set at the end)")
     threshold = json.loads(metrics_path.read_text())["threshold_95_id_val"]
-    encoder = UniMolEncoder(run_args.unimol_weights)
-    net = build_model(run_args)
+    encoder = build_encoder(run_args)
+    net = build_model(run_args, encoder)
     load_best_model(net, ckpt, encoder.weights_id)
-    smiles, canon, feats, failed = input_features(args, encoder, run_args)
-    scores = dict(zip(canon, energies(net, torch.from_numpy(feats), run_args.eval_batch_size).numpy())) if canon else {}
+    smiles, canon, inputs, failed = input_molecules(args, encoder, run_args)
+    scores = dict(zip(canon, energies(net.to(run_args.device), inputs, run_args.eval_batch_size,
+                                      run_args.device).numpy())) if canon else {}
     rows = [(s, canon.get(i, ""), f"{scores[i]:.6f}" if i in scores else "", int(scores[i] > threshold)
              if i in scores else "", failed.get(i, "")) for i, s in enumerate(smiles)]
     write_scores_csv(Path(args.output), rows, ["smiles", "canonical_smiles", "energy", "is_ood", "error"])
@@ -240,8 +275,9 @@ def run_predict(args):
 
 def run_featurize(args):
     setup_logging()
-    encoder = UniMolEncoder(args.unimol_weights)
-    smiles, canon, feats, failed = input_features(args, encoder, args)
+    encoder = UniMolEncoder(args.unimol_weights, amp=args.amp == "bf16")
+    smiles, canon, inputs, failed = input_molecules(args, encoder, args)
+    feats = inputs.features.numpy()
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp.npy")

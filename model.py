@@ -1,6 +1,8 @@
 """Uni-Mol encoder (frozen), the MLP energy head and the Energy-DPO losses."""
+import contextlib
 import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -8,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from data import PREPROCESS_VERSION, InputError, cached_features, file_sha256, unimol_dict_path
@@ -117,7 +120,7 @@ def collate(conformers, dictionary, device):
 class UniMolEncoder(nn.Module):
     """Frozen Uni-Mol: conformers in, 512-d CLS vectors out (the final layer norm applied)."""
 
-    def __init__(self, weights):
+    def __init__(self, weights, amp=False):
         super().__init__()
         self.unimol = build_unimol()
         if weights == "random":
@@ -128,6 +131,11 @@ class UniMolEncoder(nn.Module):
             self.weights_sha256 = file_sha256(weights)
             self.weights_id = f"sha256:{self.weights_sha256}"
         self.dictionary = self.unimol.dictionary
+        self.amp = amp  # bf16 autocast of the transformer
+        self.n_layers = len(self.unimol.encoder.layers)
+        self.frozen = set(range(self.n_layers))
+        self.frozen_prefix = self.n_layers  # leading frozen layers (with the embeddings when > 0)
+        self.grad_checkpointing = False
         self.requires_grad_(False)
         self.eval()
 
@@ -135,13 +143,30 @@ class UniMolEncoder(nn.Module):
     def is_random_init(self):
         return self.weights_sha256 is None
 
+    def frozen_modules(self):
+        m, enc = self.unimol, self.unimol.encoder
+        modules = [enc.layers[i] for i in sorted(self.frozen)]
+        if 0 in self.frozen:
+            modules += [m.embed_tokens, m.gbf, m.gbf_proj, enc.emb_layer_norm]
+        if self.n_layers - 1 in self.frozen:
+            modules.append(enc.final_layer_norm)
+        return modules
+
+    def train(self, mode=True):
+        # Frozen parts always run deterministically (eval mode: no dropout).
+        super().train(mode)
+        for module in self.frozen_modules():
+            module.eval()
+        return self
+
     def embed(self, tokens, dist, edge):
         """Atom states after the embedding layer norm, and the first layer's attention bias."""
         m, enc = self.unimol, self.unimol.encoder
         bsz, n = tokens.shape
         bias = m.gbf_proj(m.gbf(dist, edge)).permute(0, 3, 1, 2).contiguous().view(-1, n, n)
         x = enc.emb_layer_norm(m.embed_tokens(tokens))
-        x = F.dropout(x, p=enc.emb_dropout, training=enc.training)
+        # the embedding dropout belongs to the embeddings: active only when they train
+        x = F.dropout(x, p=enc.emb_dropout, training=enc.emb_layer_norm.training)
         padded = tokens.eq(m.padding_idx)
         if padded.any():
             x = x * (1 - padded.unsqueeze(-1).type_as(x))
@@ -151,13 +176,30 @@ class UniMolEncoder(nn.Module):
     def run_layers(self, x, bias, layers):
         # Each layer's attention logits (bias included) are the next layer's pair bias.
         for i in layers:
-            x, bias, _ = self.unimol.encoder.layers[i](x, padding_mask=None, attn_bias=bias, return_attn=True)
+            layer = self.unimol.encoder.layers[i]
+            if self.grad_checkpointing and i not in self.frozen and torch.is_grad_enabled():
+                x, bias, _ = checkpoint(layer, x, bias, None, True, use_reentrant=False)
+            else:
+                x, bias, _ = layer(x, attn_bias=bias, padding_mask=None, return_attn=True)
         return x, bias
 
+    def prefix(self, tokens, dist, edge):
+        """Embeddings and the leading frozen layers, without autograd: (atom states, pair bias)."""
+        with torch.no_grad() if self.frozen_prefix else contextlib.nullcontext(), self._autocast(tokens):
+            x, bias = self.embed(tokens, dist, edge)
+            return self.run_layers(x, bias, range(self.frozen_prefix))
+
+    def suffix(self, x, bias):
+        """The remaining layers and the final layer norm: CLS vectors in fp32."""
+        with self._autocast(x):
+            x, _ = self.run_layers(x, bias, range(self.frozen_prefix, self.n_layers))
+            return self.unimol.encoder.final_layer_norm(x)[:, 0].float()
+
     def forward(self, tokens, dist, edge):
-        x, bias = self.embed(tokens, dist, edge)
-        x, _ = self.run_layers(x, bias, range(len(self.unimol.encoder.layers)))
-        return self.unimol.encoder.final_layer_norm(x)[:, 0]
+        return self.suffix(*self.prefix(tokens, dist, edge))
+
+    def _autocast(self, like):
+        return torch.autocast(like.device.type, dtype=torch.bfloat16, enabled=self.amp)
 
     @torch.inference_mode()
     def encode(self, conformers, batch_size=64, device="cpu", desc="encoding"):
@@ -165,36 +207,121 @@ class UniMolEncoder(nn.Module):
         that little compute goes to padding."""
         order = np.argsort([len(a) for a, _ in conformers], kind="stable")
         out = np.zeros((len(conformers), self.unimol.args.encoder_embed_dim), dtype=np.float32)
-        self.to(device)
+        was_training = self.training
+        self.to(device).eval()
         for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
             idx = order[start:start + batch_size]
-            out[idx] = self(*collate([conformers[i] for i in idx], self.dictionary, device)).float().cpu().numpy()
+            out[idx] = self(*collate([conformers[i] for i in idx], self.dictionary, device)).cpu().numpy()
+        self.train(was_training)
         return out
 
 
 def feature_store_dir(cache_dir, encoder):
     tag = encoder.weights_id.replace("sha256:", "")[:16].replace("(", "-").replace(")", "").replace("=", "")
-    return Path(cache_dir) / f"features-{tag}-p{PREPROCESS_VERSION}"
+    return Path(cache_dir) / f"features-{tag}-p{PREPROCESS_VERSION}{'-bf16' if encoder.amp else ''}"
 
 
 def frozen_features(encoder, smiles, conformers, cache_dir, batch_size, device, force=False):
-    """Frozen CLS features for canonical SMILES, cached per (weights, preprocessing version)."""
+    """Frozen CLS features for canonical SMILES, cached per (weights, preprocessing, precision)."""
     meta = {"kind": "unimol-cls-features", "encoder_weights": encoder.weights_id,
-            "preprocess_version": PREPROCESS_VERSION, "dtype": "float32"}
+            "preprocess_version": PREPROCESS_VERSION, "autocast": "bf16" if encoder.amp else "off"}
     compute = lambda missing: encoder.encode([conformers[s][:2] for s in missing], batch_size, device)  # noqa: E731
     return cached_features(smiles, feature_store_dir(cache_dir, encoder), meta, compute, force)
 
 
-def features_by_role(encoder, roles, conformers, args):
-    """Frozen features of every role as float32 tensors, one encoder pass for all of them."""
+def role_inputs(encoder, roles, conformers, args):
+    """Per role: frozen features (one cached encoder pass for all roles), or, when the encoder is
+    fine-tuned, the conformers it will encode itself."""
+    if isinstance(encoder, FinetunableUniMolEncoder):
+        return {role: ConformerInputs([conformers[s][:2] for s in mols], encoder.dictionary)
+                for role, mols in roles.items()}
     everything = [s for mols in roles.values() for s in mols]
     rows = frozen_features(encoder, everything, conformers, args.cache_dir, args.encode_batch_size,
                            args.device, args.force_recompute_cache)
     out, start = {}, 0
     for role, mols in roles.items():
-        out[role] = torch.from_numpy(rows[start:start + len(mols)])
+        out[role] = FeatureInputs(rows[start:start + len(mols)])
         start += len(mols)
     return out
+
+
+def parse_freeze_spec(spec, n_layers=15):
+    """'0-12', '0-5,7,9-12', 'none' or 'all' → sorted frozen layer indices; ValueError if unreadable."""
+    text = spec.strip().lower()
+    if text in ("none", "all"):
+        return [] if text == "none" else list(range(n_layers))
+    frozen = set()
+    for part in text.split(","):
+        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if not match:
+            raise ValueError(f"--freeze_layers {spec!r}: cannot read {part!r}; use ranges and lists such as "
+                             f"0-12 or 0-5,7,9-12, or none / all")
+        lo, hi = int(match[1]), int(match[2] or match[1])
+        if lo > hi or hi >= n_layers:
+            raise ValueError(f"--freeze_layers {spec!r}: {part!r} is outside layers 0-{n_layers - 1}")
+        frozen.update(range(lo, hi + 1))
+    return sorted(frozen)
+
+
+class FinetunableUniMolEncoder(UniMolEncoder):
+    """Uni-Mol with some transformer layers trainable (its own instance, same weight checks).
+
+    The embeddings (tokens, gbf, gbf_proj, embedding layer norm) freeze together with layer 0 and
+    the final layer norm trains together with the last layer. When the frozen layers start at 0,
+    that prefix runs without autograd.
+    """
+
+    def __init__(self, weights, frozen_layers, amp=False, grad_checkpointing=False):
+        super().__init__(weights, amp)
+        self.frozen = set(frozen_layers)
+        self.frozen_prefix = next((i for i in range(self.n_layers) if i not in self.frozen), self.n_layers)
+        self.requires_grad_(True)
+        for module in self.frozen_modules():
+            module.requires_grad_(False)
+        self.grad_checkpointing = grad_checkpointing
+
+    def trainable_state(self):
+        return {k: v.detach().cpu().clone() for k, v in self.unimol.named_parameters() if v.requires_grad}
+
+    def load_trainable_state(self, state, source):
+        expected = {k for k, v in self.unimol.named_parameters() if v.requires_grad}
+        if set(state) != expected:
+            raise InputError(f"{source}: its fine-tuned encoder tensors do not match --freeze_layers "
+                             f"({len(set(state) ^ expected)} differ, e.g. {sorted(set(state) ^ expected)[:3]})")
+        self.unimol.load_state_dict(state, strict=False)
+
+
+class FeatureInputs:
+    """A role's precomputed frozen features."""
+
+    def __init__(self, features):
+        self.features = torch.as_tensor(features)
+
+    def __len__(self):
+        return len(self.features)
+
+    def lengths(self):
+        return np.zeros(len(self))
+
+    def batch(self, idx, device):
+        return self.features[idx].to(device)
+
+
+class ConformerInputs:
+    """A role's conformers, collated per batch for an encoder that runs inside the model."""
+
+    def __init__(self, conformers, dictionary):
+        self.conformers = conformers
+        self.dictionary = dictionary
+
+    def __len__(self):
+        return len(self.conformers)
+
+    def lengths(self):
+        return np.array([len(atoms) for atoms, _ in self.conformers])
+
+    def batch(self, idx, device):
+        return collate([self.conformers[i] for i in idx.tolist()], self.dictionary, device)
 
 
 class EnergyHead(nn.Module):
@@ -237,18 +364,37 @@ def pair_diagnostics(e_id, e_ood):
 
 
 class EnergyDPOModel(nn.Module):
-    """Energy head plus its loss settings. Frozen-encoder training feeds it cached features."""
+    """Energy head plus its loss settings, and the fine-tuned encoder when there is one.
 
-    def __init__(self, in_dim=512, hidden_dim=256, loss_type="dpo", beta=0.1, lambda_reg=0.01, margin=1.0):
+    Without an encoder it takes frozen features (FeatureInputs batches); with one it takes collated
+    conformers (ConformerInputs batches)."""
+
+    def __init__(self, in_dim=512, hidden_dim=256, loss_type="dpo", beta=0.1, lambda_reg=0.01, margin=1.0,
+                 encoder=None):
         super().__init__()
         self.head = EnergyHead(in_dim, hidden_dim)
+        self.encoder = encoder
         self.loss_kwargs = dict(loss_type=loss_type, beta=beta, lambda_reg=lambda_reg, margin=margin)
 
-    def forward(self, features):
-        return self.head(features)
+    def forward(self, batch):
+        return self.head(batch if self.encoder is None else self.encoder(*batch))
 
     def loss(self, e_id, e_ood):
         return energy_loss(e_id, e_ood, **self.loss_kwargs)
+
+    def checkpoint_state(self):
+        """Head weights and, when fine-tuning, only the encoder tensors that train."""
+        state = {"head": self.head.state_dict()}
+        if self.encoder is not None:
+            state["encoder_trainable"] = self.encoder.trainable_state()
+        return state
+
+    def load_checkpoint_state(self, state, source):
+        self.head.load_state_dict(state["head"])
+        if (self.encoder is None) != ("encoder_trainable" not in state):
+            raise InputError(f"{source}: checkpoint and model disagree on whether the encoder was fine-tuned")
+        if self.encoder is not None:
+            self.encoder.load_trainable_state(state["encoder_trainable"], source)
 
 
 def save_checkpoint(path, payload):
@@ -263,11 +409,15 @@ def load_checkpoint(path):
 
 
 @torch.no_grad()
-def energies(model, features, batch_size):
-    """Energies in fp32 with the model in eval mode, restoring its previous mode."""
+def energies(model, inputs, batch_size, device):
+    """Energies in fp32 for all of `inputs` in order, the model in eval mode (then restored)."""
     was_training = model.training
     model.eval()
-    out = torch.cat([model(features[i:i + batch_size]).float() for i in range(0, len(features), batch_size)])
+    order = torch.from_numpy(np.argsort(inputs.lengths(), kind="stable"))
+    out = torch.zeros(len(inputs))
+    for start in range(0, len(inputs), batch_size):
+        idx = order[start:start + batch_size]
+        out[idx] = model(inputs.batch(idx, device)).float().cpu()
     model.train(was_training)
     return out
 
@@ -280,5 +430,5 @@ def load_best_model(model, path, expected_encoder):
     if state["encoder_weights"] != expected_encoder:
         raise InputError(f"{path} was trained on encoder {state['encoder_weights']}, "
                          f"but the encoder loaded now is {expected_encoder}")
-    model.load_state_dict(state["model"])
+    model.load_checkpoint_state(state["model"], path)
     return state

@@ -10,6 +10,7 @@ import platform
 import time
 
 import torch
+from tqdm import tqdm
 
 from data import InputError, atomic_write_text
 from evaluate import ood_metrics
@@ -22,11 +23,13 @@ HISTORY_COLUMNS = ["epoch", "train_loss", "misranked", "margin", "e_id", "e_ood"
 
 
 class EnergyDPOTrainer:
-    """Trains the energy head of `model` on ID vs auxiliary-OOD features.
+    """Trains `model` (the energy head, and the fine-tuned encoder layers if any) on ID vs
+    auxiliary-OOD molecules.
 
-    Each step pairs a batch of ID molecules with a batch of OOD molecules and applies the loss over
-    all pairs. Shuffling and dropout are seeded from (seed, epoch), so a resumed run continues
-    exactly as the uninterrupted one would have.
+    Each micro-batch pairs `batch_size` ID molecules with `batch_size` OOD molecules and applies the
+    loss over all pairs; the optimizer steps every `grad_accum_steps` micro-batches. Shuffling and
+    dropout are seeded from (seed, epoch), so a resumed run continues exactly as the uninterrupted
+    one would have.
     """
 
     def __init__(self, model, args, run_dir, device, checkpoint_extra):
@@ -35,18 +38,26 @@ class EnergyDPOTrainer:
         self.run_dir = run_dir
         self.device = device
         self.extra = checkpoint_extra  # config, encoder identity: stored in every checkpoint
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        self.optimizer = torch.optim.AdamW(self.param_groups(model, args), weight_decay=args.weight_decay)
         self.history = []
         self.best_auroc = -math.inf
         self.best_epoch = 0
         self.start_epoch = 1
 
+    @staticmethod
+    def param_groups(model, args):
+        groups = [{"name": "head", "params": list(model.head.parameters()), "lr": args.lr}]
+        if model.encoder is not None:
+            trainable = [p for p in model.encoder.parameters() if p.requires_grad]
+            groups.append({"name": "encoder", "params": trainable, "lr": args.encoder_lr})
+        return groups
+
     def _checkpoint(self, epoch):
-        return {"model": self.model.state_dict(), "epoch": epoch, **self.extra}
+        return {"model": self.model.checkpoint_state(), "epoch": epoch, **self.extra}
 
     def resume(self, path):
         state = load_checkpoint(path)
-        self.model.load_state_dict(state["model"])
+        self.model.load_checkpoint_state(state["model"], path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.history = state["history"]
         self.best_auroc, self.best_epoch = state["best_auroc"], state["best_epoch"]
@@ -65,32 +76,42 @@ class EnergyDPOTrainer:
     def _epoch_seed(self, epoch):
         return self.args.seed * 100_003 + epoch
 
-    def fit(self, feats):
-        """feats: role → float32 tensor of features. Returns the per-epoch history."""
-        x_id, x_ood = feats["id_train"].to(self.device), feats["ood_train"].to(self.device)
-        v_id, v_ood = feats["id_val"].to(self.device), feats["ood_val"].to(self.device)
+    def _step(self):
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, self.args.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def train_epoch(self, epoch, x_id, x_ood):
+        args = self.args
+        torch.manual_seed(self._epoch_seed(epoch))
+        generator = torch.Generator().manual_seed(self._epoch_seed(epoch))
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        sums, n = {"train_loss": 0.0, "misranked": 0.0, "margin": 0.0, "e_id": 0.0, "e_ood": 0.0}, 0
+        batches = list(self._batches(len(x_id), len(x_ood), generator))
+        for i_id, i_ood in tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=len(batches) < 4):
+            e_id = self.model(x_id.batch(i_id, self.device))
+            e_ood = self.model(x_ood.batch(i_ood, self.device))
+            loss = self.model.loss(e_id, e_ood)
+            (loss / args.grad_accum_steps).backward()
+            n += 1
+            if n % args.grad_accum_steps == 0 or n == len(batches):
+                self._step()
+            sums["train_loss"] += loss.item()
+            for key, value in pair_diagnostics(e_id.detach(), e_ood.detach()).items():
+                sums[key] += value
+        return {k: v / n for k, v in sums.items()}
+
+    def fit(self, inputs):
+        """inputs: role → FeatureInputs / ConformerInputs. Returns the per-epoch history."""
         args, stale = self.args, self.start_epoch - 1 - self.best_epoch
         for epoch in range(self.start_epoch, args.epochs + 1):
             if args.patience and stale >= args.patience:
                 break
             t0 = time.time()
-            torch.manual_seed(self._epoch_seed(epoch))
-            generator = torch.Generator().manual_seed(self._epoch_seed(epoch))
-            self.model.train()
-            sums, steps = {"train_loss": 0.0, "misranked": 0.0, "margin": 0.0, "e_id": 0.0, "e_ood": 0.0}, 0
-            for i_id, i_ood in self._batches(len(x_id), len(x_ood), generator):
-                e_id, e_ood = self.model(x_id[i_id]), self.model(x_ood[i_ood])
-                loss = self.model.loss(e_id, e_ood)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.grad_clip)
-                self.optimizer.step()
-                sums["train_loss"] += loss.item()
-                for key, value in pair_diagnostics(e_id.detach(), e_ood.detach()).items():
-                    sums[key] += value
-                steps += 1
-            row = {"epoch": epoch, **{k: v / steps for k, v in sums.items()}}
-            row.update(self.validate(v_id, v_ood))
+            row = {"epoch": epoch, **self.train_epoch(epoch, inputs["id_train"], inputs["ood_train"])}
+            row.update(self.validate(inputs["id_val"], inputs["ood_val"]))
             row.update(lr=self.optimizer.param_groups[0]["lr"], seconds=time.time() - t0)
             self.history.append(row)
             if row["val_auroc"] > self.best_auroc:
@@ -110,9 +131,9 @@ class EnergyDPOTrainer:
         return self.history
 
     def validate(self, v_id, v_ood):
-        e_id = energies(self.model, v_id, self.args.eval_batch_size)
-        e_ood = energies(self.model, v_ood, self.args.eval_batch_size)
-        metrics = ood_metrics(e_id.cpu().numpy(), e_ood.cpu().numpy())
+        e_id = energies(self.model, v_id, self.args.eval_batch_size, self.device)
+        e_ood = energies(self.model, v_ood, self.args.eval_batch_size, self.device)
+        metrics = ood_metrics(e_id.numpy(), e_ood.numpy())
         return {"val_loss": self.model.loss(e_id, e_ood).item(), "val_auroc": metrics["auroc"],
                 "val_misranked": pair_diagnostics(e_id, e_ood)["misranked"]}
 
@@ -130,7 +151,7 @@ RUN_FILES = ("config.json", "training.log", "history.csv", "best_model.pt", "las
              "training_curves.png", "eval.log")
 # Flags that may differ when an interrupted run is resumed: they change where and how fast, not what.
 RUNTIME_FLAGS = {"device", "num_workers", "cache_dir", "resume", "overwrite", "force_recompute_cache",
-                 "eval_batch_size", "encode_batch_size"}
+                 "eval_batch_size", "encode_batch_size", "grad_checkpointing"}
 
 
 def prepare_run_dir(run_dir, overwrite, resume):
@@ -166,7 +187,11 @@ def package_versions():
 
 
 def run_config(args, encoder):
-    """What config.json records: every resolved flag, the encoder weights and package versions."""
+    """What config.json records: every resolved flag, the encoder weights, trainable encoder
+    parameters and package versions."""
+    params = list(encoder.parameters())
     return {"args": dict(sorted(vars(args).items())), "encoder_weights": encoder.weights_id,
-            "random_init_encoder": encoder.is_random_init, "packages": package_versions(),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            "random_init_encoder": encoder.is_random_init,
+            "encoder_trainable_params": sum(p.numel() for p in params if p.requires_grad),
+            "encoder_total_params": sum(p.numel() for p in params),
+            "packages": package_versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
