@@ -16,7 +16,7 @@ import torch
 
 from data import (InputError, atomic_write_json, conformers_for_inputs, load_benchmark, missing_data_file,
                   read_smiles_file)
-from evaluate import RANDOM_INIT_LABEL, evaluate_run, plot_training_curves, write_scores_csv
+from evaluate import RANDOM_INIT_LABEL, evaluate_run, plot_training_curves, write_comparison, write_scores_csv
 from model import (EnergyDPOModel, FinetunableUniMolEncoder, UniMolEncoder, default_weights_path, energies,
                    load_best_model, missing_weights, parse_freeze_spec, role_inputs)
 from train import EnergyDPOTrainer, check_resumable, prepare_run_dir, run_config, RUNTIME_FLAGS
@@ -29,7 +29,8 @@ FINETUNE_BATCH_SIZE, FINETUNE_EVAL_BATCH_SIZE = 256, 512
 def build_parser():
     p = argparse.ArgumentParser(description="Energy-DPO out-of-distribution detection on the Uni-Mol encoder.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--mode", choices=["train", "eval", "predict", "featurize"], default="train")
+    p.add_argument("--mode", choices=["train", "eval", "predict", "featurize", "compare"], default="train",
+                   help="compare: summarise a frozen-vs-fine-tuned sweep under --output_dir")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="lbap_general_ec50_scaffold", help="name; also picks data/raw/<dataset>.json")
     g.add_argument("--data_file", help="DrugOOD JSON (default: ./data/raw/<dataset>.json)")
@@ -116,6 +117,8 @@ def validate_args(args):
         return f"--device {args.device}: CUDA is not available on this machine (use --device cpu)"
     elif args.device != "cpu" and not args.device.startswith("cuda"):
         return f"--device {args.device}: expected auto, cpu, cuda or cuda:N"
+    if args.mode == "compare" and not args.output_dir:
+        return "--mode compare needs --output_dir SWEEP/<dataset> (holding frozen/seed*/ and finetuned/seed*/)"
     if args.mode in ("eval", "predict") and not (args.output_dir or args.model_path):
         return f"--mode {args.mode} needs --output_dir RUN or --model_path RUN/best_model.pt"
     if args.mode in ("predict", "featurize"):
@@ -291,7 +294,13 @@ def run_featurize(args):
           f"{len(failed)} failed rows in {out.with_suffix('.failed.csv')}")
 
 
-MODES = {"train": run_train, "eval": run_eval, "predict": run_predict, "featurize": run_featurize}
+def run_compare(args):
+    _, text = write_comparison(args.output_dir)
+    print(text)
+
+
+MODES = {"train": run_train, "eval": run_eval, "predict": run_predict, "featurize": run_featurize,
+         "compare": run_compare}
 
 
 def main(argv=None):

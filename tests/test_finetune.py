@@ -1,0 +1,234 @@
+"""Partial fine-tuning of Uni-Mol and the frozen-vs-fine-tuned sweep."""
+import csv
+import json
+import os
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+import data
+from conftest import DEMO, ROOT
+from main import build_encoder, build_model, build_parser, main, validate_args
+from model import (ConformerInputs, FinetunableUniMolEncoder, UniMolEncoder, energies, parse_freeze_spec,
+                   FeatureInputs, load_checkpoint)
+from train import EnergyDPOTrainer
+
+SMILES = ["CCO", "c1ccccc1O", "CC(C)Nc1ncccc1", "CCOC(=O)C", "c1ccncc1C#N", "OCCOc1ccccc1", "CC(=O)Nc1ccc(O)cc1",
+          "CN1CCNCC1"]
+
+
+def parsed(*argv):
+    args = build_parser().parse_args(["--data_file", str(DEMO), *argv])
+    return args, validate_args(args)
+
+
+@pytest.fixture(scope="module")
+def conformers():
+    return [data.make_conformer(data.canonicalize(s)[0])[:2] for s in SMILES]
+
+
+def test_defaults_are_the_frozen_pipeline():
+    args, error = parsed("--unimol_weights", "random")
+    assert error is None and args.finetune_encoder is False
+    assert (args.encoder_lr, args.freeze_layers, args.grad_accum_steps, args.amp) == (5e-6, "0-12", 1, "off")
+    assert (args.batch_size, args.eval_batch_size) == (4096, 2048)
+    encoder = build_encoder(args)
+    assert type(encoder) is UniMolEncoder and not any(p.requires_grad for p in encoder.parameters())
+    assert build_model(args, encoder).encoder is None
+
+
+def test_finetune_batch_sizes_default_small_but_user_values_stand():
+    args, _ = parsed("--unimol_weights", "random", "--finetune_encoder")
+    assert (args.batch_size, args.eval_batch_size) == (256, 512)
+    args, _ = parsed("--unimol_weights", "random", "--finetune_encoder", "--batch_size", "5000")
+    assert args.batch_size == 5000
+
+
+@pytest.mark.parametrize("spec, frozen", [
+    ("0-12", list(range(13))), ("0-5,7,9-12", [0, 1, 2, 3, 4, 5, 7, 9, 10, 11, 12]), ("none", []),
+    ("all", list(range(15))), (" 3 , 1-2 ", [1, 2, 3]), ("14", [14])])
+def test_freeze_spec_parsing(spec, frozen):
+    assert parse_freeze_spec(spec) == frozen
+
+
+@pytest.mark.parametrize("spec", ["0-15", "5-3", "abc", "", "1,,2", "-1"])
+def test_bad_freeze_specs(spec):
+    with pytest.raises(ValueError, match="--freeze_layers"):
+        parse_freeze_spec(spec)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--finetune_encoder", "--freeze_layers", "all"], "leaves no Uni-Mol layer"),
+    (["--finetune_encoder", "--freeze_layers", "0-14"], "leaves no Uni-Mol layer"),
+    (["--freeze_layers", "0-20"], "outside layers 0-14"),
+    (["--finetune_encoder", "--encoder_lr", "0"], "must be positive"),
+    (["--grad_accum_steps", "0"], "--grad_accum_steps must be at least 1"),
+])
+def test_inconsistent_finetune_flags(argv, message, capsys):
+    assert main(["--unimol_weights", "random", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def trainable_names(encoder):
+    return {n for n, p in encoder.unimol.named_parameters() if p.requires_grad}
+
+
+def test_exactly_the_documented_parameters_train():
+    enc = FinetunableUniMolEncoder("random", parse_freeze_spec("0-12"))
+    names = trainable_names(enc)
+    assert names and all(n.startswith(("encoder.layers.13.", "encoder.layers.14.", "encoder.final_layer_norm."))
+                         for n in names)
+    assert {n.split(".")[2] for n in names if n.startswith("encoder.layers.")} == {"13", "14"}
+    assert sum(p.numel() for p in enc.parameters() if p.requires_grad) == 6_305_792
+    assert sum(p.numel() for p in enc.parameters()) == 47_330_626
+
+    inner = FinetunableUniMolEncoder("random", parse_freeze_spec("1-14"))  # layer 0 trains: embeddings too
+    names = trainable_names(inner)
+    assert {"embed_tokens.weight", "gbf.means.weight", "gbf_proj.linear1.weight", "encoder.emb_layer_norm.weight"} <= names
+    assert not any(n.startswith(("encoder.final_layer_norm", "encoder.layers.1.")) for n in names)
+
+    middle = FinetunableUniMolEncoder("random", parse_freeze_spec("0-5,7,9-14"))
+    assert {n.split(".")[2] for n in trainable_names(middle)} == {"6", "8"}
+    assert middle.frozen_prefix == 6
+
+
+def test_frozen_prefix_is_deterministic_and_trainable_part_is_not(conformers):
+    enc = FinetunableUniMolEncoder("random", parse_freeze_spec("0-12")).train()
+    batch = ConformerInputs(conformers, enc.dictionary).batch(torch.arange(4), "cpu")
+    x1, b1 = enc.prefix(*batch)
+    x2, b2 = enc.prefix(*batch)
+    assert torch.equal(x1, x2) and torch.equal(b1, b2) and not x1.requires_grad
+    assert not enc.unimol.encoder.layers[12].training and enc.unimol.encoder.layers[13].training
+    out1, out2 = enc.suffix(x1, b1), enc.suffix(x1, b1)
+    assert out1.requires_grad and not torch.equal(out1, out2)  # dropout in the trainable layers
+    enc.eval()
+    with torch.no_grad():
+        frozen = UniMolEncoder("random")
+        assert torch.allclose(enc(*batch), frozen(*batch), atol=1e-5)  # same weights before training
+
+
+def test_training_step_changes_only_trainable_parameters(conformers):
+    args, _ = parsed("--unimol_weights", "random", "--finetune_encoder", "--batch_size", "4", "--lr", "1e-3",
+                     "--encoder_lr", "1e-3")
+    encoder = build_encoder(args)
+    net = build_model(args, encoder)
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    trainer = EnergyDPOTrainer(net, args, None, "cpu", {})
+    groups = {g["name"]: g for g in trainer.optimizer.param_groups}
+    assert groups["head"]["lr"] == 1e-3 and groups["encoder"]["lr"] == 1e-3
+    assert sum(p.numel() for p in groups["encoder"]["params"]) == 6_305_792
+    inputs = ConformerInputs(conformers, encoder.dictionary)
+    trainer.train_epoch(1, inputs, ConformerInputs(conformers[::-1], encoder.dictionary))
+    for name, param in net.named_parameters():
+        trains = name.startswith(("head.", "encoder.unimol.encoder.layers.13.", "encoder.unimol.encoder.layers.14.",
+                                  "encoder.unimol.encoder.final_layer_norm."))
+        assert torch.equal(param, before[name]) != trains, name
+
+
+def test_optimizer_groups_use_their_learning_rates():
+    args, _ = parsed("--unimol_weights", "random", "--finetune_encoder")
+    trainer = EnergyDPOTrainer(build_model(args, build_encoder(args)), args, None, "cpu", {})
+    assert {g["name"]: g["lr"] for g in trainer.optimizer.param_groups} == {"head": 1e-4, "encoder": 5e-6}
+
+
+def test_grad_accumulation_steps_and_checkpointing_gradients(conformers):
+    args, _ = parsed("--unimol_weights", "random", "--finetune_encoder", "--batch_size", "2",
+                     "--grad_accum_steps", "3")
+    net = build_model(args, build_encoder(args))
+    trainer = EnergyDPOTrainer(net, args, None, "cpu", {})
+    trainer.train_epoch(1, ConformerInputs(conformers, net.encoder.dictionary),
+                        ConformerInputs(conformers, net.encoder.dictionary))
+    steps = {int(s["step"]) for s in trainer.optimizer.state_dict()["state"].values()}
+    assert steps == {2}  # 4 micro-batches, an update after 3 and one for the remainder
+
+    grads = []
+    for checkpointing in (False, True):
+        enc = FinetunableUniMolEncoder("random", parse_freeze_spec("0-12"), grad_checkpointing=checkpointing).eval()
+        enc(*ConformerInputs(conformers, enc.dictionary).batch(torch.arange(8), "cpu")).sum().backward()
+        grads.append(enc.unimol.encoder.layers[13].fc1.weight.grad)
+    assert torch.allclose(grads[0], grads[1], atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def finetuned_run(tmp_path_factory, small_benchmark, random_ckpt, cache_dir):
+    run = tmp_path_factory.mktemp("ft") / "run"
+    assert main(["--mode", "train", "--finetune_encoder", "--encoder_lr", "1e-3", "--data_file", str(small_benchmark),
+                 "--unimol_weights", str(random_ckpt), "--cache_dir", str(cache_dir), "--num_workers", "1",
+                 "--train_size", "12", "--val_size", "8", "--test_size", "8", "--epochs", "2", "--batch_size", "6",
+                 "--output_dir", str(run)]) == 0
+    return run
+
+
+def test_finetuned_run_scores_with_its_own_encoder(finetuned_run, random_ckpt, cache_dir):
+    config = json.loads((finetuned_run / "config.json").read_text())
+    assert config["encoder_trainable_params"] == 6_305_792 and config["args"]["finetune_encoder"] is True
+    state = load_checkpoint(finetuned_run / "best_model.pt")
+    assert set(state["model"]) == {"head", "encoder_trainable"}
+    assert all(k.startswith(("encoder.layers.13.", "encoder.layers.14.", "encoder.final_layer_norm."))
+               for k in state["model"]["encoder_trainable"])
+    with open(finetuned_run / "test_scores.csv") as f:
+        rows = list(csv.DictReader(f))
+    recorded = np.array([float(r["energy"]) for r in rows])
+    # the same head on features of the frozen base encoder gives other scores
+    args, _ = parsed("--unimol_weights", str(random_ckpt))
+    base = UniMolEncoder(str(random_ckpt))
+    head_only = build_model(args, base)
+    head_only.head.load_state_dict(state["model"]["head"])
+    confs, _ = data.get_conformers([r["smiles"] for r in rows], cache_dir)
+    feats = base.encode([confs[r["smiles"]][:2] for r in rows])
+    frozen_scores = energies(head_only, FeatureInputs(feats), 64, "cpu").numpy()
+    assert np.abs(frozen_scores - recorded).max() > 1e-3
+    # eval and predict reproduce the fine-tuned scores
+    before = json.loads((finetuned_run / "test_metrics.json").read_text())
+    assert main(["--mode", "eval", "--output_dir", str(finetuned_run), "--cache_dir", str(cache_dir)]) == 0
+    after = json.loads((finetuned_run / "test_metrics.json").read_text())
+    assert after["auroc"] == pytest.approx(before["auroc"], abs=1e-9)
+    assert after["energy_id_mean"] == pytest.approx(before["energy_id_mean"], abs=1e-5)
+    out = finetuned_run.parent / "pred.csv"
+    assert main(["--mode", "predict", "--output_dir", str(finetuned_run), "--smiles", rows[0]["smiles"],
+                 "--output", str(out), "--cache_dir", str(cache_dir)]) == 0
+    with open(out) as f:
+        assert float(next(csv.DictReader(f))["energy"]) == pytest.approx(recorded[0], abs=1e-4)
+
+
+def test_finetuned_checkpoint_refuses_other_base_weights(finetuned_run, capsys):
+    assert main(["--mode", "eval", "--output_dir", str(finetuned_run), "--unimol_weights", "random"]) == 1
+    assert "was trained on encoder sha256:" in capsys.readouterr().err
+
+
+def test_sweep_script_writes_a_well_formed_summary(tmp_path, small_benchmark, random_ckpt, cache_dir):
+    env = dict(os.environ, SEEDS="1 2", DATASETS="tiny", DATA_FILE=str(small_benchmark), EPOCHS="2",
+               TRAIN_SIZE="8", VAL_SIZE="6", TEST_SIZE="6", UNIMOL_WEIGHTS=str(random_ckpt),
+               OUTPUT_ROOT=str(tmp_path / "sweep"), DEVICE="cpu", PYTHON=os.sys.executable,
+               EXTRA_ARGS=f"--cache_dir {cache_dir} --num_workers 1")
+    proc = subprocess.run(["bash", str(ROOT / "run_finetune_comparison.sh")], env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    root = tmp_path / "sweep" / "tiny"
+    text = (root / "comparison_summary.txt").read_text()
+    assert "Energy-DPO (frozen)" in text and "Energy-DPO (finetuned)" in text and "Improvement" in text
+    assert "Method                   | AUROC" in text and "encoder weights: pretrained Uni-Mol, sha256:" in text
+    summary = json.loads((root / "comparison_summary.json").read_text())
+    assert summary["seeds"] == [1, 2] and len(summary["per_seed"]) == 4
+    for arm in ("frozen", "finetuned"):
+        for seed in (1, 2):
+            metrics = json.loads((root / arm / f"seed{seed}" / "test_metrics.json").read_text())
+            row = next(r for r in summary["per_seed"] if r["arm"] == arm and r["seed"] == seed)
+            assert row["auroc"] == metrics["auroc"]
+    diffs = [next(r["auroc"] for r in summary["per_seed"] if r["arm"] == "finetuned" and r["seed"] == s) -
+             next(r["auroc"] for r in summary["per_seed"] if r["arm"] == "frozen" and r["seed"] == s) for s in (1, 2)]
+    assert summary["table"]["Improvement"]["auroc"][0] == pytest.approx(np.mean(diffs))
+    assert (root / "comparison.png").stat().st_size > 0 and (root / "comparison_summary.csv").is_file()
+    # a rerun skips finished runs
+    again = subprocess.run(["bash", str(ROOT / "run_finetune_comparison.sh")], env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0 and again.stdout.count("finished, skipping") == 4
+
+
+def test_sweep_stops_on_missing_data(tmp_path):
+    env = dict(os.environ, DATASETS="nope", OUTPUT_ROOT=str(tmp_path), PYTHON=os.sys.executable)
+    proc = subprocess.run(["bash", str(ROOT / "run_finetune_comparison.sh")], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 1 and "data/raw/nope.json not found" in proc.stderr
