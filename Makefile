@@ -2,7 +2,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test clean
+.PHONY: install demo test bench clean
 
 install: $(VENV)/.installed
 
@@ -18,6 +18,10 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q tests
+
+# Speed and memory figures (minutes on 2 CPU cores); see README "Performance".
+bench: install
+	cd bench && ../$(PY) bench_featurize.py && ../$(PY) bench_finetune.py && ../$(PY) bench_sweep.py
 
 clean:
 	rm -rf outputs cache .pytest_cache

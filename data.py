@@ -15,7 +15,6 @@ import shutil
 import sys
 import tempfile
 import uuid
-import zipfile
 from collections import Counter
 from pathlib import Path
 
@@ -150,20 +149,25 @@ def _worker_init():
 
 
 def _generate_conformers(smiles_list, num_workers):
+    """(smiles, result, reason) in input order. Workers take the largest molecules first so that a
+    slow macrocycle does not leave the other cores idle at the end."""
     desc = f"conformers ({num_workers} workers)"
     if num_workers <= 1 or len(smiles_list) < 2 * num_workers:
         return [_conformer_job(s) for s in tqdm(smiles_list, desc=desc, leave=False)]
+    largest_first = sorted(smiles_list, key=lambda s: -Chem.MolFromSmiles(s).GetNumAtoms())
     ctx = multiprocessing.get_context("fork")
     with ctx.Pool(num_workers, initializer=_worker_init) as pool:
-        jobs = pool.imap(_conformer_job, smiles_list, chunksize=4)
-        return list(tqdm(jobs, total=len(smiles_list), desc=desc, leave=False))
+        jobs = pool.imap_unordered(_conformer_job, largest_first)
+        done = {job[0]: job for job in tqdm(jobs, total=len(smiles_list), desc=desc, leave=False)}
+    return [done[s] for s in smiles_list]
 
 
-# ----------------------------------------------------------------------------- shard caches
-# A store is a directory of immutable .npz shards (no pickle) plus meta.json naming what the
-# entries depend on. Entries are keyed by canonical SMILES; new molecules go into a new shard.
+# ----------------------------------------------------------------------------- caches
+# A store is a directory with meta.json (what its entries depend on) and immutable shard folders
+# of .npy files: no pickle, memory-mapped on read. Entries are keyed by canonical SMILES; each
+# field of an entry is an array whose first axis may differ between entries (atoms, tokens, ...).
 
-def _store_open(directory, meta, force):
+def open_store(directory, meta, force=False):
     directory = Path(directory)
     if force and directory.exists():
         log.info("--force_recompute_cache: clearing %s", directory)
@@ -184,85 +188,97 @@ def _store_open(directory, meta, force):
     return directory
 
 
-def _store_shards(directory, fields):
-    """Yield the readable shards; a corrupt one is deleted with a warning so it gets rebuilt."""
-    for path in sorted(Path(directory).glob("shard-*.npz")):
+def _read_shard(shard):
+    fields = json.loads((shard / "fields.json").read_text())
+    keys = np.load(shard / "keys.npy", allow_pickle=False)
+    arrays, offsets = {}, {}
+    for field in fields:
+        arrays[field] = np.load(shard / f"{field}.npy", mmap_mode="r", allow_pickle=False)
+        offsets[field] = np.load(shard / f"{field}.offsets.npy", allow_pickle=False)
+        if len(offsets[field]) != len(keys) + 1 or offsets[field][-1] != len(arrays[field]):
+            raise ValueError(f"{field} offsets do not match the data")
+    return keys, arrays, offsets
+
+
+def store_get(directory, keys):
+    """{key: {field: array}} for the wanted keys present in the store. A corrupt shard is deleted
+    with a warning, so that its entries are recomputed."""
+    wanted, found = set(keys), {}
+    for shard in sorted(Path(directory).glob("shard-*")):
         try:
-            with np.load(path, allow_pickle=False) as z:
-                shard = {name: z[name] for name in ("keys",) + fields}
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
-            log.warning("corrupt cache shard %s (%s): deleting it; its entries will be recomputed", path, exc)
-            path.unlink(missing_ok=True)
+            shard_keys, arrays, offsets = _read_shard(shard)
+        except (OSError, ValueError, KeyError, EOFError, json.JSONDecodeError) as exc:
+            log.warning("corrupt cache shard %s (%s): deleting it; its entries will be recomputed", shard, exc)
+            shutil.rmtree(shard, ignore_errors=True)
             continue
-        yield path, shard
+        for i, key in enumerate(shard_keys.tolist()):
+            if key in wanted:
+                found[key] = {f: a[offsets[f][i]:offsets[f][i + 1]] for f, a in arrays.items()}
+    return found
 
 
-def _store_write(directory, arrays):
-    path = Path(directory) / f"shard-{uuid.uuid4().hex}.npz"
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+def store_put(directory, entries):
+    """Write {key: {field: array}} as a new shard (a temporary folder renamed into place)."""
+    directory = Path(directory)
+    tmp = directory / f".tmp-{uuid.uuid4().hex}"
+    tmp.mkdir()
+    fields = list(next(iter(entries.values())))
+    np.save(tmp / "keys.npy", np.array(list(entries), dtype=str))
+    for field in fields:
+        parts = [np.asarray(entry[field]) for entry in entries.values()]
+        np.save(tmp / f"{field}.npy", np.concatenate(parts))
+        np.save(tmp / f"{field}.offsets.npy", np.cumsum([0] + [len(p) for p in parts]))
+    atomic_write_json(tmp / "fields.json", fields)
+    os.replace(tmp, directory / f"shard-{uuid.uuid4().hex}")
+
+
+def cached_entries(keys, directory, meta, compute, force=False):
+    """Entries for `keys`: stored ones are read, the rest come from `compute(missing)`, which
+    returns ({key: entry}, {key: failure reason}), and are stored. Failures are not stored."""
+    directory = open_store(directory, meta, force)
+    found = store_get(directory, keys)
+    missing = [k for k in dict.fromkeys(keys) if k not in found]
+    failures = {}
+    if missing:
+        new, failures = compute(missing)
+        if new:
+            store_put(directory, new)
+        found.update(new)
+    return found, failures
 
 
 def conformer_store_dir(cache_dir):
     return Path(cache_dir) / f"conformers-v{PREPROCESS_VERSION}"
 
 
+def _compute_conformers(smiles_list, num_workers):
+    log.info("generating %d conformers", len(smiles_list))
+    new, failures = {}, {}
+    for smiles, result, reason in _generate_conformers(smiles_list, num_workers):
+        if result is None:
+            failures[smiles] = reason
+        else:
+            atoms, coords, is_2d = result
+            new[smiles] = {"atoms": atoms, "coords": coords, "is_2d": np.array([is_2d])}
+    return new, failures
+
+
 def get_conformers(smiles_list, cache_dir, num_workers=1, force=False):
     """Conformers for canonical SMILES: {smiles: (atoms, coords, is_2d)} and {smiles: failure reason}."""
     meta = {"kind": "unimol-no-h-conformers", "preprocess_version": PREPROCESS_VERSION,
             "conformer_seed": CONFORMER_SEED, "max_atoms": MAX_ATOMS}
-    directory = _store_open(conformer_store_dir(cache_dir), meta, force)
-    wanted = set(smiles_list)
-    found = {}
-    for path, shard in _store_shards(directory, ("atoms", "coords", "lengths", "is_2d")):
-        ends = np.cumsum(shard["lengths"])
-        if len(shard["keys"]) != len(ends) or (len(ends) and ends[-1] != len(shard["atoms"])):
-            log.warning("inconsistent cache shard %s: deleting it", path)
-            path.unlink()
-            continue
-        for key, end, n, is_2d in zip(shard["keys"], ends, shard["lengths"], shard["is_2d"]):
-            key = str(key)
-            if key in wanted:
-                found[key] = (shard["atoms"][end - n:end], shard["coords"][end - n:end], bool(is_2d))
-    missing = [s for s in dict.fromkeys(smiles_list) if s not in found]
-    failures = {}
-    if missing:
-        log.info("generating %d conformers (%d cached)", len(missing), len(found))
-        new = {}
-        for smiles, result, reason in _generate_conformers(missing, num_workers):
-            if result is None:
-                failures[smiles] = reason
-            else:
-                new[smiles] = result
-        if new:
-            _store_write(directory, {
-                "keys": np.array(list(new), dtype=str),
-                "atoms": np.concatenate([a for a, _, _ in new.values()]),
-                "coords": np.concatenate([c for _, c, _ in new.values()]),
-                "lengths": np.array([len(a) for a, _, _ in new.values()], dtype=np.int64),
-                "is_2d": np.array([f for _, _, f in new.values()], dtype=bool),
-            })
-        found.update(new)
-    return found, failures
+    entries, failures = cached_entries(smiles_list, conformer_store_dir(cache_dir), meta,
+                                       lambda missing: _compute_conformers(missing, num_workers), force)
+    return {s: (e["atoms"], e["coords"], bool(e["is_2d"][0])) for s, e in entries.items()}, failures
 
 
 def cached_features(smiles_list, store_dir, meta, compute, force=False):
-    """Rows of a dense per-molecule array, computing (via `compute(missing)`) only what is not stored."""
-    directory = _store_open(store_dir, meta, force)
-    wanted = set(smiles_list)
-    found = {}
-    for _, shard in _store_shards(directory, ("features",)):
-        for key, row in zip(shard["keys"], shard["features"]):
-            if str(key) in wanted:
-                found[str(key)] = row
-    missing = [s for s in dict.fromkeys(smiles_list) if s not in found]
-    if missing:
-        log.info("encoding %d molecules (%d cached in %s)", len(missing), len(found), directory)
-        rows = compute(missing)
-        _store_write(directory, {"keys": np.array(missing, dtype=str), "features": rows})
-        found.update(zip(missing, rows))
-    return np.stack([found[s] for s in smiles_list]) if smiles_list else np.zeros((0, 0), np.float32)
+    """Rows of a dense per-molecule array, computing (via `compute(missing)` → rows) what is not stored."""
+    def compute_entries(missing):
+        log.info("encoding %d molecules into %s", len(missing), store_dir)
+        return {s: {"features": row[None]} for s, row in zip(missing, compute(missing))}, {}
+    entries, _ = cached_entries(smiles_list, store_dir, meta, compute_entries, force)
+    return np.stack([entries[s]["features"][0] for s in smiles_list]) if smiles_list else np.zeros((0, 0), np.float32)
 
 
 # ----------------------------------------------------------------------------- DrugOOD

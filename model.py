@@ -5,6 +5,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from data import PREPROCESS_VERSION, InputError, cached_features, file_sha256, unimol_dict_path
+from data import PREPROCESS_VERSION, InputError, cached_entries, cached_features, file_sha256, unimol_dict_path
 
 log = logging.getLogger("energy_dpo")
 
@@ -117,6 +118,22 @@ def collate(conformers, dictionary, device):
     return tokens.to(device), dist.to(device), edge.to(device)
 
 
+PAIR_BUDGET = 64 * 64 * 64  # molecules × tokens² per encoder call; bounds the (B·heads, L, L) pair tensors
+
+
+def length_chunks(lengths, max_count=None, budget=PAIR_BUDGET):
+    """Positions grouped in ascending length, each group's count × longest² within `budget` (and
+    count within `max_count`): little compute goes to padding and a few 250-atom peptides cannot
+    inflate a whole batch."""
+    groups, current = [], []
+    for i in np.argsort(lengths, kind="stable").tolist():
+        if current and ((len(current) + 1) * int(lengths[i]) ** 2 > budget or len(current) == max_count):
+            groups.append(current)
+            current = []
+        current.append(i)
+    return groups + [current] if current else groups
+
+
 class UniMolEncoder(nn.Module):
     """Frozen Uni-Mol: conformers in, 512-d CLS vectors out (the final layer norm applied)."""
 
@@ -198,51 +215,27 @@ class UniMolEncoder(nn.Module):
     def forward(self, tokens, dist, edge):
         return self.suffix(*self.prefix(tokens, dist, edge))
 
+    def forward_chunks(self, batch):
+        """CLS vectors of a ConformerInputs / PrefixInputs batch, in the batch's order."""
+        feats, positions = [], []
+        for part, where in batch:
+            feats.append(self.suffix(part.x, part.bias) if isinstance(part, PrefixBatch) else self(*part))
+            positions += where
+        return torch.cat(feats)[torch.argsort(torch.tensor(positions))]
+
     def _autocast(self, like):
         return torch.autocast(like.device.type, dtype=torch.bfloat16, enabled=self.amp)
 
     @torch.inference_mode()
     def encode(self, conformers, batch_size=64, device="cpu", desc="encoding"):
-        """CLS features for a list of (atoms, coords), in input order. Batches are length-sorted so
-        that little compute goes to padding."""
-        order = np.argsort([len(a) for a, _ in conformers], kind="stable")
+        """CLS features for a list of (atoms, coords), in input order, in length-sorted batches."""
         out = np.zeros((len(conformers), self.unimol.args.encoder_embed_dim), dtype=np.float32)
         was_training = self.training
         self.to(device).eval()
-        for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
-            idx = order[start:start + batch_size]
+        for idx in tqdm(length_chunks([len(a) + 2 for a, _ in conformers], batch_size), desc=desc, leave=False):
             out[idx] = self(*collate([conformers[i] for i in idx], self.dictionary, device)).cpu().numpy()
         self.train(was_training)
         return out
-
-
-def feature_store_dir(cache_dir, encoder):
-    tag = encoder.weights_id.replace("sha256:", "")[:16].replace("(", "-").replace(")", "").replace("=", "")
-    return Path(cache_dir) / f"features-{tag}-p{PREPROCESS_VERSION}{'-bf16' if encoder.amp else ''}"
-
-
-def frozen_features(encoder, smiles, conformers, cache_dir, batch_size, device, force=False):
-    """Frozen CLS features for canonical SMILES, cached per (weights, preprocessing, precision)."""
-    meta = {"kind": "unimol-cls-features", "encoder_weights": encoder.weights_id,
-            "preprocess_version": PREPROCESS_VERSION, "autocast": "bf16" if encoder.amp else "off"}
-    compute = lambda missing: encoder.encode([conformers[s][:2] for s in missing], batch_size, device)  # noqa: E731
-    return cached_features(smiles, feature_store_dir(cache_dir, encoder), meta, compute, force)
-
-
-def role_inputs(encoder, roles, conformers, args):
-    """Per role: frozen features (one cached encoder pass for all roles), or, when the encoder is
-    fine-tuned, the conformers it will encode itself."""
-    if isinstance(encoder, FinetunableUniMolEncoder):
-        return {role: ConformerInputs([conformers[s][:2] for s in mols], encoder.dictionary)
-                for role, mols in roles.items()}
-    everything = [s for mols in roles.values() for s in mols]
-    rows = frozen_features(encoder, everything, conformers, args.cache_dir, args.encode_batch_size,
-                           args.device, args.force_recompute_cache)
-    out, start = {}, 0
-    for role, mols in roles.items():
-        out[role] = FeatureInputs(rows[start:start + len(mols)])
-        start += len(mols)
-    return out
 
 
 def parse_freeze_spec(spec, n_layers=15):
@@ -318,10 +311,133 @@ class ConformerInputs:
         return len(self.conformers)
 
     def lengths(self):
-        return np.array([len(atoms) for atoms, _ in self.conformers])
+        return np.array([len(atoms) + 2 for atoms, _ in self.conformers])
 
     def batch(self, idx, device):
-        return collate([self.conformers[i] for i in idx.tolist()], self.dictionary, device)
+        """[(collated inputs, positions in idx)] in length-sorted chunks."""
+        idx = idx.tolist()
+        return [(collate([self.conformers[idx[p]] for p in part], self.dictionary, device), part)
+                for part in length_chunks([len(self.conformers[i][0]) + 2 for i in idx])]
+
+
+class PrefixBatch(NamedTuple):
+    x: torch.Tensor  # (B, L, 512) atom states after the frozen prefix
+    bias: torch.Tensor  # (B·heads, L, L) pair bias, -inf on padded keys
+
+
+class PrefixInputs:
+    """A role's cached frozen-prefix outputs: only the trainable layers run per step."""
+
+    def __init__(self, entries, heads):
+        self.entries = entries
+        self.heads = heads
+
+    def __len__(self):
+        return len(self.entries)
+
+    def lengths(self):
+        return np.array([len(e["x"]) for e in self.entries])
+
+    def batch(self, idx, device):
+        """[(PrefixBatch, positions in idx)] in length-sorted chunks."""
+        idx = idx.tolist()
+        return [(self._pad([self.entries[idx[p]] for p in part], device), part)
+                for part in length_chunks([len(self.entries[i]["x"]) for i in idx])]
+
+    def _pad(self, items, device):
+        lengths = [len(e["x"]) for e in items]
+        size, h = max(lengths), self.heads
+        x = torch.zeros(len(items), size, items[0]["x"].shape[1])
+        bias = torch.zeros(len(items), h, size, size)
+        for b, (item, n) in enumerate(zip(items, lengths)):
+            x[b, :n] = torch.from_numpy(np.asarray(item["x"], dtype=np.float32))
+            bias[b, :, :n, :n] = torch.from_numpy(np.asarray(item["bias"], dtype=np.float32).reshape(h, n, n))
+            bias[b, :, :, n:] = float("-inf")
+        return PrefixBatch(x.to(device), bias.view(-1, size, size).to(device))
+
+
+# ----------------------------------------------------------------------------- cached model inputs
+
+def _store_tag(encoder):
+    tag = encoder.weights_sha256[:16] if encoder.weights_sha256 else f"random-init-seed{RANDOM_INIT_SEED}"
+    return f"{tag}-p{PREPROCESS_VERSION}{'-bf16' if encoder.amp else ''}"
+
+
+def feature_store_dir(cache_dir, encoder):
+    return Path(cache_dir) / f"features-{_store_tag(encoder)}"
+
+
+def prefix_store_dir(cache_dir, encoder):
+    return Path(cache_dir) / f"prefix-{_store_tag(encoder)}-k{encoder.frozen_prefix}"
+
+
+def frozen_features(encoder, smiles, conformers, cache_dir, batch_size, device, force=False):
+    """Frozen CLS features for canonical SMILES, cached per (weights, preprocessing, precision)."""
+    meta = {"kind": "unimol-cls-features", "encoder_weights": encoder.weights_id,
+            "preprocess_version": PREPROCESS_VERSION, "autocast": "bf16" if encoder.amp else "off"}
+    compute = lambda missing: encoder.encode([conformers[s][:2] for s in missing], batch_size, device)  # noqa: E731
+    return cached_features(smiles, feature_store_dir(cache_dir, encoder), meta, compute, force)
+
+
+PREFIX_CHUNK = 512  # molecules per prefix-cache shard: bounds the memory of one write
+
+
+@torch.inference_mode()
+def _compute_prefix(encoder, smiles, conformers, batch_size, device):
+    """Atom states and pair bias after the frozen prefix, cropped to each molecule, in fp16."""
+    encoder.to(device)
+    heads = encoder.unimol.args.encoder_attention_heads
+    entries = {}
+    for idx in length_chunks([len(conformers[s][0]) + 2 for s in smiles], batch_size):
+        batch = [smiles[i] for i in idx]
+        x, bias = encoder.prefix(*collate([conformers[s][:2] for s in batch], encoder.dictionary, device))
+        bias = bias.view(len(batch), heads, bias.shape[-2], bias.shape[-1])
+        for b, s in enumerate(batch):
+            n = len(conformers[s][0]) + 2
+            xb, biasb = x[b, :n].half().cpu().numpy(), bias[b, :, :n, :n].half().cpu().numpy()
+            if not (np.isfinite(xb).all() and np.isfinite(biasb).all()):
+                raise InputError(f"{s}: layer-{encoder.frozen_prefix - 1} states overflow float16; "
+                                 f"run with a prefix that is not cached (--freeze_layers none)")
+            entries[s] = {"x": xb, "bias": biasb.reshape(-1)}
+    return entries, {}
+
+
+def prefix_inputs(encoder, smiles, conformers, args):
+    """PrefixInputs for `smiles`, computing the frozen prefix once per molecule (cached on disk)."""
+    meta = {"kind": "unimol-prefix-states", "encoder_weights": encoder.weights_id, "dtype": "float16",
+            "preprocess_version": PREPROCESS_VERSION, "frozen_prefix_layers": encoder.frozen_prefix,
+            "autocast": "bf16" if encoder.amp else "off"}
+    directory = prefix_store_dir(args.cache_dir, encoder)
+    entries = {}
+    unique = list(dict.fromkeys(smiles))
+    for start in tqdm(range(0, len(unique), PREFIX_CHUNK), desc="prefix cache", leave=False):
+        chunk = unique[start:start + PREFIX_CHUNK]
+        compute = lambda missing: _compute_prefix(encoder, missing, conformers, args.encode_batch_size,  # noqa: E731
+                                                  args.device)
+        found, _ = cached_entries(chunk, directory, meta, compute, args.force_recompute_cache and start == 0)
+        entries.update(found)
+    return PrefixInputs([entries[s] for s in smiles], encoder.unimol.args.encoder_attention_heads)
+
+
+def role_inputs(encoder, roles, conformers, args):
+    """Per role, what the model consumes: frozen features (one cached encoder pass for all roles);
+    when fine-tuning, the cached output of the frozen prefix, or conformers when layer 0 trains."""
+    everything = [s for mols in roles.values() for s in mols]
+    if not isinstance(encoder, FinetunableUniMolEncoder):
+        rows = frozen_features(encoder, everything, conformers, args.cache_dir, args.encode_batch_size,
+                               args.device, args.force_recompute_cache)
+        make = lambda part: FeatureInputs(rows[part])  # noqa: E731
+    elif encoder.frozen_prefix:
+        cached = prefix_inputs(encoder, everything, conformers, args)
+        make = lambda part: PrefixInputs(cached.entries[part], cached.heads)  # noqa: E731
+    else:
+        make = lambda part: ConformerInputs([conformers[s][:2] for s in everything[part]],  # noqa: E731
+                                            encoder.dictionary)
+    out, start = {}, 0
+    for role, mols in roles.items():
+        out[role] = make(slice(start, start + len(mols)))
+        start += len(mols)
+    return out
 
 
 class EnergyHead(nn.Module):
@@ -377,7 +493,8 @@ class EnergyDPOModel(nn.Module):
         self.loss_kwargs = dict(loss_type=loss_type, beta=beta, lambda_reg=lambda_reg, margin=margin)
 
     def forward(self, batch):
-        return self.head(batch if self.encoder is None else self.encoder(*batch))
+        """Energies of a FeatureInputs batch (a tensor) or of a chunked conformer / prefix batch."""
+        return self.head(batch if self.encoder is None else self.encoder.forward_chunks(batch))
 
     def loss(self, e_id, e_ood):
         return energy_loss(e_id, e_ood, **self.loss_kwargs)

@@ -11,8 +11,8 @@ import torch
 import data
 from conftest import DEMO, ROOT
 from main import build_encoder, build_model, build_parser, main, validate_args
-from model import (ConformerInputs, FinetunableUniMolEncoder, UniMolEncoder, energies, parse_freeze_spec,
-                   FeatureInputs, load_checkpoint)
+from model import (ConformerInputs, collate, FeatureInputs, FinetunableUniMolEncoder, PrefixInputs, UniMolEncoder, energies,
+                   load_checkpoint, parse_freeze_spec, role_inputs)
 from train import EnergyDPOTrainer
 
 SMILES = ["CCO", "c1ccccc1O", "CC(C)Nc1ncccc1", "CCOC(=O)C", "c1ccncc1C#N", "OCCOc1ccccc1", "CC(=O)Nc1ccc(O)cc1",
@@ -96,7 +96,7 @@ def test_exactly_the_documented_parameters_train():
 
 def test_frozen_prefix_is_deterministic_and_trainable_part_is_not(conformers):
     enc = FinetunableUniMolEncoder("random", parse_freeze_spec("0-12")).train()
-    batch = ConformerInputs(conformers, enc.dictionary).batch(torch.arange(4), "cpu")
+    batch = collate(conformers[:4], enc.dictionary, "cpu")
     x1, b1 = enc.prefix(*batch)
     x2, b2 = enc.prefix(*batch)
     assert torch.equal(x1, x2) and torch.equal(b1, b2) and not x1.requires_grad
@@ -146,7 +146,7 @@ def test_grad_accumulation_steps_and_checkpointing_gradients(conformers):
     grads = []
     for checkpointing in (False, True):
         enc = FinetunableUniMolEncoder("random", parse_freeze_spec("0-12"), grad_checkpointing=checkpointing).eval()
-        enc(*ConformerInputs(conformers, enc.dictionary).batch(torch.arange(8), "cpu")).sum().backward()
+        enc.forward_chunks(ConformerInputs(conformers, enc.dictionary).batch(torch.arange(8), "cpu")).sum().backward()
         grads.append(enc.unimol.encoder.layers[13].fc1.weight.grad)
     assert torch.allclose(grads[0], grads[1], atol=1e-5)
 
@@ -232,3 +232,59 @@ def test_sweep_stops_on_missing_data(tmp_path):
     proc = subprocess.run(["bash", str(ROOT / "run_finetune_comparison.sh")], env=env, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 1 and "data/raw/nope.json not found" in proc.stderr
+
+
+def prefix_args(tmp_path, *extra):
+    args, _ = parsed("--unimol_weights", "random", "--finetune_encoder", "--cache_dir", str(tmp_path),
+                     "--batch_size", "4", "--encode_batch_size", "3", *extra)
+    return args
+
+
+def test_prefix_cache_gives_the_full_forward_within_fp16(tmp_path, conformers):
+    args = prefix_args(tmp_path)
+    enc = build_encoder(args).eval()
+    smiles = [data.canonicalize(s)[0] for s in SMILES]
+    confs = dict(zip(smiles, [(a, c, False) for a, c in conformers]))
+    inputs = role_inputs(enc, {"id_train": smiles[:5], "ood_train": smiles[5:]}, confs, args)
+    assert type(inputs["id_train"]) is PrefixInputs and len(inputs["ood_train"]) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prefix-random-init-seed0-p1-k13"]
+    full = ConformerInputs(conformers, enc.dictionary)
+    with torch.no_grad():
+        for role, part in (("id_train", slice(0, 5)), ("ood_train", slice(5, 8))):
+            idx = torch.arange(len(inputs[role]))
+            cached = enc.forward_chunks(inputs[role].batch(idx, "cpu"))
+            direct = enc(*collate(conformers[part], enc.dictionary, "cpu"))
+            assert torch.nn.functional.cosine_similarity(cached, direct).min() > 0.9999
+            assert (cached - direct).abs().max() < 2e-2
+    assert len(full) == 8
+    # a second call reads the cache instead of recomputing
+    shards = sorted((tmp_path / "prefix-random-init-seed0-p1-k13").glob("shard-*"))
+    role_inputs(enc, {"id_train": smiles}, confs, args)
+    assert sorted((tmp_path / "prefix-random-init-seed0-p1-k13").glob("shard-*")) == shards
+
+
+def test_training_on_the_prefix_cache_follows_the_full_forward(tmp_path, conformers):
+    args = prefix_args(tmp_path, "--lr", "1e-3", "--encoder_lr", "1e-4")
+    smiles = [data.canonicalize(s)[0] for s in SMILES]
+    confs = dict(zip(smiles, [(a, c, False) for a, c in conformers]))
+    losses = []
+    for cached in (True, False):
+        net = build_model(args, build_encoder(args))
+        roles = {"id_train": smiles[:4], "ood_train": smiles[4:]}
+        if cached:
+            inputs = role_inputs(net.encoder, roles, confs, args)
+        else:
+            inputs = {r: ConformerInputs([confs[s][:2] for s in m], net.encoder.dictionary) for r, m in roles.items()}
+        trainer = EnergyDPOTrainer(net, args, None, "cpu", {})
+        losses.append([trainer.train_epoch(e, inputs["id_train"], inputs["ood_train"])["train_loss"]
+                       for e in range(1, 4)])
+    assert np.allclose(losses[0], losses[1], atol=2e-3), losses
+
+
+def test_layer0_trainable_means_no_prefix_cache(tmp_path, conformers):
+    args = prefix_args(tmp_path, "--freeze_layers", "1-12")
+    enc = build_encoder(args)
+    smiles = [data.canonicalize(s)[0] for s in SMILES[:3]]
+    confs = dict(zip(smiles, [(a, c, False) for a, c in conformers[:3]]))
+    assert type(role_inputs(enc, {"id_train": smiles}, confs, args)["id_train"]) is ConformerInputs
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())

@@ -136,3 +136,14 @@ def test_dpo_loss_uses_all_pairs():
     assert energy_loss(e_id, e_ood, "dpo", beta=1.0, lambda_reg=0.0).item() == pytest.approx(expected, abs=1e-6)
     diag = model.pair_diagnostics(e_id, e_ood)
     assert diag["misranked"] == pytest.approx(2 / 6) and diag["margin"] == pytest.approx(sum(pairs) / 6)
+
+
+def test_length_chunks_cover_everything_within_budget():
+    lengths = [30, 300, 12, 45, 45, 260, 8, 64, 31]
+    chunks = model.length_chunks(lengths, max_count=3, budget=4 * 64 * 64)
+    assert sorted(i for c in chunks for i in c) == list(range(len(lengths)))
+    flat = [lengths[i] for c in chunks for i in c]
+    assert flat == sorted(lengths)
+    for c in chunks:
+        assert len(c) <= 3 and (len(c) == 1 or len(c) * max(lengths[i] for i in c) ** 2 <= 4 * 64 * 64)
+    assert [len(c) for c in chunks if max(lengths[i] for i in c) >= 260] == [1, 1]  # peptides alone

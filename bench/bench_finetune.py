@@ -1,0 +1,85 @@
+"""Fine-tuning throughput with --freeze_layers 0-12: the cached frozen prefix (layers 0-12 run once
+per molecule, stored in fp16, only layers 13-14 per step) against the full 15-layer forward every
+step, on the same molecules, batches and seed. Each arm runs in its own process so that its peak
+memory is its own. The last line prints the speed-up.
+"""
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from argparse import Namespace
+
+import torch
+
+from common import demo_molecules, machine, peak_rss_mb
+
+from data import get_conformers
+from model import ConformerInputs, EnergyDPOModel, FinetunableUniMolEncoder, parse_freeze_spec, role_inputs
+from train import EnergyDPOTrainer
+
+
+def run_arm(arm, n, batch_size, epochs, device, cache_dir):
+    torch.manual_seed(0)
+    smiles_id, smiles_ood = demo_molecules(n, seed=1, split="train"), demo_molecules(n, seed=2, split="ood_val")
+    conformers, _ = get_conformers(smiles_id + smiles_ood, cache_dir, num_workers=2)
+    smiles_id = [s for s in smiles_id if s in conformers and s not in smiles_ood]
+    smiles_ood = [s for s in smiles_ood if s in conformers]
+    args = Namespace(lr=1e-4, encoder_lr=5e-6, weight_decay=1e-5, batch_size=batch_size, grad_accum_steps=1,
+                     grad_clip=1.0, seed=42, cache_dir=cache_dir, encode_batch_size=64, device=device,
+                     force_recompute_cache=False)
+    encoder = FinetunableUniMolEncoder("random", parse_freeze_spec("0-12"))
+    torch.manual_seed(42)
+    net = EnergyDPOModel(encoder=encoder)
+    roles = {"id_train": smiles_id, "ood_train": smiles_ood}
+    start = time.perf_counter()
+    if arm == "cached":
+        inputs = role_inputs(encoder, roles, conformers, args)
+    else:
+        inputs = {r: ConformerInputs([conformers[s][:2] for s in m], encoder.dictionary) for r, m in roles.items()}
+    setup = time.perf_counter() - start
+    trainer = EnergyDPOTrainer(net, args, None, device, {})
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    losses = [trainer.train_epoch(e, inputs["id_train"], inputs["ood_train"])["train_loss"] for e in range(1, epochs + 1)]
+    train_s = time.perf_counter() - start
+    seen = epochs * 2 * max(len(smiles_id), len(smiles_ood))
+    return {"arm": arm, "molecules_per_s": seen / train_s, "train_s": train_s, "setup_s": setup, "losses": losses,
+            "peak_rss_mb": peak_rss_mb(), "n_id": len(smiles_id), "n_ood": len(smiles_ood),
+            "gpu_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=128, help="demo molecules per side")
+    p.add_argument("--batch_size", type=int, default=32, help="molecules per side per step")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--arm", choices=["cached", "full"], help=argparse.SUPPRESS)
+    p.add_argument("--cache_dir", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.arm:
+        print(json.dumps(run_arm(args.arm, args.n, args.batch_size, args.epochs, args.device, args.cache_dir)))
+        return
+    print(f"machine: {machine()}; {args.n} molecules per side, batch {args.batch_size} per side, "
+          f"{args.epochs} epochs, device {args.device}")
+    results = {}
+    with tempfile.TemporaryDirectory() as cache:
+        for arm in ("full", "cached"):  # conformers are made by the first arm and shared
+            out = subprocess.run([sys.executable, __file__, "--arm", arm, "--cache_dir", cache, "--n", str(args.n),
+                                  "--batch_size", str(args.batch_size), "--epochs", str(args.epochs),
+                                  "--device", args.device], check=True, capture_output=True, text=True)
+            results[arm] = json.loads(out.stdout.strip().splitlines()[-1])
+    for r in results.values():
+        gpu = f", GPU peak {r['gpu_peak_mb']:.0f} MB" if r["gpu_peak_mb"] is not None else ""
+        print(f"{r['arm']:<7} {r['molecules_per_s']:7.1f} mol/s  (train {r['train_s']:.1f} s, set-up {r['setup_s']:.1f} s, "
+              f"peak RSS {r['peak_rss_mb']:.0f} MB{gpu})  epoch losses {['%.6f' % x for x in r['losses']]}")
+    gap = max(abs(a - b) for a, b in zip(results["full"]["losses"], results["cached"]["losses"]))
+    print(f"max epoch-loss difference {gap:.2e} (fp16 prefix cache)")
+    print(f"ratio cached/full training throughput: {results['cached']['molecules_per_s'] / results['full']['molecules_per_s']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

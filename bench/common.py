@@ -1,0 +1,43 @@
+"""Shared set-up for the bench scripts: the repo on sys.path, demo molecules, random checkpoints."""
+import json
+import resource
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from data import canonicalize  # noqa: E402
+from model import build_unimol  # noqa: E402
+
+DEMO = ROOT / "data" / "demo" / "demo_ec50_scaffold.json"
+
+
+def demo_molecules(n, seed=0, split=None):
+    """n distinct canonical SMILES drawn at random from the demo benchmark (all splits, or one)."""
+    doc = json.loads(DEMO.read_text())["split"]
+    items = doc[split] if split else [it for s in doc.values() for it in s]
+    unique = list(dict.fromkeys(canonicalize(it["smiles"])[0] for it in items))
+    pick = np.random.default_rng(seed).choice(len(unique), min(n, len(unique)), replace=False)
+    return [unique[i] for i in sorted(pick)]
+
+
+def random_checkpoint(path, init_seed):
+    """A random-init Uni-Mol saved in the official {'model': state_dict} layout."""
+    torch.save({"model": build_unimol(init_seed=init_seed).state_dict()}, path)
+    return path
+
+
+def peak_rss_mb(children=False):
+    who = resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF
+    return resource.getrusage(who).ru_maxrss / 1024
+
+
+def machine():
+    import os
+    import platform
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {gpu}"
