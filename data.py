@@ -209,7 +209,10 @@ def store_get(directory, keys):
             shard_keys, arrays, offsets = _read_shard(shard)
         except (OSError, ValueError, KeyError, EOFError, json.JSONDecodeError) as exc:
             log.warning("corrupt cache shard %s (%s): deleting it; its entries will be recomputed", shard, exc)
-            shutil.rmtree(shard, ignore_errors=True)
+            if shard.is_dir():
+                shutil.rmtree(shard)
+            else:
+                shard.unlink()
             continue
         for i, key in enumerate(shard_keys.tolist()):
             if key in wanted:

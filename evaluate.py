@@ -231,5 +231,5 @@ def plot_comparison(path, runs, seeds, title):
         ax.set_xticks([0, 1], ["frozen", "fine-tuned"])
         ax.set_xlim(-0.4, 1.4)
         ax.set_title(f"{key.upper()} ({'lower' if key == 'fpr95' else 'higher'} is better)")
-    fig.suptitle(title)
+    fig.suptitle(title, y=1.03)
     _save(fig, path)

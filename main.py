@@ -4,6 +4,8 @@
     python main.py --mode eval --output_dir outputs/<run>
     python main.py --mode predict --output_dir outputs/<run> --input mols.smi --output scores.csv
     python main.py --mode featurize --input mols.smi --output feats.npy
+    python main.py --mode train --finetune_encoder --freeze_layers 0-12 --encoder_lr 5e-6
+    python main.py --mode compare --output_dir outputs/finetune_comparison/<dataset>
 """
 import argparse
 import json
@@ -18,7 +20,7 @@ from data import (InputError, atomic_write_json, conformers_for_inputs, load_ben
                   read_smiles_file)
 from evaluate import RANDOM_INIT_LABEL, evaluate_run, plot_training_curves, write_comparison, write_scores_csv
 from model import (EnergyDPOModel, FinetunableUniMolEncoder, UniMolEncoder, default_weights_path, energies,
-                   load_best_model, missing_weights, parse_freeze_spec, role_inputs)
+                   load_best_model, missing_weights, parse_freeze_spec, role_inputs, UNIMOL_LAYERS)
 from train import EnergyDPOTrainer, check_resumable, prepare_run_dir, run_config, RUNTIME_FLAGS
 
 log = logging.getLogger("energy_dpo")
@@ -88,8 +90,7 @@ def build_parser():
 
 def validate_args(args):
     """Resolve defaults and reject inconsistent flags; returns an error message or None."""
-    for name in ("epochs", "train_size", "val_size", "test_size", "encode_batch_size", "hidden_dim",
-                 "grad_accum_steps"):
+    for name in ("epochs", "train_size", "val_size", "test_size", "encode_batch_size", "grad_accum_steps"):
         if getattr(args, name) < 1:
             return f"--{name} must be at least 1"
     for name in ("batch_size", "eval_batch_size"):
@@ -105,7 +106,7 @@ def validate_args(args):
         return str(exc)
     if args.finetune_encoder and args.foundation_model != "unimol":
         return f"--finetune_encoder works with --foundation_model unimol only, not {args.foundation_model}"
-    if args.finetune_encoder and len(frozen) == 15:
+    if args.finetune_encoder and len(frozen) == UNIMOL_LAYERS:
         return f"--freeze_layers {args.freeze_layers} leaves no Uni-Mol layer to fine-tune"
     if args.lambda_reg < 0 or args.weight_decay < 0 or args.patience < 0 or args.num_workers < 0:
         return "--lambda_reg, --weight_decay, --patience and --num_workers cannot be negative"
@@ -268,8 +269,8 @@ def run_predict(args):
     smiles, canon, inputs, failed = input_molecules(args, encoder, run_args)
     scores = dict(zip(canon, energies(net.to(run_args.device), inputs, run_args.eval_batch_size,
                                       run_args.device).numpy())) if canon else {}
-    rows = [(s, canon.get(i, ""), f"{scores[i]:.6f}" if i in scores else "", int(scores[i] > threshold)
-             if i in scores else "", failed.get(i, "")) for i, s in enumerate(smiles)]
+    rows = [(s, canon[i], f"{scores[i]:.6f}", int(scores[i] > threshold), "") if i in scores
+            else (s, "", "", "", failed[i]) for i, s in enumerate(smiles)]
     write_scores_csv(Path(args.output), rows, ["smiles", "canonical_smiles", "energy", "is_ood", "error"])
     print(f"wrote {args.output}: {len(scores)} scored ({sum(r[3] == 1 for r in rows)} flagged OOD at energy > "
           f"{threshold:.4f}, the 95th percentile of validation ID), {len(failed)} failed; encoder "

@@ -22,6 +22,7 @@ WEIGHTS_FILE = "mol_pre_no_h_220816.pt"
 WEIGHTS_SOURCE = ("the Uni-Mol authors' release: GitHub dptech-corp/Uni-Mol, release v0.1 "
                   "(weights/mol_pre_no_h_220816.pt), or the Hugging Face repo dptech/Uni-Mol-Models")
 RANDOM_INIT_SEED = 0
+UNIMOL_LAYERS = 15
 # Checkpoint entries that belong to Uni-Mol's pretraining objectives, not to the encoder.
 PRETRAINING_HEADS = ("lm_head.", "pair2coord_proj.", "dist_head.", "encoder.final_head_layer_norm.",
                      "classification_head.")
@@ -238,7 +239,7 @@ class UniMolEncoder(nn.Module):
         return out
 
 
-def parse_freeze_spec(spec, n_layers=15):
+def parse_freeze_spec(spec, n_layers=UNIMOL_LAYERS):
     """'0-12', '0-5,7,9-12', 'none' or 'all' → sorted frozen layer indices; ValueError if unreadable."""
     text = spec.strip().lower()
     if text in ("none", "all"):
@@ -250,7 +251,9 @@ def parse_freeze_spec(spec, n_layers=15):
             raise ValueError(f"--freeze_layers {spec!r}: cannot read {part!r}; use ranges and lists such as "
                              f"0-12 or 0-5,7,9-12, or none / all")
         lo, hi = int(match[1]), int(match[2] or match[1])
-        if lo > hi or hi >= n_layers:
+        if lo > hi:
+            raise ValueError(f"--freeze_layers {spec!r}: {part!r} runs backwards; write the lower layer first")
+        if hi >= n_layers:
             raise ValueError(f"--freeze_layers {spec!r}: {part!r} is outside layers 0-{n_layers - 1}")
         frozen.update(range(lo, hi + 1))
     return sorted(frozen)

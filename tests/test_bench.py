@@ -1,0 +1,26 @@
+"""The bench scripts run (tiny sizes) and end with their ratio line; the figures live in README."""
+import re
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def run_bench(script, *args):
+    proc = subprocess.run([sys.executable, script, *args], cwd=ROOT / "bench", capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip().splitlines()
+
+
+def test_bench_featurize_compares_with_unimol_tools():
+    lines = run_bench("bench_featurize.py", "--n", "6", "--workers", "1")
+    assert "(OK)" in lines[-2]
+    assert re.fullmatch(r"ratio ours/unimol_tools: cold [\d.]+x, conformers cached [\d.]+x, .*", lines[-1])
+
+
+def test_bench_finetune_compares_cached_prefix_with_full_forward():
+    lines = run_bench("bench_finetune.py", "--n", "6", "--batch_size", "3", "--epochs", "1")
+    gap = float(re.search(r"max epoch-loss difference ([\d.e+-]+)", lines[-2])[1])
+    assert gap < 1e-3
+    assert re.fullmatch(r"ratio cached/full training throughput: [\d.]+x", lines[-1])
