@@ -7,11 +7,19 @@ import pytest
 import torch
 from rdkit import Chem
 
-from model import build_unimol
+from model import _import_unimol_model, build_unimol
+
+_import_unimol_model()  # before any test module imports unimol_tools, which would write ./logs/
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "data" / "demo" / "demo_ec50_scaffold.json"
 SMALL_SIZES = {"train": 30, "iid_val": 16, "iid_test": 16, "ood_val": 30, "ood_test": 16}
+
+
+@pytest.fixture(autouse=True)
+def _run_in_tmp_dir(tmp_path, monkeypatch):
+    """Relative defaults (./cache, ./outputs) land in a scratch folder, never in the repository."""
+    monkeypatch.chdir(tmp_path)
 
 
 @pytest.fixture(scope="session")

@@ -55,13 +55,14 @@ def test_train_writes_a_complete_run(finished_run, random_ckpt):
     assert report["roles"]["id_train"]["used"] == 12
 
 
-def test_eval_reproduces_test_metrics(finished_run, tmp_path):
+def test_eval_reproduces_test_metrics(finished_run, tmp_path, cache_dir):
     before = json.loads((finished_run / "test_metrics.json").read_text())
     assert main(["--mode", "eval", "--output_dir", str(finished_run), "--cache_dir", str(tmp_path / "cold")]) == 0
     after = json.loads((finished_run / "test_metrics.json").read_text())
     for key in ("auroc", "aupr", "aupr_in", "fpr95", "threshold_95_id_val", "best_epoch", "n_id", "n_ood"):
         assert after[key] == pytest.approx(before[key], abs=1e-6), key
-    assert main(["--mode", "eval", "--model_path", str(finished_run / "best_model.pt")]) == 0
+    assert main(["--mode", "eval", "--model_path", str(finished_run / "best_model.pt"), "--cache_dir",
+                 str(cache_dir)]) == 0
 
 
 def test_finished_run_is_not_overwritten(finished_run, base_args, capsys):
@@ -105,12 +106,12 @@ def test_same_seed_same_numbers_other_seed_other_numbers(finished_run, base_args
         [h["train_loss"] for h in read_csv(finished_run / "history.csv")]
 
 
-def test_predict_scores_new_molecules_like_the_test_split(finished_run, tmp_path):
+def test_predict_scores_new_molecules_like_the_test_split(finished_run, tmp_path, cache_dir):
     test_rows = read_csv(finished_run / "test_scores.csv")[:3]
     smiles = [r["smiles"] for r in test_rows] + ["not((a smiles"]
     out = tmp_path / "pred.csv"
     assert main(["--mode", "predict", "--output_dir", str(finished_run), "--smiles", *smiles,
-                 "--output", str(out)]) == 0
+                 "--output", str(out), "--cache_dir", str(cache_dir)]) == 0
     rows = read_csv(out)
     assert [r["smiles"] for r in rows] == smiles
     threshold = json.loads((finished_run / "test_metrics.json").read_text())["threshold_95_id_val"]

@@ -193,8 +193,9 @@ def test_finetuned_run_scores_with_its_own_encoder(finetuned_run, random_ckpt, c
         assert float(next(csv.DictReader(f))["energy"]) == pytest.approx(recorded[0], abs=1e-4)
 
 
-def test_finetuned_checkpoint_refuses_other_base_weights(finetuned_run, capsys):
-    assert main(["--mode", "eval", "--output_dir", str(finetuned_run), "--unimol_weights", "random"]) == 1
+def test_finetuned_checkpoint_refuses_other_base_weights(finetuned_run, capsys, cache_dir):
+    assert main(["--mode", "eval", "--output_dir", str(finetuned_run), "--unimol_weights", "random",
+                 "--cache_dir", str(cache_dir)]) == 1
     assert "was trained on encoder sha256:" in capsys.readouterr().err
 
 
