@@ -7,6 +7,7 @@ import csv
 import functools
 import hashlib
 import importlib.util
+import io
 import json
 import logging
 import multiprocessing
@@ -24,14 +25,22 @@ from rdkit.Chem import AllChem
 from tqdm import tqdm
 
 RDLogger.DisableLog("rdApp.*")
-log = logging.getLogger("energy_dpo")
+log = logging.getLogger("energy_dpo.data")
 
 SPLITS = ("train", "iid_val", "iid_test", "ood_val", "ood_test")
 ROLES = ("id_train", "id_val", "id_test", "ood_train", "ood_val", "ood_test")
 MAX_ATOMS = 256  # Uni-Mol's crop size
 CONFORMER_SEED = 42  # the seed unimol_tools embeds with; the pretrained weights saw these conformers
-# Bump when anything that changes model inputs changes (conformer recipe, crop, centring).
-PREPROCESS_VERSION = 1
+# Bump when anything that changes model inputs changes (conformer recipe, crop, centring, cache keys).
+# 2: conformers are made from the SMILES as written (as unimol_tools does), not the canonical form.
+PREPROCESS_VERSION = 2
+WEIGHTS_FILE = "mol_pre_no_h_220816.pt"  # the Uni-Mol authors' no-H v1 checkpoint
+
+
+def default_weights_path():
+    """$UNIMOL_WEIGHT_DIR/<checkpoint> when set (where unimol_tools users keep it), else ./weights/."""
+    weight_dir = os.environ.get("UNIMOL_WEIGHT_DIR")
+    return str(Path(weight_dir) / WEIGHTS_FILE) if weight_dir else f"./weights/{WEIGHTS_FILE}"
 
 
 class InputError(Exception):
@@ -59,13 +68,38 @@ def file_sha256(path):
     return digest.hexdigest()
 
 
+def _process_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def normal_permissions(path):
+    """Give a file made by mkstemp (always 0600) the permissions open() would give it, so that
+    collaborators on a shared file system can read results."""
+    os.chmod(path, 0o666 & ~_process_umask())
+
+
 def atomic_write_text(path, text):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        normal_permissions(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_csv(path, rows, columns):
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(columns)
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
 
 
 def atomic_write_json(path, obj):
@@ -98,7 +132,8 @@ def _crop_rng(smiles):
 
 
 def make_conformer(smiles):
-    """Heavy atoms and centred coordinates exactly as unimol_tools prepares them for the no-H model.
+    """Heavy atoms and centred coordinates exactly as unimol_tools prepares them for the no-H model,
+    from the SMILES string as given (its atom order seeds the embedding).
 
     Returns (atoms, coords, is_2d) or raises ValueError with the reason. unimol_tools replaces a
     conformer it cannot make with zeros; here that molecule fails instead.
@@ -153,18 +188,18 @@ def _generate_conformers(smiles_list, num_workers):
     slow macrocycle does not leave the other cores idle at the end."""
     desc = f"conformers ({num_workers} workers)"
     if num_workers <= 1 or len(smiles_list) < 2 * num_workers:
-        return [_conformer_job(s) for s in tqdm(smiles_list, desc=desc, leave=False)]
+        return [_conformer_job(s) for s in progress(smiles_list, desc=desc, leave=False)]
     largest_first = sorted(smiles_list, key=lambda s: -Chem.MolFromSmiles(s).GetNumAtoms())
     ctx = multiprocessing.get_context("fork")
     with ctx.Pool(num_workers, initializer=_worker_init) as pool:
         jobs = pool.imap_unordered(_conformer_job, largest_first)
-        done = {job[0]: job for job in tqdm(jobs, total=len(smiles_list), desc=desc, leave=False)}
+        done = {job[0]: job for job in progress(jobs, total=len(smiles_list), desc=desc, leave=False)}
     return [done[s] for s in smiles_list]
 
 
 # ----------------------------------------------------------------------------- caches
 # A store is a directory with meta.json (what its entries depend on) and immutable shard folders
-# of .npy files: no pickle, memory-mapped on read. Entries are keyed by canonical SMILES; each
+# of .npy files: no pickle, memory-mapped on read. Entries are keyed by SMILES as written; each
 # field of an entry is an array whose first axis may differ between entries (atoms, tokens, ...).
 
 def open_store(directory, meta, force=False):
@@ -267,7 +302,7 @@ def _compute_conformers(smiles_list, num_workers):
 
 
 def get_conformers(smiles_list, cache_dir, num_workers=1, force=False):
-    """Conformers for canonical SMILES: {smiles: (atoms, coords, is_2d)} and {smiles: failure reason}."""
+    """Conformers for SMILES as written: {smiles: (atoms, coords, is_2d)} and {smiles: failure reason}."""
     meta = {"kind": "unimol-no-h-conformers", "preprocess_version": PREPROCESS_VERSION,
             "conformer_seed": CONFORMER_SEED, "max_atoms": MAX_ATOMS}
     entries, failures = cached_entries(smiles_list, conformer_store_dir(cache_dir), meta,
@@ -285,56 +320,78 @@ def cached_features(smiles_list, store_dir, meta, compute, force=False):
 
 
 # ----------------------------------------------------------------------------- DrugOOD
+# A molecule is kept as the SMILES string the file wrote (whitespace stripped): its conformer, and
+# so its features, come from that string exactly as unimol_tools makes them (atom order seeds
+# ETKDG). Its canonical SMILES is its identity: duplicates and ID/OOD leaks are found on it.
 
 def missing_data_file(path):
     return (f"{path}: file not found; pass --data_file with a DrugOOD JSON "
             f"(e.g. data/raw/lbap_general_ec50_scaffold.json, see README 'Data')")
 
 
-def load_drugood(path):
+def load_drugood(path, splits=SPLITS):
     """Raw items per split, with schema checks that name the file and the problem."""
     path = Path(path)
     if not path.is_file():
         raise InputError(missing_data_file(path))
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8-sig") as f:
             doc = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: not valid JSON ({exc}); is it a DrugOOD file?") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise InputError(f"{path}: not valid JSON ({str(exc)[:120]}); is it a DrugOOD file?") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("split"), dict):
         raise InputError(f"{path}: no top-level 'split' object; a DrugOOD file has "
-                        f"{{cfg, split: {{{', '.join(SPLITS)}}}, statistics}}")
-    missing = [s for s in SPLITS if s not in doc["split"]]
+                         f"{{cfg, split: {{{', '.join(SPLITS)}}}, statistics}}")
+    missing = [s for s in splits if s not in doc["split"]]
     if missing:
         raise InputError(f"{path}: 'split' lacks {', '.join(missing)} (has {', '.join(doc['split']) or 'nothing'})")
-    for name in SPLITS:
+    for name in splits:
         if not isinstance(doc["split"][name], list):
             raise InputError(f"{path}: split '{name}' is a {type(doc['split'][name]).__name__}, not a list of items")
-    return {name: doc["split"][name] for name in SPLITS}
+    return {name: doc["split"][name] for name in splits}
+
+
+def progress(iterable, **kwargs):
+    """A tqdm bar on a terminal only: a redirected log stays readable."""
+    return tqdm(iterable, disable=not sys.stderr.isatty(), **kwargs)
+
+
+def canonical(smiles):
+    """The identity of a molecule kept in a role (it was checked to parse when it was read)."""
+    return canonicalize(smiles)[0]
 
 
 def _skip(report, split, index, value, reason):
     report["skipped"].append({"split": split, "index": index, "value": repr(value)[:200], "reason": reason})
 
 
-def _canonical_split(items, split, report):
-    """Canonical SMILES of every item in file order, duplicates dropped; every skip recorded."""
+_NO_SMILES = object()  # an item without a 'smiles' field
+
+
+def _first_writings(smiles_values, split, report):
+    """{canonical: SMILES as written} in file order: the first writing of each molecule; every skip
+    and duplicate recorded."""
     out = {}
-    for index, item in enumerate(tqdm(items, desc=f"checking {split}", leave=False, mininterval=2)):
-        if not isinstance(item, dict) or "smiles" not in item:
-            _skip(report, split, index, item, "item has no 'smiles' field")
+    for index, value in enumerate(progress(smiles_values, desc=f"checking {split}", leave=False, mininterval=2)):
+        if value is _NO_SMILES:
+            _skip(report, split, index, None, "item has no 'smiles' field")
             continue
-        if not isinstance(item["smiles"], str):
-            _skip(report, split, index, item["smiles"], "smiles is not a string")
+        if not isinstance(value, str):
+            _skip(report, split, index, value, "smiles is not a string")
             continue
-        smiles, reason = canonicalize(item["smiles"])
-        if smiles is None:
-            _skip(report, split, index, item["smiles"], reason)
-        elif smiles in out:
+        written = value.strip()
+        key, reason = canonicalize(written)
+        if key is None:
+            _skip(report, split, index, value, reason)
+        elif key in out:
             report["duplicates_removed"][split] += 1
         else:
-            out[smiles] = None
-    return list(out)
+            out[key] = written
+    return out
+
+
+def _smiles_of(items):
+    return [item["smiles"] if isinstance(item, dict) and "smiles" in item else _NO_SMILES for item in items]
 
 
 def _sample(pool, n, rng):
@@ -343,48 +400,62 @@ def _sample(pool, n, rng):
     return [pool[i] for i in sorted(rng.choice(len(pool), n, replace=False))]
 
 
-def build_roles(path, sizes, data_seed, report):
-    """ID/OOD roles from a DrugOOD file: train→ID train, iid_val→ID val, iid_test→ID test,
-    ood_val→disjoint OOD train + OOD val, ood_test→OOD test. `sizes` = (train, val, test) per side."""
-    splits = load_drugood(path)
-    report.update({"data_file": str(path), "data_file_sha256": file_sha256(path),
-                   "items_per_split": {s: len(v) for s, v in splits.items()}, "skipped": [],
-                   "duplicates_removed": Counter(), "cross_split_duplicates_removed": Counter()})
-    canon = {s: _canonical_split(splits[s], s, report) for s in SPLITS}
-    # A molecule keeps its first role in split order; later copies would leak it between roles.
+def _role_rng(data_seed, role):
+    return np.random.default_rng([data_seed, ROLES.index(role)])
+
+
+def _new_report(path, items_per_split):
+    return {"data_file": str(path), "data_file_sha256": file_sha256(path), "items_per_split": items_per_split,
+            "skipped": [], "duplicates_removed": Counter(), "cross_split_duplicates_removed": Counter()}
+
+
+def _exclusive_pools(firsts, id_splits, ood_splits, report):
+    """Canonical pools per split: a molecule keeps its first split only, and one on both the ID and
+    the OOD side is removed from both (counted)."""
     seen, pools = set(), {}
-    for split in SPLITS:
-        pools[split] = [s for s in canon[split] if s not in seen]
-        report["cross_split_duplicates_removed"][split] = len(canon[split]) - len(pools[split])
+    for split in firsts:
+        pools[split] = [c for c in firsts[split] if c not in seen]
+        report["cross_split_duplicates_removed"][split] = len(firsts[split]) - len(pools[split])
         seen.update(pools[split])
-    id_mols = set().union(*(canon[s] for s in ("train", "iid_val", "iid_test")))
-    ood_mols = set().union(*(canon[s] for s in ("ood_val", "ood_test")))
+    id_mols = set().union(*(firsts[s] for s in id_splits))
+    ood_mols = set().union(*(firsts[s] for s in ood_splits))
     overlap = id_mols & ood_mols
     if overlap:
         log.warning("%d molecules appear in both ID and OOD splits: removed from both", len(overlap))
     report["id_ood_overlap_removed"] = len(overlap)
     report["id_ood_overlap_examples"] = sorted(overlap)[:20]
-    pools = {s: [m for m in p if m not in overlap] for s, p in pools.items()}
+    return {s: [m for m in p if m not in overlap] for s, p in pools.items()}
+
+
+def build_roles(path, sizes, data_seed, report):
+    """ID/OOD roles from a DrugOOD file: train→ID train, iid_val→ID val, iid_test→ID test,
+    ood_val→disjoint OOD train + OOD val, ood_test→OOD test. `sizes` = (train, val, test) per side.
+    Roles hold SMILES as written in the file."""
+    splits = load_drugood(path)
+    report.update(_new_report(path, {s: len(v) for s, v in splits.items()}))
+    firsts = {s: _first_writings(_smiles_of(splits[s]), s, report) for s in SPLITS}
+    pools = _exclusive_pools(firsts, ("train", "iid_val", "iid_test"), ("ood_val", "ood_test"), report)
 
     train_n, val_n, test_n = sizes
-    rng = lambda role: np.random.default_rng([data_seed, ROLES.index(role)])  # noqa: E731
-    roles = {"id_train": _sample(pools["train"], train_n, rng("id_train")),
-             "id_val": _sample(pools["iid_val"], val_n, rng("id_val")),
-             "id_test": _sample(pools["iid_test"], test_n, rng("id_test")),
-             "ood_test": _sample(pools["ood_test"], test_n, rng("ood_test"))}
-    ood_pool = [pools["ood_val"][i] for i in rng("ood_train").permutation(len(pools["ood_val"]))]
+    roles = {"id_train": _sample(pools["train"], train_n, _role_rng(data_seed, "id_train")),
+             "id_val": _sample(pools["iid_val"], val_n, _role_rng(data_seed, "id_val")),
+             "id_test": _sample(pools["iid_test"], test_n, _role_rng(data_seed, "id_test")),
+             "ood_test": _sample(pools["ood_test"], test_n, _role_rng(data_seed, "ood_test"))}
+    ood_pool = [pools["ood_val"][i] for i in _role_rng(data_seed, "ood_train").permutation(len(pools["ood_val"]))]
     n_ood_train = train_n
     if train_n + val_n > len(ood_pool):
         n_ood_train = round(len(ood_pool) * train_n / (train_n + val_n))
         log.warning("ood_val has %d usable molecules, fewer than --train_size + --val_size = %d: "
                     "splitting it %d / %d", len(ood_pool), train_n + val_n, n_ood_train, len(ood_pool) - n_ood_train)
-    roles["ood_train"] = sorted(ood_pool[:n_ood_train], key=pools["ood_val"].index)
-    roles["ood_val"] = sorted(ood_pool[n_ood_train:n_ood_train + val_n], key=pools["ood_val"].index)
-    roles = {r: roles[r] for r in ROLES}
+    position = {m: i for i, m in enumerate(pools["ood_val"])}
+    roles["ood_train"] = sorted(ood_pool[:n_ood_train], key=position.get)
+    roles["ood_val"] = sorted(ood_pool[n_ood_train:n_ood_train + val_n], key=position.get)
+    role_split = dict(zip(ROLES, ("train", "iid_val", "iid_test", "ood_val", "ood_val", "ood_test")))
+    roles = {r: [firsts[role_split[r]][c] for c in roles[r]] for r in ROLES}
     requested = dict(zip(ROLES, (train_n, val_n, test_n, train_n, val_n, test_n)))
-    report["roles"] = {r: {"requested": requested[r], "available": None, "used": len(roles[r])} for r in ROLES}
-    for role, split in zip(ROLES, ("train", "iid_val", "iid_test", "ood_val", "ood_val", "ood_test")):
-        report["roles"][role]["available"] = len(pools[split])
+    report["roles"] = {r: {"requested": requested[r], "available": len(pools[role_split[r]]), "used": len(roles[r])}
+                       for r in ROLES}
+    for role in ROLES:
         if len(roles[role]) < requested[role]:
             log.warning("%s: %d molecules requested, %d available", role, requested[role], len(roles[role]))
     check_roles(roles, path)
@@ -395,24 +466,25 @@ def check_roles(roles, source):
     for role, mols in roles.items():
         if not mols:
             raise InputError(f"{source}: role {role} has no usable molecules; check the file's splits "
-                            f"and data_report.json")
-    for i, a in enumerate(ROLES):
-        for b in ROLES[i + 1:]:
-            leaked = set(roles[a]) & set(roles[b])
+                             f"and the skipped items listed in data_report.json")
+    names = list(roles)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            leaked = {canonical(m) for m in roles[a]} & {canonical(m) for m in roles[b]}
             if leaked:
                 raise InputError(f"{source}: {len(leaked)} molecules leaked between {a} and {b}, "
-                                f"e.g. {sorted(leaked)[0]}")
+                                 f"e.g. {sorted(leaked)[0]}")
 
 
 def attach_conformers(roles, report, cache_dir, num_workers, force, source):
     """Conformers for every role molecule; failures leave the roles and are recorded."""
-    everything = [s for r in ROLES for s in roles[r]]
+    everything = [s for mols in roles.values() for s in mols]
     conformers, failures = get_conformers(everything, cache_dir, num_workers, force)
     for smiles, reason in failures.items():
-        role = next(r for r in ROLES if smiles in roles[r])
+        role = next(r for r in roles if smiles in roles[r])
         report["skipped"].append({"split": role, "index": None, "value": smiles, "reason": reason})
     roles = {r: [s for s in mols if s in conformers] for r, mols in roles.items()}
-    for r in ROLES:
+    for r in roles:
         report["roles"][r]["used"] = len(roles[r])
     summarize_conformers(report, conformers, everything)
     check_roles(roles, source)
@@ -441,27 +513,6 @@ def finalize_report(report):
     return report
 
 
-def read_smiles_file(path):
-    """SMILES from a .smi (first column) or .csv (a 'smiles' column) file, in file order."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: file not found")
-    lines = path.read_text().splitlines()
-    if path.suffix.lower() == ".csv":
-        rows = list(csv.reader(lines))
-        if not rows:
-            raise InputError(f"{path}: empty CSV")
-        header = [h.strip().lower() for h in rows[0]]
-        if "smiles" not in header:
-            raise InputError(f"{path}: no 'smiles' column (columns: {', '.join(rows[0])})")
-        col = header.index("smiles")
-        return [row[col] if col < len(row) else "" for row in rows[1:]]
-    smiles = [line.split()[0] for line in lines if line.strip() and not line.startswith("#")]
-    if smiles and smiles[0].lower() == "smiles":
-        smiles = smiles[1:]
-    return smiles
-
-
 def load_benchmark(data_file, sizes, data_seed, cache_dir, num_workers=1, force=False):
     """Roles, their conformers and the data report for one DrugOOD file."""
     report = {}
@@ -470,16 +521,97 @@ def load_benchmark(data_file, sizes, data_seed, cache_dir, num_workers=1, force=
     return roles, conformers, finalize_report(report)
 
 
-def conformers_for_inputs(smiles, cache_dir, num_workers=1, force=False):
-    """User-given SMILES → ({row: canonical SMILES}, conformers, {row: failure reason})."""
-    canon, failed = {}, {}
+# ----------------------------------------------------------------------------- other benchmarks, user files
+
+def read_table(path, smiles_column=None):
+    """A molecule file as (columns, rows, SMILES per row), in file order.
+
+    .csv: every column kept; SMILES from `smiles_column` (default: a column named smiles, any case).
+    .smi: the first whitespace-separated field is the SMILES and the rest of the line its name; an
+    optional `smiles` header line and # comments are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: file not found")
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a CSV saved by Excel starts with a BOM
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start}); "
+                         f"save it as UTF-8 CSV or SMILES") from None
+    if "\x00" in text:
+        raise InputError(f"{path}: binary data (NUL bytes); expected a .csv or .smi text file")
+    if path.suffix.lower() == ".csv":
+        table = list(csv.reader(text.splitlines()))
+        if not table:
+            raise InputError(f"{path}: empty CSV")
+        columns, rows = table[0], [r + [""] * (len(table[0]) - len(r)) for r in table[1:] if r]
+        wanted = smiles_column or "smiles"
+        matches = [i for i, c in enumerate(columns) if c.strip().lower() == wanted.strip().lower()]
+        if not matches:
+            raise InputError(f"{path}: no '{wanted}' column (columns: {', '.join(columns)}); "
+                             f"name the SMILES column with --smiles_column")
+        return columns, rows, [r[matches[0]] for r in rows]
+    if smiles_column:
+        raise InputError(f"{path}: --smiles_column applies to .csv files; a .smi file has the SMILES first")
+    rows = [line.strip().split(maxsplit=1) for line in text.splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
+    if rows and rows[0][0].lower() == "smiles":
+        rows = rows[1:]
+    rows = [r + [""] * (2 - len(r)) for r in rows]
+    return ["smiles", "name"], rows, [r[0] for r in rows]
+
+
+def prepare_inputs(smiles, cache_dir, num_workers=1, force=False):
+    """User-given SMILES → ({row: SMILES as written}, conformers keyed by it, {row: failure reason})."""
+    written, failed = {}, {}
     for row, raw in enumerate(smiles):
-        value, reason = canonicalize(raw)
+        value, reason = canonicalize(raw.strip())
         if value is None:
             failed[row] = reason
         else:
-            canon[row] = value
-    conformers, failures = get_conformers(list(canon.values()), cache_dir, num_workers, force)
-    for row in [r for r, s in canon.items() if s in failures]:
-        failed[row] = failures[canon.pop(row)]
-    return canon, conformers, failed
+            written[row] = raw.strip()
+    conformers, failures = get_conformers(list(written.values()), cache_dir, num_workers, force)
+    for row in [r for r, s in written.items() if s in failures]:
+        failed[row] = failures[written.pop(row)]
+    return written, conformers, failed
+
+
+def fragment_warning(smiles):
+    """A warning for salts and mixtures, which Uni-Mol encodes as one molecule; '' otherwise."""
+    n = len(Chem.GetMolFrags(Chem.MolFromSmiles(smiles)))
+    return f"{n} fragments (salt or mixture) scored as one molecule; strip counter-ions first" if n > 1 else ""
+
+
+def load_test_roles(path, test_size, data_seed, seen):
+    """ID test / OOD test roles of another benchmark, for scoring a trained detector on it.
+
+    A DrugOOD JSON gives iid_test → ID and ood_test → OOD; a CSV gives its `smiles` rows by an
+    `is_ood` column of 0 / 1. Molecules in `seen` (canonical SMILES of the run's training and
+    validation roles) are removed and counted; at most `test_size` per side are drawn with
+    `data_seed`, by the same streams as a run's own test roles."""
+    path = Path(path)
+    report = {}
+    if path.suffix.lower() == ".csv":
+        columns, rows, smiles = read_table(path)
+        label_col = [i for i, c in enumerate(columns) if c.strip().lower() == "is_ood"]
+        if not label_col:
+            raise InputError(f"{path}: no 'is_ood' column (0 = in-distribution, 1 = OOD); columns: {', '.join(columns)}")
+        values = {"id_test": [], "ood_test": []}
+        for n, row in enumerate(rows, start=2):
+            label = row[label_col[0]].strip()
+            if label not in ("0", "1"):
+                raise InputError(f"{path}: line {n}: is_ood is {label!r}; it must be 0 (ID) or 1 (OOD)")
+            values["ood_test" if label == "1" else "id_test"].append(smiles[n - 2])
+        report.update(_new_report(path, {k: len(v) for k, v in values.items()}))
+        firsts = {role: _first_writings(v, role, report) for role, v in values.items()}
+    else:
+        splits = load_drugood(path, ("iid_test", "ood_test"))
+        report.update(_new_report(path, {s: len(v) for s, v in splits.items()}))
+        firsts = {role: _first_writings(_smiles_of(splits[split]), split, report)
+                  for role, split in (("id_test", "iid_test"), ("ood_test", "ood_test"))}
+    pools = _exclusive_pools(firsts, ("id_test",), ("ood_test",), report)
+    report["removed_seen_in_run"] = {r: sum(m in seen for m in p) for r, p in pools.items()}
+    pools = {r: [m for m in p if m not in seen] for r, p in pools.items()}
+    roles = {r: [firsts[r][c] for c in _sample(p, test_size, _role_rng(data_seed, r))] for r, p in pools.items()}
+    report["roles"] = {r: {"requested": test_size, "available": len(pools[r]), "used": len(roles[r])} for r in roles}
+    check_roles(roles, path)
+    return roles, report

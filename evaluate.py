@@ -1,22 +1,25 @@
-"""OOD metrics (OOD = positive class, energy = score), result files and plots."""
-import csv
-import io
+"""OOD metrics (OOD = positive class, energy = score), result files, tables and plots.
+
+Scores in, files out: nothing here knows models or checkpoints. matplotlib is imported only when a
+picture is drawn, so training code that needs the metrics does not pay for it."""
 import json
 import math
 import time
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from sklearn.metrics import auc, precision_recall_curve, roc_auc_score, roc_curve
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.metrics import auc, precision_recall_curve, roc_auc_score, roc_curve  # noqa: E402
-
-from data import InputError, atomic_write_json, atomic_write_text  # noqa: E402
-from model import energies, load_best_model  # noqa: E402
+from data import InputError, atomic_write_csv, atomic_write_json, atomic_write_text, normal_permissions
 
 RANDOM_INIT_LABEL = "RANDOM-INIT ENCODER (not pretrained Uni-Mol)"
+
+
+def weights_label(encoder_weights):
+    """How results name their encoder: random-init ones unmistakably."""
+    if encoder_weights.startswith("random-init"):
+        return f"{RANDOM_INIT_LABEL}, {encoder_weights}"
+    return f"pretrained Uni-Mol {encoder_weights}"
 
 
 def fpr_at_95_tpr(id_scores, ood_scores):
@@ -51,90 +54,100 @@ def id_threshold(val_id_scores, keep=0.95):
     return float(np.quantile(np.asarray(val_id_scores, dtype=np.float64), keep))
 
 
-def write_scores_csv(path, rows, columns):
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(columns)
-    writer.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
+def write_test_results(out_dir, roles, scores, extra):
+    """test_metrics.json, test_scores.csv and the ROC / energy-histogram plots of one scoring.
 
-
-def write_test_results(run_dir, id_smiles, id_scores, ood_smiles, ood_scores, extra):
-    """test_metrics.json, test_scores.csv and the ROC / energy-histogram plots of one run."""
-    metrics = ood_metrics(id_scores, ood_scores)
+    roles / scores: {"id_test": [...], "ood_test": [...]} SMILES (as written) and their energies;
+    extra: what else test_metrics.json records (encoder_weights and threshold_95_id_val included)."""
+    out_dir = Path(out_dir)
+    metrics = ood_metrics(scores["id_test"], scores["ood_test"])
     metrics.update(extra)
-    rows = [(s, "id", 0, f"{e:.6f}") for s, e in zip(id_smiles, id_scores)]
-    rows += [(s, "ood", 1, f"{e:.6f}") for s, e in zip(ood_smiles, ood_scores)]
-    write_scores_csv(run_dir / "test_scores.csv", rows, ["smiles", "role", "is_ood", "energy"])
+    rows = [(s, role[:-5], int(role == "ood_test"), f"{e:.6f}", extra["encoder_weights"])
+            for role in ("id_test", "ood_test") for s, e in zip(roles[role], scores[role])]
+    atomic_write_csv(out_dir / "test_scores.csv", rows, ["smiles", "role", "is_ood", "energy", "encoder_weights"])
     title = extra.get("title", "")
-    plot_roc(run_dir / "roc_curve.png", id_scores, ood_scores, metrics["auroc"], title)
-    plot_energy_hist(run_dir / "energy_histogram.png", id_scores, ood_scores, title)
-    atomic_write_json(run_dir / "test_metrics.json", metrics)
+    plot_roc(out_dir / "roc_curve.png", scores["id_test"], scores["ood_test"], metrics["auroc"], title)
+    plot_energy_hist(out_dir / "energy_histogram.png", scores["id_test"], scores["ood_test"],
+                     extra["threshold_95_id_val"], title)
+    atomic_write_json(out_dir / "test_metrics.json", metrics)
     return metrics
 
 
-def evaluate_run(checkpoint, net, inputs, roles, encoder, args, labels):
-    """Score the test split with a run's best model and write the result files beside it.
-
-    A fine-tuned run scores with its own fine-tuned encoder (restored from the checkpoint). The
-    `predict` threshold comes from validation ID energies, never from the test split."""
-    state = load_best_model(net, checkpoint, encoder.weights_id)
-    net.to(args.device)
-    score = lambda role: energies(net, inputs[role], args.eval_batch_size, args.device).numpy()  # noqa: E731
-    extra = {"best_epoch": state["epoch"], "val_auroc": state["val_auroc"],
-             "threshold_95_id_val": id_threshold(score("id_val")), "encoder_weights": encoder.weights_id,
-             "random_init_encoder": encoder.is_random_init, **labels}
-    return write_test_results(checkpoint.parent, roles["id_test"], score("id_test"), roles["ood_test"], score("ood_test"), extra)
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
 
 
 def _save(fig, path):
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
+        normal_permissions(tmp)
+        tmp.replace(path)
+    finally:
+        _plt().close(fig)
+        tmp.unlink(missing_ok=True)
 
 
 def plot_roc(path, id_scores, ood_scores, auroc, title=""):
     fpr, tpr, _ = roc_curve(np.r_[np.zeros(len(id_scores)), np.ones(len(ood_scores))], np.r_[id_scores, ood_scores])
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    fig, ax = _plt().subplots(figsize=(4.5, 4.5))
     ax.plot(fpr, tpr, label=f"Energy-DPO (AUROC {auroc:.4f})")
-    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
-    ax.axhline(0.95, color="grey", lw=0.6, ls=":")
-    ax.set(xlabel="FPR (ID flagged OOD)", ylabel="TPR (OOD caught)", title=title or "Test ROC")
-    ax.legend(loc="lower right")
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="chance")
+    ax.axhline(0.95, color="grey", lw=0.6, ls=":", label="95% of OOD caught")
+    ax.set(xlabel="false positive rate (ID flagged OOD)", ylabel="true positive rate (OOD caught)",
+           title=title or "Test ROC", xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="lower right", fontsize="small")
     _save(fig, path)
 
 
-def plot_energy_hist(path, id_scores, ood_scores, title=""):
-    fig, ax = plt.subplots(figsize=(6, 4))
-    bins = np.histogram_bin_edges(np.r_[id_scores, ood_scores], bins=50)
+def plot_energy_hist(path, id_scores, ood_scores, threshold, title=""):
+    fig, ax = _plt().subplots(figsize=(6, 4))
+    bins = np.histogram_bin_edges(np.r_[id_scores, ood_scores, threshold], bins=50)
     ax.hist(id_scores, bins=bins, alpha=0.6, label=f"ID test (n={len(id_scores)})", density=True)
     ax.hist(ood_scores, bins=bins, alpha=0.6, label=f"OOD test (n={len(ood_scores)})", density=True)
+    ax.axvline(threshold, color="k", ls="--", lw=1,
+               label=f"predict threshold {threshold:.3f}\n(95% of validation ID below)")
     ax.set(xlabel="energy (higher = more OOD)", ylabel="density", title=title or "Test energies")
-    ax.legend()
+    ax.legend(fontsize="small")
     _save(fig, path)
 
 
-def plot_training_curves(path, history, title=""):
+def plot_training_curves(path, history, best_epoch, title=""):
+    from matplotlib.ticker import MaxNLocator
     epochs = [h["epoch"] for h in history]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    axes[0].plot(epochs, [h["train_loss"] for h in history], label="train")
-    axes[0].plot(epochs, [h["val_loss"] for h in history], label="val")
-    axes[0].set(xlabel="epoch", ylabel="loss")
-    axes[0].legend()
-    axes[1].plot(epochs, [h["val_auroc"] for h in history], color="C2")
-    axes[1].set(xlabel="epoch", ylabel="validation AUROC")
-    axes[2].plot(epochs, [h["e_id"] for h in history], label="mean E(ID)")
-    axes[2].plot(epochs, [h["e_ood"] for h in history], label="mean E(OOD)")
-    axes[2].plot(epochs, [h["misranked"] for h in history], label="mis-ranked pairs", ls="--")
-    axes[2].set(xlabel="epoch")
-    axes[2].legend()
+    fig, axes = _plt().subplots(1, 3, figsize=(13, 3.8))
+    axes[0].plot(epochs, [h["train_loss"] for h in history], marker=".", label="train")
+    axes[0].plot(epochs, [h["val_loss"] for h in history], marker=".", label="validation")
+    axes[0].set(ylabel="loss")
+    axes[1].plot(epochs, [h["val_auroc"] for h in history], marker=".", color="C2", label="validation AUROC")
+    axes[1].set(ylabel="validation AUROC")
+    axes[2].plot(epochs, [h["e_id"] for h in history], marker=".", label="mean E(ID train)")
+    axes[2].plot(epochs, [h["e_ood"] for h in history], marker=".", label="mean E(OOD train)")
+    axes[2].set(ylabel="mean energy")
+    twin = axes[2].twinx()
+    twin.plot(epochs, [h["misranked"] for h in history], ls="--", color="C3", label="mis-ranked pairs")
+    twin.set(ylabel="fraction of mis-ranked pairs", ylim=(0, 1))
+    for ax in axes:
+        ax.set(xlabel="epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.axvline(best_epoch, color="grey", ls=":", lw=1, label=f"best epoch ({best_epoch})")
+    for ax, extra in ((axes[0], None), (axes[1], None), (axes[2], twin)):
+        handles, labels = ax.get_legend_handles_labels()
+        if extra is not None:
+            more = extra.get_legend_handles_labels()
+            handles, labels = handles + more[0], labels + more[1]
+        ax.legend(handles, labels, fontsize="small")
     fig.suptitle(title)
+    fig.tight_layout()
     _save(fig, path)
 
 
 ARMS = {"frozen": "Energy-DPO (frozen)", "finetuned": "Energy-DPO (finetuned)"}
 COMPARED = ("auroc", "aupr", "fpr95")
+BETTER = {"auroc": "higher", "aupr": "higher", "fpr95": "lower"}
 
 
 def _mean_std(values):
@@ -207,29 +220,35 @@ def write_comparison(root):
     imp = table["improvement"]
     lines.append(f"{'Improvement':<24} | {fmt(imp['auroc'], '+'):<17} | {fmt(imp['aupr'], '+'):<17} | "
                  f"{fmt(imp['fpr95'], '+')}")
+    lines.append(f"{'(better when)':<24} | {'> 0 (higher)':<17} | {'> 0 (higher)':<17} | < 0 (lower)")
     lines += ["", "mean ± sample std over seeds; Improvement = finetuned − frozen, mean ± std of the paired "
-              "per-seed differences (lower is better for FPR95)."]
+              "per-seed differences: positive is better for AUROC and AUPR, negative is better for FPR95."]
     if random_init:
         lines.append(f"{RANDOM_INIT_LABEL}: these numbers do not measure pretrained Uni-Mol.")
     atomic_write_text(root / "comparison_summary.txt", "\n".join(lines) + "\n")
     atomic_write_json(root / "comparison_summary.json", summary)
-    write_scores_csv(root / "comparison_summary.csv",
-                     [(r["seed"], r["arm"], *(f"{r[k]:.6f}" for k in COMPARED), r["best_epoch"]) for r in per_seed],
-                     ["seed", "arm", *COMPARED, "best_epoch"])
+    atomic_write_csv(root / "comparison_summary.csv",
+                     [(r["seed"], r["arm"], *(f"{r[k]:.6f}" for k in COMPARED), r["best_epoch"], weights)
+                      for r in per_seed],
+                     ["seed", "arm", *COMPARED, "best_epoch", "encoder_weights"])
     plot_comparison(root / "comparison.png", runs, seeds, f"{args['dataset']} · "
                     f"{RANDOM_INIT_LABEL if random_init else 'pretrained Uni-Mol'}")
     return summary, "\n".join(lines)
 
 
 def plot_comparison(path, runs, seeds, title):
-    fig, axes = plt.subplots(1, len(COMPARED), figsize=(4 * len(COMPARED), 3.8))
+    fig, axes = _plt().subplots(1, len(COMPARED), figsize=(4 * len(COMPARED), 3.8))
     for ax, key in zip(axes, COMPARED):
-        for s in seeds:
-            ax.plot([0, 1], [runs[arm][s][0][key] for arm in ARMS], color="grey", lw=0.8, marker="o")
-        for x, arm in enumerate(ARMS):
-            ax.scatter([x], [np.mean([runs[arm][s][0][key] for s in seeds])], s=120, marker="_", color="C3", zorder=3)
+        for i, s in enumerate(seeds):
+            ax.plot([0, 1], [runs[arm][s][0][key] for arm in ARMS], color="grey", lw=0.8, marker="o",
+                    label="one seed (paired)" if i == 0 else None)
+        means = [np.mean([runs[arm][s][0][key] for s in seeds]) for arm in ARMS]
+        ax.scatter([0, 1], means, s=300, marker="_", linewidths=2.5, color="C3", zorder=3,
+                   label=f"mean of {len(seeds)} seeds")
         ax.set_xticks([0, 1], ["frozen", "fine-tuned"])
         ax.set_xlim(-0.4, 1.4)
-        ax.set_title(f"{key.upper()} ({'lower' if key == 'fpr95' else 'higher'} is better)")
+        ax.set(ylabel=f"test {key.upper()}", title=f"{key.upper()} ({BETTER[key]} is better)")
+        ax.legend(fontsize="small")
     fig.suptitle(title, y=1.03)
+    fig.tight_layout()
     _save(fig, path)

@@ -1,54 +1,70 @@
-"""Energy-DPO OOD detection on Uni-Mol features: command-line entry point.
+"""Energy-DPO OOD detection on Uni-Mol features: command-line entry point and pipeline assembly.
 
     python main.py --mode train --data_file data/demo/demo_ec50_scaffold.json --unimol_weights random
-    python main.py --mode eval --output_dir outputs/<run>
-    python main.py --mode predict --output_dir outputs/<run> --input mols.smi --output scores.csv
+    python main.py --mode eval --output_dir outputs/<run>                      # re-score its test split
+    python main.py --mode eval --output_dir outputs/<run> --data_file OTHER    # another benchmark
+    python main.py --mode predict --output_dir outputs/<run> --input mols.csv --output scores.csv
     python main.py --mode featurize --input mols.smi --output feats.npy
     python main.py --mode train --finetune_encoder --freeze_layers 0-12 --encoder_lr 5e-6
     python main.py --mode compare --output_dir outputs/finetune_comparison/<dataset>
+
+The argparse Namespace stays in this file: the modules below take explicit arguments and small
+configs (ModelSpec, TrainConfig). torch, scikit-learn and matplotlib load only when a mode runs.
 """
 import argparse
 import json
 import logging
+import math
 import sys
+import time
 from pathlib import Path
 
-import numpy as np
-import torch
+from data import InputError, default_weights_path
 
-from data import (InputError, atomic_write_json, conformers_for_inputs, load_benchmark, missing_data_file,
-                  read_smiles_file)
-from evaluate import RANDOM_INIT_LABEL, evaluate_run, plot_training_curves, write_comparison, write_scores_csv
-from model import (EnergyDPOModel, FinetunableUniMolEncoder, UniMolEncoder, default_weights_path, energies,
-                   load_best_model, missing_weights, parse_freeze_spec, role_inputs, UNIMOL_LAYERS)
-from train import EnergyDPOTrainer, check_resumable, prepare_run_dir, run_config, RUNTIME_FLAGS
-
-log = logging.getLogger("energy_dpo")
+log = logging.getLogger("energy_dpo.main")
 FROZEN_BATCH_SIZE, FROZEN_EVAL_BATCH_SIZE = 4096, 2048
 FINETUNE_BATCH_SIZE, FINETUNE_EVAL_BATCH_SIZE = 256, 512
+DEFAULT_DATASET = "lbap_general_ec50_scaffold"
+# Flags that change where and how fast, not what: they may differ on --resume, and eval / predict
+# take them from the command line (when given) instead of from the run.
+RUNTIME_FLAGS = {"device", "num_workers", "cache_dir", "resume", "overwrite", "force_recompute_cache",
+                 "eval_batch_size", "encode_batch_size", "grad_checkpointing"}
+# What each mode reads from the command line besides the runtime flags; anything else is an error.
+MODE_FLAGS = {
+    "train": None,  # all
+    "eval": {"mode", "output_dir", "model_path", "unimol_weights", "data_file", "dataset", "test_size", "data_seed"},
+    "predict": {"mode", "output_dir", "model_path", "unimol_weights", "input", "smiles", "output", "smiles_column"},
+    "featurize": {"mode", "unimol_weights", "amp", "input", "smiles", "output", "smiles_column"},
+    "compare": {"mode", "output_dir"},
+}
+CROSS_EVAL_FLAGS = {"dataset", "test_size", "data_seed"}  # eval honours them only with --data_file
 
 
 def build_parser():
     p = argparse.ArgumentParser(description="Energy-DPO out-of-distribution detection on the Uni-Mol encoder.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--mode", choices=["train", "eval", "predict", "featurize", "compare"], default="train",
-                   help="compare: summarise a frozen-vs-fine-tuned sweep under --output_dir")
+                   help="eval: re-score a run's test split, or with --data_file another benchmark; "
+                        "compare: summarise a frozen-vs-fine-tuned sweep under --output_dir")
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="lbap_general_ec50_scaffold", help="name; also picks data/raw/<dataset>.json")
-    g.add_argument("--data_file", help="DrugOOD JSON (default: ./data/raw/<dataset>.json)")
+    g.add_argument("--dataset", help=f"name used in outputs (default: the --data_file stem, else {DEFAULT_DATASET}); "
+                                     f"without --data_file also picks data/raw/<dataset>.json")
+    g.add_argument("--data_file", help="DrugOOD JSON (default: ./data/raw/<dataset>.json); eval: another "
+                                       "benchmark, a DrugOOD JSON or a CSV with smiles and is_ood (0/1) columns")
     g.add_argument("--train_size", type=int, default=2000, help="molecules per side (ID and OOD) for training")
     g.add_argument("--val_size", type=int, default=600, help="molecules per side for validation")
-    g.add_argument("--test_size", type=int, default=1000, help="molecules per side for testing")
-    g.add_argument("--data_seed", type=int, default=42, help="seed of the subsampling, independent of --seed")
-    g.add_argument("--cache_dir", default="./cache", help="conformer and feature caches")
+    g.add_argument("--test_size", type=int, default=1000,
+                   help="molecules per side for testing (eval --data_file: default the run's)")
+    g.add_argument("--data_seed", type=int, default=42,
+                   help="seed of the subsampling, independent of --seed (eval --data_file: default the run's)")
+    g.add_argument("--cache_dir", default="./cache", help="conformer and feature caches (eval/predict: the run's)")
     g.add_argument("--force_recompute_cache", action="store_true", help="drop and rebuild the caches used")
     g.add_argument("--num_workers", type=int, default=2, help="processes for conformer generation")
     g = p.add_argument_group("encoder")
     g.add_argument("--foundation_model", choices=["unimol"], default="unimol")
     g.add_argument("--unimol_weights", default=None,
                    help=f"checkpoint path, or 'random' for a seeded random-init encoder (default: "
-                        f"$UNIMOL_WEIGHT_DIR/mol_pre_no_h_220816.pt if set, else {default_weights_path()}; "
-                        f"eval/predict: the run's own)")
+                        f"$UNIMOL_WEIGHT_DIR/<file> if set, else {default_weights_path()}; eval/predict: the run's)")
     g.add_argument("--encode_batch_size", type=int, default=64, help="molecules per frozen Uni-Mol forward pass")
     g.add_argument("--amp", choices=["off", "bf16"], default="off", help="bf16 autocast of the Uni-Mol forward")
     g = p.add_argument_group("fine-tuning the encoder")
@@ -69,7 +85,8 @@ def build_parser():
     g.add_argument("--batch_size", type=int, default=None,
                    help=f"per side (default {FROZEN_BATCH_SIZE}; {FINETUNE_BATCH_SIZE} when fine-tuning)")
     g.add_argument("--eval_batch_size", type=int, default=None,
-                   help=f"default {FROZEN_EVAL_BATCH_SIZE}; {FINETUNE_EVAL_BATCH_SIZE} when fine-tuning")
+                   help=f"default {FROZEN_EVAL_BATCH_SIZE}; {FINETUNE_EVAL_BATCH_SIZE} when fine-tuning; "
+                        f"eval/predict: the run's")
     g.add_argument("--lr", type=float, default=1e-4)
     g.add_argument("--weight_decay", type=float, default=1e-5)
     g.add_argument("--grad_clip", type=float, default=1.0, help="max gradient norm")
@@ -82,14 +99,35 @@ def build_parser():
     g.add_argument("--resume", action="store_true", help="continue an interrupted run from its last.pt")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     g = p.add_argument_group("predict / featurize")
-    g.add_argument("--input", help=".smi (first column) or .csv (a 'smiles' column)")
+    g.add_argument("--input", help=".smi (SMILES, then a name) or .csv (a 'smiles' column, all columns kept)")
+    g.add_argument("--smiles_column", help="the SMILES column of a .csv --input (default: 'smiles', any case)")
     g.add_argument("--smiles", nargs="+", help="SMILES given on the command line")
     g.add_argument("--output", help="predict: CSV to write; featurize: .npy to write")
     return p
 
 
-def validate_args(args):
-    """Resolve defaults and reject inconsistent flags; returns an error message or None."""
+def given_flags(argv):
+    """The destinations of the flags the user typed (argparse fills in the others)."""
+    parser, unset = build_parser(), object()
+    # argparse fills in defaults only for attributes the namespace does not have yet
+    namespace = argparse.Namespace(**{dest: unset for dest in vars(parser.parse_args([]))})
+    return {dest for dest, value in vars(parser.parse_args(argv, namespace)).items() if value is not unset}
+
+
+def validate_args(args, given=None):
+    """Resolve defaults and reject inconsistent flags; returns an error message or None.
+
+    `given`: the flags typed on the command line (None: treat every flag as given)."""
+    given = set(vars(args)) if given is None else given
+    if MODE_FLAGS[args.mode] is not None:
+        stray = sorted(given - MODE_FLAGS[args.mode] - (RUNTIME_FLAGS - {"resume"}))
+        if args.mode == "eval" and not args.data_file and given & CROSS_EVAL_FLAGS:
+            return (f"--mode eval re-scores the run's own test split with the run's data settings; "
+                    f"{', '.join('--' + f for f in sorted(given & CROSS_EVAL_FLAGS))} apply only to another "
+                    f"benchmark given with --data_file")
+        if stray:
+            source = " (they come from the run's checkpoint)" if args.mode in ("eval", "predict") else ""
+            return f"--mode {args.mode} does not use {', '.join('--' + f for f in stray)}{source}"
     for name in ("epochs", "train_size", "val_size", "test_size", "encode_batch_size", "grad_accum_steps"):
         if getattr(args, name) < 1:
             return f"--{name} must be at least 1"
@@ -98,20 +136,25 @@ def validate_args(args):
             return f"--{name} must be at least 1"
     if args.hidden_dim < 2:
         return "--hidden_dim must be at least 2 (the head halves it)"
+    for name in ("lr", "encoder_lr", "dpo_beta", "grad_clip", "lambda_reg", "weight_decay", "hinge_margin"):
+        if not math.isfinite(getattr(args, name)):
+            return f"--{name} must be a finite number, not {getattr(args, name)}"
     if args.lr <= 0 or args.encoder_lr <= 0 or args.dpo_beta <= 0 or args.grad_clip <= 0:
         return "--lr, --encoder_lr, --dpo_beta and --grad_clip must be positive"
+    from model import UNIMOL_LAYERS, parse_freeze_spec  # noqa: PLC0415 - torch loads only when a mode runs
     try:
         frozen = parse_freeze_spec(args.freeze_layers)
     except ValueError as exc:
         return str(exc)
-    if args.finetune_encoder and args.foundation_model != "unimol":
-        return f"--finetune_encoder works with --foundation_model unimol only, not {args.foundation_model}"
     if args.finetune_encoder and len(frozen) == UNIMOL_LAYERS:
         return f"--freeze_layers {args.freeze_layers} leaves no Uni-Mol layer to fine-tune"
     if args.lambda_reg < 0 or args.weight_decay < 0 or args.patience < 0 or args.num_workers < 0:
         return "--lambda_reg, --weight_decay, --patience and --num_workers cannot be negative"
+    if args.data_seed < 0:
+        return "--data_seed cannot be negative"
     if args.resume and args.overwrite:
         return "--resume and --overwrite contradict each other"
+    import torch  # noqa: PLC0415
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     elif args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -129,73 +172,178 @@ def validate_args(args):
             return f"--mode {args.mode} needs --output"
         if Path(args.output).exists() and not args.overwrite:
             return f"{args.output} exists; pass --overwrite to replace it"
-    args.data_file = args.data_file or f"./data/raw/{args.dataset}.json"
-    batch, eval_batch = ((FINETUNE_BATCH_SIZE, FINETUNE_EVAL_BATCH_SIZE) if args.finetune_encoder
-                         else (FROZEN_BATCH_SIZE, FROZEN_EVAL_BATCH_SIZE))
-    args.batch_size = args.batch_size or batch
-    args.eval_batch_size = args.eval_batch_size or eval_batch
-    if args.mode in ("train", "featurize"):
-        args.unimol_weights = args.unimol_weights or default_weights_path()
+    if args.mode == "eval" and args.data_file and not Path(args.data_file).is_file():
+        return f"{args.data_file}: file not found (eval --data_file: a DrugOOD JSON or a CSV with smiles, is_ood)"
     if args.mode == "train":
+        if args.data_file and not args.dataset:
+            args.dataset = Path(args.data_file).stem
+        args.dataset = args.dataset or DEFAULT_DATASET
+        args.data_file = args.data_file or f"./data/raw/{args.dataset}.json"
+        batch, eval_batch = ((FINETUNE_BATCH_SIZE, FINETUNE_EVAL_BATCH_SIZE) if args.finetune_encoder
+                             else (FROZEN_BATCH_SIZE, FROZEN_EVAL_BATCH_SIZE))
+        args.batch_size = args.batch_size or batch
+        args.eval_batch_size = args.eval_batch_size or eval_batch
         args.output_dir = args.output_dir or f"outputs/{args.dataset}/unimol_{args.loss_type}_seed{args.seed}"
+        from data import missing_data_file  # noqa: PLC0415
         if not Path(args.data_file).is_file():
             return missing_data_file(args.data_file)
+    if args.mode in ("train", "featurize"):
+        args.unimol_weights = args.unimol_weights or default_weights_path()
     if args.unimol_weights not in (None, "random") and not Path(args.unimol_weights).is_file():
+        from model import missing_weights  # noqa: PLC0415
         return missing_weights(args.unimol_weights)
     return None
 
 
 def setup_logging(log_file=None):
+    """Console (stderr) and, for a run, its log file; one logger per module under 'energy_dpo'."""
+    root = logging.getLogger("energy_dpo")
+    root.setLevel(logging.INFO)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
-    log.setLevel(logging.INFO)
-    for handler in list(log.handlers):
+    for handler in list(root.handlers):
         handler.close()
-        log.removeHandler(handler)
+        root.removeHandler(handler)
     for handler in [logging.StreamHandler(sys.stderr)] + ([logging.FileHandler(log_file)] if log_file else []):
         handler.setFormatter(fmt)
-        log.addHandler(handler)
+        root.addHandler(handler)
 
 
-def encoder_label(encoder):
-    return RANDOM_INIT_LABEL if encoder.is_random_init else f"Uni-Mol weights {encoder.weights_id}"
+# ----------------------------------------------------------------------------- model inputs and caches
+# The wiring between encoders (model.py) and the on-disk stores (data.py): features and prefix
+# states are cached per (encoder weights, preprocessing version, precision), keyed by SMILES as written.
+
+def _store_tag(encoder):
+    from data import PREPROCESS_VERSION  # noqa: PLC0415
+    from model import RANDOM_INIT_SEED  # noqa: PLC0415
+    tag = encoder.weights_sha256[:16] if encoder.weights_sha256 else f"random-init-seed{RANDOM_INIT_SEED}"
+    return f"{tag}-p{PREPROCESS_VERSION}{'-bf16' if encoder.amp else ''}"
 
 
-def build_encoder(args):
-    """The frozen encoder, or with --finetune_encoder its own partly trainable Uni-Mol instance."""
-    if not args.finetune_encoder:
-        return UniMolEncoder(args.unimol_weights, amp=args.amp == "bf16")
-    return FinetunableUniMolEncoder(args.unimol_weights, parse_freeze_spec(args.freeze_layers),
-                                    amp=args.amp == "bf16", grad_checkpointing=args.grad_checkpointing)
+def frozen_features(encoder, smiles, conformers, cache_dir, batch_size=64, device="cpu", force=False):
+    """Frozen CLS features (n, 512) for SMILES, from the feature cache or the encoder."""
+    import numpy as np  # noqa: PLC0415
+    from data import PREPROCESS_VERSION, cached_features  # noqa: PLC0415
+    if not smiles:
+        return np.zeros((0, encoder.unimol.args.encoder_embed_dim), np.float32)
+    meta = {"kind": "unimol-cls-features", "encoder_weights": encoder.weights_id,
+            "preprocess_version": PREPROCESS_VERSION, "autocast": "bf16" if encoder.amp else "off"}
+    compute = lambda missing: encoder.encode([conformers[s][:2] for s in missing], batch_size, device)  # noqa: E731
+    return cached_features(smiles, Path(cache_dir) / f"features-{_store_tag(encoder)}", meta, compute, force)
 
 
-def build_model(args, encoder):
-    torch.manual_seed(args.seed)
-    return EnergyDPOModel(hidden_dim=args.hidden_dim, loss_type=args.loss_type, beta=args.dpo_beta,
-                          lambda_reg=args.lambda_reg, margin=args.hinge_margin,
-                          encoder=encoder if args.finetune_encoder else None)
+PREFIX_CHUNK = 512  # molecules per prefix-cache shard: bounds the memory of one write
 
 
-def benchmark_inputs(args, encoder, run_dir):
-    roles, conformers, report = load_benchmark(args.data_file, (args.train_size, args.val_size, args.test_size),
-                                               args.data_seed, args.cache_dir, args.num_workers,
-                                               args.force_recompute_cache)
-    atomic_write_json(run_dir / "data_report.json", report)
-    log.info("roles: %s; %d items skipped (see data_report.json)",
-             ", ".join(f"{r} {len(m)}" for r, m in roles.items()), len(report["skipped"]))
-    return roles, role_inputs(encoder, roles, conformers, args)
+def prefix_inputs(encoder, smiles, conformers, cache_dir, batch_size=64, device="cpu", force=False):
+    """PrefixInputs for SMILES: the frozen prefix runs once per molecule (cached on disk)."""
+    from data import PREPROCESS_VERSION, cached_entries, progress  # noqa: PLC0415
+    from model import PrefixInputs  # noqa: PLC0415
+    meta = {"kind": "unimol-prefix-states", "encoder_weights": encoder.weights_id, "dtype": "float16",
+            "preprocess_version": PREPROCESS_VERSION, "frozen_prefix_layers": encoder.frozen_prefix,
+            "autocast": "bf16" if encoder.amp else "off"}
+    directory = Path(cache_dir) / f"prefix-{_store_tag(encoder)}-k{encoder.frozen_prefix}"
+    entries = {}
+    unique = list(dict.fromkeys(smiles))
+    for start in progress(range(0, len(unique), PREFIX_CHUNK), desc="prefix cache", leave=False):
+        def compute(missing):
+            states = encoder.prefix_states([conformers[s][:2] for s in missing], batch_size, device)
+            return dict(zip(missing, states)), {}
+        found, _ = cached_entries(unique[start:start + PREFIX_CHUNK], directory, meta, compute, force and start == 0)
+        entries.update(found)
+    return PrefixInputs([entries[s] for s in smiles], encoder.unimol.args.encoder_attention_heads)
 
 
-def report_metrics(metrics, args, encoder):
-    print(f"\n{args.dataset} test ({encoder_label(encoder)}): AUROC {metrics['auroc']:.4f}  "
-          f"AUPR {metrics['aupr']:.4f}  AUPR-In {metrics['aupr_in']:.4f}  FPR95 {metrics['fpr95']:.4f}  "
-          f"(ID {metrics['n_id']}, OOD {metrics['n_ood']}, best epoch {metrics['best_epoch']})")
+def model_inputs(encoder, roles, conformers, cache_dir, batch_size=64, device="cpu", force=False):
+    """Per role, what the model consumes: frozen features (one cached encoder pass for all roles);
+    when fine-tuning, the cached output of the frozen prefix, or conformers when layer 0 trains."""
+    from model import ConformerInputs, FeatureInputs, FinetunableUniMolEncoder, PrefixInputs  # noqa: PLC0415
+    everything = [s for mols in roles.values() for s in mols]
+    if not isinstance(encoder, FinetunableUniMolEncoder):
+        rows = frozen_features(encoder, everything, conformers, cache_dir, batch_size, device, force)
+        make = lambda part: FeatureInputs(rows[part])  # noqa: E731
+    elif encoder.frozen_prefix:
+        cached = prefix_inputs(encoder, everything, conformers, cache_dir, batch_size, device, force)
+        make = lambda part: PrefixInputs(cached.entries[part], cached.heads)  # noqa: E731
+    else:
+        make = lambda part: ConformerInputs([conformers[s][:2] for s in everything[part]],  # noqa: E731
+                                            encoder.dictionary)
+    out, start = {}, 0
+    for role, mols in roles.items():
+        out[role] = make(slice(start, start + len(mols)))
+        start += len(mols)
+    return out
+
+
+# ----------------------------------------------------------------------------- runs
+
+def package_versions():
+    import importlib.metadata  # noqa: PLC0415
+    import platform  # noqa: PLC0415
+    names = ("torch", "unimol_tools", "rdkit", "numpy", "scikit-learn", "matplotlib", "tqdm")
+    return {"python": platform.python_version(), **{n: importlib.metadata.version(n) for n in names}}
+
+
+def run_config(args, encoder):
+    """What config.json records: every resolved flag, the encoder weights, trainable encoder
+    parameters and package versions."""
+    params = list(encoder.parameters())
+    return {"args": dict(sorted(vars(args).items())), "encoder_weights": encoder.weights_id,
+            "random_init_encoder": encoder.is_random_init,
+            "encoder_trainable_params": sum(p.numel() for p in params if p.requires_grad),
+            "encoder_total_params": sum(p.numel() for p in params),
+            "packages": package_versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def check_resumable(run_dir, config):
+    stored = json.loads((run_dir / "config.json").read_text())
+    changed = sorted(k for k in set(stored["args"]) | set(config["args"])
+                     if k not in RUNTIME_FLAGS and stored["args"].get(k) != config["args"].get(k))
+    if changed or stored["encoder_weights"] != config["encoder_weights"]:
+        raise InputError(f"{run_dir}: cannot resume with different settings: "
+                         f"{', '.join(changed) or 'encoder weights'}; rerun with the original flags")
+
+
+def model_spec(args, encoder):
+    from model import ModelSpec  # noqa: PLC0415
+    return ModelSpec(encoder_weights=encoder.weights_id, hidden_dim=args.hidden_dim, loss_type=args.loss_type,
+                     dpo_beta=args.dpo_beta, lambda_reg=args.lambda_reg, hinge_margin=args.hinge_margin,
+                     finetune_encoder=args.finetune_encoder, freeze_layers=args.freeze_layers,
+                     amp=args.amp == "bf16")
+
+
+def train_config(args):
+    from train import TrainConfig  # noqa: PLC0415
+    return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
+                       lr=args.lr, encoder_lr=args.encoder_lr, weight_decay=args.weight_decay,
+                       grad_clip=args.grad_clip, patience=args.patience, seed=args.seed,
+                       grad_accum_steps=args.grad_accum_steps, device=args.device)
+
+
+def write_roles(path, roles):
+    """roles.csv: every molecule a run used, by role, so that other benchmarks can exclude them."""
+    from data import atomic_write_csv, canonical  # noqa: PLC0415
+    atomic_write_csv(path, [(role, s, canonical(s)) for role, mols in roles.items() for s in mols],
+                     ["role", "smiles", "canonical_smiles"])
+
+
+def result_line(dataset, metrics):
+    from evaluate import weights_label  # noqa: PLC0415
+    return (f"{dataset} test ({weights_label(metrics['encoder_weights'])}): AUROC {metrics['auroc']:.4f}  "
+            f"AUPR {metrics['aupr']:.4f}  AUPR-In {metrics['aupr_in']:.4f}  FPR95 {metrics['fpr95']:.4f}  "
+            f"(ID {metrics['n_id']}, OOD {metrics['n_ood']}, best epoch {metrics['best_epoch']}, "
+            f"val AUROC {metrics['val_auroc']:.4f})")
 
 
 def run_train(args):
+    from data import atomic_write_json, load_benchmark  # noqa: PLC0415
+    from evaluate import RANDOM_INIT_LABEL, plot_training_curves, weights_label  # noqa: PLC0415
+    from model import EnergyDPOModel, build_encoder  # noqa: PLC0415
+    from train import EnergyDPOTrainer, prepare_run_dir  # noqa: PLC0415
     run_dir = Path(args.output_dir)
     prepare_run_dir(run_dir, args.overwrite, args.resume)
     setup_logging(run_dir / "training.log")
-    encoder = build_encoder(args)
+    encoder = build_encoder(args.unimol_weights, args.finetune_encoder, args.freeze_layers, args.amp == "bf16",
+                            args.grad_checkpointing)
     config = run_config(args, encoder)
     log.info("configuration: %s", json.dumps(config, indent=1))
     if args.finetune_encoder:
@@ -208,111 +356,219 @@ def run_train(args):
         check_resumable(run_dir, config)
     else:
         atomic_write_json(run_dir / "config.json", config)
-    roles, inputs = benchmark_inputs(args, encoder, run_dir)
-    net = build_model(args, encoder)
-    trainer = EnergyDPOTrainer(net, args, run_dir, args.device,
-                               {"config": config, "encoder_weights": encoder.weights_id})
+    roles, conformers, report = load_benchmark(args.data_file, (args.train_size, args.val_size, args.test_size),
+                                               args.data_seed, args.cache_dir, args.num_workers,
+                                               args.force_recompute_cache)
+    atomic_write_json(run_dir / "data_report.json", report)
+    write_roles(run_dir / "roles.csv", roles)
+    log.info("roles: %s; %d items skipped (listed in data_report.json)",
+             ", ".join(f"{r} {len(m)}" for r, m in roles.items()), len(report["skipped"]))
+    inputs = model_inputs(encoder, roles, conformers, args.cache_dir, args.encode_batch_size, args.device,
+                          args.force_recompute_cache)
+    net = EnergyDPOModel(model_spec(args, encoder), encoder if args.finetune_encoder else None, seed=args.seed)
+    trainer = EnergyDPOTrainer(net, train_config(args), run_dir, {"config": config})
     if args.resume:
         trainer.resume(run_dir / "last.pt")
-    title = f"{args.dataset} · {encoder_label(encoder)}"
-    plot_training_curves(run_dir / "training_curves.png", trainer.fit(inputs), title)
-    metrics = evaluate_run(run_dir / "best_model.pt", net, inputs, roles, encoder, args,
-                           {"dataset": args.dataset, "title": title})
-    report_metrics(metrics, args, encoder)
+    history = trainer.fit(inputs)
+    title = f"{args.dataset} · {weights_label(encoder.weights_id)}"
+    plot_training_curves(run_dir / "training_curves.png", history, trainer.best_epoch, title)
+    metrics = finish_run(run_dir, net, inputs, roles, args.eval_batch_size, args.device,
+                         {"dataset": args.dataset, "title": title})
+    log.info("%s", result_line(args.dataset, metrics))
 
 
-def load_run(args):
-    """The run directory, its checkpoint and its training flags (runtime flags from this command)."""
+def finish_run(run_dir, net, inputs, roles, batch_size, device, labels):
+    """Score the test roles with the best checkpoint, store the predict threshold in it, and write
+    the test results (test_metrics.json last: it marks the run finished).
+
+    The threshold comes from validation ID energies, never from the test split."""
+    import numpy as np  # noqa: PLC0415
+    from evaluate import id_threshold, write_test_results  # noqa: PLC0415
+    from model import energies, load_checkpoint, save_checkpoint  # noqa: PLC0415
+    best = run_dir / "best_model.pt"
+    state = load_checkpoint(best)
+    net.load_checkpoint_state(state["model"], best)
+    net.to(device)
+    score = lambda role: energies(net, inputs[role], batch_size, device).numpy()  # noqa: E731
+    threshold = id_threshold(score("id_val"))
+    save_checkpoint(best, state | {"threshold_95_id_val": threshold})
+    scores = {role: score(role) for role in ("id_test", "ood_test")}
+    if not all(np.isfinite(s).all() for s in scores.values()):
+        raise InputError(f"{best}: the model gives non-finite energies on the test molecules")
+    extra = {"best_epoch": state["epoch"], "val_auroc": state["val_auroc"], "threshold_95_id_val": threshold,
+             "encoder_weights": net.spec.encoder_weights,
+             "random_init_encoder": net.spec.encoder_weights.startswith("random-init"), **labels}
+    return write_test_results(run_dir, {r: roles[r] for r in scores}, scores, extra)
+
+
+def load_run(args, given):
+    """The run's checkpoint rebuilt: (run_dir, model, encoder, payload, the run's flags, runtime settings)."""
+    from model import load_checkpoint, load_model  # noqa: PLC0415
     ckpt = Path(args.model_path) if args.model_path else Path(args.output_dir) / "best_model.pt"
-    config_path = ckpt.parent / "config.json"
-    if not config_path.is_file():
-        raise InputError(f"{config_path}: not found; --output_dir / --model_path must point at a training run")
-    stored = json.loads(config_path.read_text())["args"]
-    run_args = argparse.Namespace(**{**stored, **{k: getattr(args, k) for k in RUNTIME_FLAGS}})
-    run_args.unimol_weights = args.unimol_weights or stored["unimol_weights"]
-    return ckpt.parent, ckpt, run_args
+    stored = load_checkpoint(ckpt).get("config", {}).get("args", {})
+    weights = args.unimol_weights or stored.get("unimol_weights")
+    if weights is None:
+        raise InputError(f"{ckpt}: records no encoder weights path; pass --unimol_weights")
+    if weights != "random" and not Path(weights).is_file():
+        from model import missing_weights  # noqa: PLC0415
+        raise InputError(f"{missing_weights(weights)} (the run was trained on it)")
+    net, encoder, state = load_model(ckpt, weights, args.grad_checkpointing)
+    runtime = {k: (getattr(args, k) if k in given or k not in stored else stored[k])
+               for k in ("cache_dir", "eval_batch_size", "encode_batch_size", "num_workers")}
+    runtime.update(device=args.device, force=args.force_recompute_cache)
+    return ckpt.parent, net, encoder, state, stored, runtime
 
 
-def run_eval(args):
-    run_dir, ckpt, run_args = load_run(args)
-    setup_logging(run_dir / "eval.log")
-    encoder = build_encoder(run_args)
-    roles, inputs = benchmark_inputs(run_args, encoder, run_dir)
-    metrics = evaluate_run(ckpt, build_model(run_args, encoder), inputs, roles, encoder, run_args,
-                           {"dataset": run_args.dataset, "title": f"{run_args.dataset} · {encoder_label(encoder)}"})
-    report_metrics(metrics, run_args, encoder)
+def run_eval(args, given):
+    import numpy as np  # noqa: PLC0415
+    from data import atomic_write_json, attach_conformers, finalize_report, load_benchmark, load_test_roles  # noqa
+    from evaluate import weights_label, write_test_results  # noqa: PLC0415
+    from model import energies  # noqa: PLC0415
+    run_dir, net, encoder, state, stored, rt = load_run(args, given)
+    if "threshold_95_id_val" not in state:
+        raise InputError(f"{run_dir}: the run has not finished (best_model.pt holds no predict threshold); "
+                         f"finish it with --mode train --resume first")
+    if args.data_file:  # another benchmark: results under RUN/eval/<name>/, the run's own untouched
+        dataset = args.dataset or Path(args.data_file).stem
+        out_dir = run_dir / "eval" / dataset
+        if (out_dir / "test_metrics.json").exists() and not args.overwrite:
+            raise InputError(f"{out_dir}: holds an earlier evaluation; pass --overwrite to replace it")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        setup_logging(out_dir / "eval.log")
+        seen = run_molecules(run_dir)
+        test_size = args.test_size if "test_size" in given else stored["test_size"]
+        data_seed = args.data_seed if "data_seed" in given else stored["data_seed"]
+        roles, report = load_test_roles(args.data_file, test_size, data_seed, seen)
+        log.info("%s: removed %s molecules that %s trained or validated on", args.data_file,
+                 report["removed_seen_in_run"], run_dir)
+        roles, conformers = attach_conformers(roles, report, rt["cache_dir"], rt["num_workers"], rt["force"],
+                                              args.data_file)
+        report = finalize_report(report)
+    else:
+        out_dir, dataset = run_dir, stored["dataset"]
+        setup_logging(run_dir / "eval.log")
+        roles, conformers, report = load_benchmark(stored["data_file"], (stored["train_size"], stored["val_size"],
+                                                   stored["test_size"]), stored["data_seed"], rt["cache_dir"],
+                                                   rt["num_workers"], rt["force"])
+        roles = {r: roles[r] for r in ("id_test", "ood_test")}
+    atomic_write_json(out_dir / "data_report.json", report)
+    inputs = model_inputs(encoder, roles, conformers, rt["cache_dir"], rt["encode_batch_size"], rt["device"],
+                          rt["force"])
+    net.to(rt["device"])
+    scores = {r: energies(net, inputs[r], rt["eval_batch_size"], rt["device"]).numpy() for r in roles}
+    if not all(np.isfinite(s).all() for s in scores.values()):
+        raise InputError(f"{run_dir / 'best_model.pt'}: the model gives non-finite energies on {dataset}")
+    extra = {"best_epoch": state["epoch"], "val_auroc": state["val_auroc"],
+             "threshold_95_id_val": state["threshold_95_id_val"], "encoder_weights": encoder.weights_id,
+             "random_init_encoder": encoder.is_random_init, "dataset": dataset, "trained_on": stored["dataset"],
+             "title": f"{dataset} (detector trained on {stored['dataset']}) · {weights_label(encoder.weights_id)}"}
+    metrics = write_test_results(out_dir, roles, scores, extra)
+    log.info("%s", result_line(dataset, metrics))
+    print(f"wrote {out_dir}/test_metrics.json")
 
 
-def input_molecules(args, encoder, run_args):
-    """The user's SMILES as model inputs: (inputs, {row: canonical}, model inputs, {row: reason})."""
-    smiles = args.smiles or read_smiles_file(args.input)
+def run_molecules(run_dir):
+    """Canonical SMILES of the molecules a run trained or validated on (its roles.csv)."""
+    import csv  # noqa: PLC0415
+    path = run_dir / "roles.csv"
+    if not path.is_file():
+        raise InputError(f"{path}: missing; the run predates cross-benchmark eval (retrain it)")
+    with open(path, newline="") as f:
+        return {row["canonical_smiles"] for row in csv.DictReader(f) if row["role"].endswith(("_train", "_val"))}
+
+
+PREDICT_COLUMNS = ["canonical_smiles", "energy", "is_ood", "warning", "error", "encoder_weights"]
+
+
+def run_predict(args, given):
+    from data import atomic_write_csv, canonical, fragment_warning, prepare_inputs, read_table  # noqa: PLC0415
+    from evaluate import weights_label  # noqa: PLC0415
+    from model import energies  # noqa: PLC0415
+    run_dir, net, encoder, state, stored, rt = load_run(args, given)
+    if "threshold_95_id_val" not in state:
+        raise InputError(f"{run_dir}: the run has not finished (best_model.pt holds no predict threshold); "
+                         f"finish it with --mode train --resume first")
+    threshold = state["threshold_95_id_val"]
+    columns, rows, smiles = (read_table(args.input, args.smiles_column) if args.input
+                             else (["smiles"], [[s] for s in args.smiles], args.smiles))
+    clash = [c for c in columns if c in PREDICT_COLUMNS]
+    if clash:
+        raise InputError(f"{args.input}: column {clash[0]!r} would be overwritten by the output; rename it")
     if not smiles:
         raise InputError(f"{args.input}: no SMILES found")
-    canon, conformers, failed = conformers_for_inputs(smiles, run_args.cache_dir, run_args.num_workers,
-                                                      run_args.force_recompute_cache)
-    inputs = role_inputs(encoder, {"input": list(canon.values())}, conformers, run_args)["input"]
+    written, conformers, failed = prepare_inputs(smiles, rt["cache_dir"], rt["num_workers"], rt["force"])
+    inputs = model_inputs(encoder, {"input": list(written.values())}, conformers, rt["cache_dir"],
+                          rt["encode_batch_size"], rt["device"], rt["force"])["input"]
+    energy = energies(net.to(rt["device"]), inputs, rt["eval_batch_size"], rt["device"]).numpy() if written else []
+    scores = dict(zip(written, energy))
+    out = []
+    for i, row in enumerate(rows):
+        if i in scores:
+            out.append(row + [canonical(written[i]), f"{scores[i]:.6f}", int(scores[i] > threshold),
+                              fragment_warning(written[i]), "", encoder.weights_id])
+        else:
+            out.append(row + ["", "", "", "", failed[i], encoder.weights_id])
+    atomic_write_csv(Path(args.output), out, columns + PREDICT_COLUMNS)
+    n_frag = sum(1 for r in out if r[-3])
     if failed:
-        log.warning("%d of %d molecules could not be featurised (listed in the output)", len(failed), len(smiles))
-    return smiles, canon, inputs, failed
-
-
-def run_predict(args):
-    setup_logging()
-    run_dir, ckpt, run_args = load_run(args)
-    metrics_path = run_dir / "test_metrics.json"
-    if not metrics_path.is_file():
-        raise InputError(f"{metrics_path}: missing; the run has not finished (its OOD threshold is set at the end)")
-    threshold = json.loads(metrics_path.read_text())["threshold_95_id_val"]
-    encoder = build_encoder(run_args)
-    net = build_model(run_args, encoder)
-    load_best_model(net, ckpt, encoder.weights_id)
-    smiles, canon, inputs, failed = input_molecules(args, encoder, run_args)
-    scores = dict(zip(canon, energies(net.to(run_args.device), inputs, run_args.eval_batch_size,
-                                      run_args.device).numpy())) if canon else {}
-    rows = [(s, canon[i], f"{scores[i]:.6f}", int(scores[i] > threshold), "") if i in scores
-            else (s, "", "", "", failed[i]) for i, s in enumerate(smiles)]
-    write_scores_csv(Path(args.output), rows, ["smiles", "canonical_smiles", "energy", "is_ood", "error"])
-    print(f"wrote {args.output}: {len(scores)} scored ({sum(r[3] == 1 for r in rows)} flagged OOD at energy > "
+        log.warning("%d of %d molecules could not be featurised (reasons in the error column)", len(failed), len(rows))
+    if n_frag:
+        log.warning("%d inputs have several fragments (salts, mixtures): scored as one molecule, see the warning "
+                    "column", n_frag)
+    print(f"wrote {args.output}: {len(scores)} scored ({sum(1 for r in out if r[-4] == 1)} flagged OOD at energy > "
           f"{threshold:.4f}, the 95th percentile of validation ID), {len(failed)} failed; encoder "
-          f"{encoder_label(encoder)}")
+          f"{weights_label(encoder.weights_id)}")
 
 
-def run_featurize(args):
-    setup_logging()
+def run_featurize(args, given):
+    import numpy as np  # noqa: PLC0415
+    from data import atomic_write_csv, canonical, normal_permissions, prepare_inputs, read_table  # noqa: PLC0415
+    from evaluate import weights_label  # noqa: PLC0415
+    from model import UniMolEncoder  # noqa: PLC0415
     encoder = UniMolEncoder(args.unimol_weights, amp=args.amp == "bf16")
-    smiles, canon, inputs, failed = input_molecules(args, encoder, args)
-    feats = inputs.features.numpy()
+    smiles = read_table(args.input, args.smiles_column)[2] if args.input else args.smiles
+    written, conformers, failed = prepare_inputs(smiles, args.cache_dir, args.num_workers, args.force_recompute_cache)
+    if failed:
+        log.warning("%d of %d molecules could not be featurised (listed in the .failed.csv)", len(failed), len(smiles))
+    feats = frozen_features(encoder, list(written.values()), conformers, args.cache_dir, args.encode_batch_size,
+                            args.device, args.force_recompute_cache).astype(np.float32)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp.npy")
-    np.save(tmp, feats.astype(np.float32))
+    np.save(tmp, feats)
+    normal_permissions(tmp)
     tmp.replace(out)
-    write_scores_csv(out.with_suffix(".rows.csv"), [(row, i, smiles[i], c) for row, (i, c) in enumerate(canon.items())],
-                     ["npy_row", "input_row", "smiles", "canonical_smiles"])
-    write_scores_csv(out.with_suffix(".failed.csv"), [(i, smiles[i], r) for i, r in sorted(failed.items())],
-                     ["input_row", "smiles", "reason"])
-    print(f"wrote {out} ({feats.shape[0]} x {feats.shape[1]}, encoder {encoder_label(encoder)}); "
+    atomic_write_csv(out.with_suffix(".rows.csv"),
+                     [(row, i, s, canonical(s), encoder.weights_id) for row, (i, s) in enumerate(written.items())],
+                     ["npy_row", "input_row", "smiles", "canonical_smiles", "encoder_weights"])
+    atomic_write_csv(out.with_suffix(".failed.csv"),
+                     [(i, smiles[i], r, encoder.weights_id) for i, r in sorted(failed.items())],
+                     ["input_row", "smiles", "reason", "encoder_weights"])
+    print(f"wrote {out} ({feats.shape[0]} x {feats.shape[1]}, encoder {weights_label(encoder.weights_id)}); "
           f"{len(failed)} failed rows in {out.with_suffix('.failed.csv')}")
 
 
-def run_compare(args):
+def run_compare(args, given):
+    from evaluate import write_comparison  # noqa: PLC0415
     _, text = write_comparison(args.output_dir)
     print(text)
 
 
-MODES = {"train": run_train, "eval": run_eval, "predict": run_predict, "featurize": run_featurize,
-         "compare": run_compare}
+MODES = {"train": lambda args, given: run_train(args), "eval": run_eval, "predict": run_predict,
+         "featurize": run_featurize, "compare": run_compare}
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    error = validate_args(args)
+    given = given_flags(argv)
+    error = validate_args(args, given)
     if error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     setup_logging()
     try:
-        MODES[args.mode](args)
+        MODES[args.mode](args, given)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

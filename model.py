@@ -1,9 +1,12 @@
-"""Uni-Mol encoder (frozen), the MLP energy head and the Energy-DPO losses."""
+"""Uni-Mol encoder (frozen or partly trainable), the MLP energy head, the Energy-DPO losses and
+self-describing checkpoints."""
 import contextlib
+import dataclasses
 import logging
-import os
 import re
+import sys
 import tempfile
+import types
 from pathlib import Path
 from typing import NamedTuple
 
@@ -12,13 +15,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-from tqdm import tqdm
 
-from data import PREPROCESS_VERSION, InputError, cached_entries, cached_features, file_sha256, unimol_dict_path
+from data import WEIGHTS_FILE, InputError, file_sha256, progress, unimol_dict_path
 
-log = logging.getLogger("energy_dpo")
-
-WEIGHTS_FILE = "mol_pre_no_h_220816.pt"
 WEIGHTS_SOURCE = ("the Uni-Mol authors' release: GitHub dptech-corp/Uni-Mol, release v0.1 "
                   "(weights/mol_pre_no_h_220816.pt), or the Hugging Face repo dptech/Uni-Mol-Models")
 RANDOM_INIT_SEED = 0
@@ -28,26 +27,20 @@ PRETRAINING_HEADS = ("lm_head.", "pair2coord_proj.", "dist_head.", "encoder.fina
                      "classification_head.")
 
 
-def default_weights_path():
-    weight_dir = os.environ.get("UNIMOL_WEIGHT_DIR")
-    return str(Path(weight_dir) / WEIGHTS_FILE) if weight_dir else f"./weights/{WEIGHTS_FILE}"
-
-
 def _import_unimol_model():
-    """unimol_tools creates ./logs/ and a log file on import; do that in a scratch directory."""
-    cwd, root_level = os.getcwd(), logging.root.level
-    with tempfile.TemporaryDirectory() as scratch:
-        os.chdir(scratch)
-        try:
-            from unimol_tools.models.unimol import UniMolModel
-            from unimol_tools.utils import logger as unimol_logger
-        finally:
-            os.chdir(cwd)
-    for handler in list(unimol_logger.handlers):
-        if isinstance(handler, logging.FileHandler):
-            unimol_logger.removeHandler(handler)
-    unimol_logger.setLevel(logging.WARNING)
-    logging.root.setLevel(root_level)  # it also lowers the root logger to NOTSET
+    """unimol_tools' UniMolModel class, imported without its logger module.
+
+    unimol_tools.utils.base_logger creates ./logs/ in the working directory (failing where that is
+    read-only), adds a log file and lowers the root logger to NOTSET, all at import. Its package
+    only ever uses the module's `logger` object, so a plain logger stands in for the module.
+    """
+    name = "unimol_tools.utils.base_logger"
+    if name not in sys.modules:
+        stand_in = types.ModuleType(name)
+        stand_in.logger = logging.getLogger("unimol_tools")
+        stand_in.logger.setLevel(logging.WARNING)
+        sys.modules[name] = stand_in
+    from unimol_tools.models.unimol import UniMolModel
     return UniMolModel
 
 
@@ -233,9 +226,28 @@ class UniMolEncoder(nn.Module):
         out = np.zeros((len(conformers), self.unimol.args.encoder_embed_dim), dtype=np.float32)
         was_training = self.training
         self.to(device).eval()
-        for idx in tqdm(length_chunks([len(a) + 2 for a, _ in conformers], batch_size), desc=desc, leave=False):
+        for idx in progress(length_chunks([len(a) + 2 for a, _ in conformers], batch_size), desc=desc, leave=False):
             out[idx] = self(*collate([conformers[i] for i in idx], self.dictionary, device)).cpu().numpy()
         self.train(was_training)
+        return out
+
+    @torch.inference_mode()
+    def prefix_states(self, conformers, batch_size=64, device="cpu"):
+        """Per molecule, the atom states and pair bias after the frozen prefix, cropped to the
+        molecule, in fp16: {"x": (n, 512), "bias": (heads·n·n,)}, in input order."""
+        self.to(device)
+        heads = self.unimol.args.encoder_attention_heads
+        out = [None] * len(conformers)
+        for idx in length_chunks([len(a) + 2 for a, _ in conformers], batch_size):
+            x, bias = self.prefix(*collate([conformers[i] for i in idx], self.dictionary, device))
+            bias = bias.view(len(idx), heads, bias.shape[-2], bias.shape[-1])
+            for b, i in enumerate(idx):
+                n = len(conformers[i][0]) + 2
+                xb, biasb = x[b, :n].half().cpu().numpy(), bias[b, :, :n, :n].half().cpu().numpy()
+                if not (np.isfinite(xb).all() and np.isfinite(biasb).all()):
+                    raise InputError(f"molecule of {n - 2} atoms: layer-{self.frozen_prefix - 1} states overflow "
+                                     f"float16; run with a prefix that is not cached (--freeze_layers none)")
+                out[i] = {"x": xb, "bias": biasb.reshape(-1)}
         return out
 
 
@@ -359,90 +371,6 @@ class PrefixInputs:
         return PrefixBatch(x.to(device), bias.view(-1, size, size).to(device))
 
 
-# ----------------------------------------------------------------------------- cached model inputs
-
-def _store_tag(encoder):
-    tag = encoder.weights_sha256[:16] if encoder.weights_sha256 else f"random-init-seed{RANDOM_INIT_SEED}"
-    return f"{tag}-p{PREPROCESS_VERSION}{'-bf16' if encoder.amp else ''}"
-
-
-def feature_store_dir(cache_dir, encoder):
-    return Path(cache_dir) / f"features-{_store_tag(encoder)}"
-
-
-def prefix_store_dir(cache_dir, encoder):
-    return Path(cache_dir) / f"prefix-{_store_tag(encoder)}-k{encoder.frozen_prefix}"
-
-
-def frozen_features(encoder, smiles, conformers, cache_dir, batch_size, device, force=False):
-    """Frozen CLS features for canonical SMILES, cached per (weights, preprocessing, precision)."""
-    meta = {"kind": "unimol-cls-features", "encoder_weights": encoder.weights_id,
-            "preprocess_version": PREPROCESS_VERSION, "autocast": "bf16" if encoder.amp else "off"}
-    compute = lambda missing: encoder.encode([conformers[s][:2] for s in missing], batch_size, device)  # noqa: E731
-    return cached_features(smiles, feature_store_dir(cache_dir, encoder), meta, compute, force)
-
-
-PREFIX_CHUNK = 512  # molecules per prefix-cache shard: bounds the memory of one write
-
-
-@torch.inference_mode()
-def _compute_prefix(encoder, smiles, conformers, batch_size, device):
-    """Atom states and pair bias after the frozen prefix, cropped to each molecule, in fp16."""
-    encoder.to(device)
-    heads = encoder.unimol.args.encoder_attention_heads
-    entries = {}
-    for idx in length_chunks([len(conformers[s][0]) + 2 for s in smiles], batch_size):
-        batch = [smiles[i] for i in idx]
-        x, bias = encoder.prefix(*collate([conformers[s][:2] for s in batch], encoder.dictionary, device))
-        bias = bias.view(len(batch), heads, bias.shape[-2], bias.shape[-1])
-        for b, s in enumerate(batch):
-            n = len(conformers[s][0]) + 2
-            xb, biasb = x[b, :n].half().cpu().numpy(), bias[b, :, :n, :n].half().cpu().numpy()
-            if not (np.isfinite(xb).all() and np.isfinite(biasb).all()):
-                raise InputError(f"{s}: layer-{encoder.frozen_prefix - 1} states overflow float16; "
-                                 f"run with a prefix that is not cached (--freeze_layers none)")
-            entries[s] = {"x": xb, "bias": biasb.reshape(-1)}
-    return entries, {}
-
-
-def prefix_inputs(encoder, smiles, conformers, args):
-    """PrefixInputs for `smiles`, computing the frozen prefix once per molecule (cached on disk)."""
-    meta = {"kind": "unimol-prefix-states", "encoder_weights": encoder.weights_id, "dtype": "float16",
-            "preprocess_version": PREPROCESS_VERSION, "frozen_prefix_layers": encoder.frozen_prefix,
-            "autocast": "bf16" if encoder.amp else "off"}
-    directory = prefix_store_dir(args.cache_dir, encoder)
-    entries = {}
-    unique = list(dict.fromkeys(smiles))
-    for start in tqdm(range(0, len(unique), PREFIX_CHUNK), desc="prefix cache", leave=False):
-        chunk = unique[start:start + PREFIX_CHUNK]
-        compute = lambda missing: _compute_prefix(encoder, missing, conformers, args.encode_batch_size,  # noqa: E731
-                                                  args.device)
-        found, _ = cached_entries(chunk, directory, meta, compute, args.force_recompute_cache and start == 0)
-        entries.update(found)
-    return PrefixInputs([entries[s] for s in smiles], encoder.unimol.args.encoder_attention_heads)
-
-
-def role_inputs(encoder, roles, conformers, args):
-    """Per role, what the model consumes: frozen features (one cached encoder pass for all roles);
-    when fine-tuning, the cached output of the frozen prefix, or conformers when layer 0 trains."""
-    everything = [s for mols in roles.values() for s in mols]
-    if not isinstance(encoder, FinetunableUniMolEncoder):
-        rows = frozen_features(encoder, everything, conformers, args.cache_dir, args.encode_batch_size,
-                               args.device, args.force_recompute_cache)
-        make = lambda part: FeatureInputs(rows[part])  # noqa: E731
-    elif encoder.frozen_prefix:
-        cached = prefix_inputs(encoder, everything, conformers, args)
-        make = lambda part: PrefixInputs(cached.entries[part], cached.heads)  # noqa: E731
-    else:
-        make = lambda part: ConformerInputs([conformers[s][:2] for s in everything[part]],  # noqa: E731
-                                            encoder.dictionary)
-    out, start = {}, 0
-    for role, mols in roles.items():
-        out[role] = make(slice(start, start + len(mols)))
-        start += len(mols)
-    return out
-
-
 class EnergyHead(nn.Module):
     """512 → h → h/2 → 1 MLP; higher energy means more out-of-distribution."""
 
@@ -482,18 +410,49 @@ def pair_diagnostics(e_id, e_ood):
             "e_id": e_id.mean().item(), "e_ood": e_ood.mean().item()}
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """Everything that rebuilds a trained model; every checkpoint carries it."""
+    encoder_weights: str  # "sha256:<hex>" of the base Uni-Mol checkpoint, or "random-init(seed=0)"
+    hidden_dim: int = 256
+    loss_type: str = "dpo"
+    dpo_beta: float = 0.1
+    lambda_reg: float = 0.01
+    hinge_margin: float = 1.0
+    finetune_encoder: bool = False
+    freeze_layers: str = "0-12"  # used when finetune_encoder
+    amp: bool = False  # bf16 autocast of the Uni-Mol forward
+    in_dim: int = 512
+
+
+def build_encoder(weights, finetune=False, freeze_layers="0-12", amp=False, grad_checkpointing=False):
+    """The frozen encoder, or with `finetune` its own Uni-Mol instance with the layers not named by
+    `freeze_layers` trainable."""
+    if not finetune:
+        return UniMolEncoder(weights, amp=amp)
+    return FinetunableUniMolEncoder(weights, parse_freeze_spec(freeze_layers), amp=amp,
+                                    grad_checkpointing=grad_checkpointing)
+
+
 class EnergyDPOModel(nn.Module):
     """Energy head plus its loss settings, and the fine-tuned encoder when there is one.
 
     Without an encoder it takes frozen features (FeatureInputs batches); with one it takes collated
-    conformers (ConformerInputs batches)."""
+    conformers or cached prefix states (ConformerInputs / PrefixInputs batches)."""
 
-    def __init__(self, in_dim=512, hidden_dim=256, loss_type="dpo", beta=0.1, lambda_reg=0.01, margin=1.0,
-                 encoder=None):
+    def __init__(self, spec, encoder=None, seed=0):
         super().__init__()
-        self.head = EnergyHead(in_dim, hidden_dim)
+        if spec.finetune_encoder != (encoder is not None):
+            raise ValueError("a fine-tuned model needs its encoder, a frozen one takes features")
+        if encoder is not None and encoder.weights_id != spec.encoder_weights:
+            raise ValueError(f"encoder {encoder.weights_id} is not the model's {spec.encoder_weights}")
+        self.spec = spec
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # the head's initial weights depend on the training seed only
+            self.head = EnergyHead(spec.in_dim, spec.hidden_dim)
         self.encoder = encoder
-        self.loss_kwargs = dict(loss_type=loss_type, beta=beta, lambda_reg=lambda_reg, margin=margin)
+        self.loss_kwargs = dict(loss_type=spec.loss_type, beta=spec.dpo_beta, lambda_reg=spec.lambda_reg,
+                                margin=spec.hinge_margin)
 
     def forward(self, batch):
         """Energies of a FeatureInputs batch (a tensor) or of a chunked conformer / prefix batch."""
@@ -510,9 +469,13 @@ class EnergyDPOModel(nn.Module):
         return state
 
     def load_checkpoint_state(self, state, source):
-        self.head.load_state_dict(state["head"])
         if (self.encoder is None) != ("encoder_trainable" not in state):
             raise InputError(f"{source}: checkpoint and model disagree on whether the encoder was fine-tuned")
+        try:
+            self.head.load_state_dict(state["head"])
+        except (RuntimeError, KeyError, TypeError) as exc:
+            raise InputError(f"{source}: its head weights do not fit a {self.spec.hidden_dim}-wide head "
+                             f"({str(exc).splitlines()[0][:150]})") from None
         if self.encoder is not None:
             self.encoder.load_trainable_state(state["encoder_trainable"], source)
 
@@ -520,12 +483,27 @@ class EnergyDPOModel(nn.Module):
 def save_checkpoint(path, payload):
     """torch.save to a temp file, then rename: a crash never leaves half a checkpoint."""
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    try:
+        torch.save(payload, tmp)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load_checkpoint(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A checkpoint's payload, loaded without executing code; a broken file is a one-line error."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such checkpoint; train first (--mode train) or pass --model_path")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for bad files
+        raise InputError(f"{path}: not a checkpoint of this tool ({str(exc).splitlines()[0][:150]})") from None
+    if not isinstance(state, dict) or not {"model_spec", "model"} <= set(state):
+        raise InputError(f"{path}: not a checkpoint of this tool (no model_spec / model entries); "
+                         f"it may predate self-describing checkpoints: retrain the run")
+    return state
 
 
 @torch.no_grad()
@@ -542,13 +520,18 @@ def energies(model, inputs, batch_size, device):
     return out
 
 
-def load_best_model(model, path, expected_encoder):
-    """Load best_model.pt into `model`; refuse a checkpoint made with other encoder weights."""
-    if not path.is_file():
-        raise InputError(f"{path}: no such checkpoint; train first (--mode train) or pass --model_path")
+def load_model(path, weights, grad_checkpointing=False):
+    """Rebuild the model a checkpoint describes, on the base Uni-Mol weights at `weights` (a path or
+    'random'); refuse weights other than those it was trained on. Returns (model, payload)."""
     state = load_checkpoint(path)
-    if state["encoder_weights"] != expected_encoder:
-        raise InputError(f"{path} was trained on encoder {state['encoder_weights']}, "
-                         f"but the encoder loaded now is {expected_encoder}")
+    try:
+        spec = ModelSpec(**state["model_spec"])
+    except TypeError as exc:
+        raise InputError(f"{path}: unreadable model_spec ({exc})") from None
+    encoder = build_encoder(weights, spec.finetune_encoder, spec.freeze_layers, spec.amp, grad_checkpointing)
+    if encoder.weights_id != spec.encoder_weights:
+        raise InputError(f"{path} was trained on encoder {spec.encoder_weights}, "
+                         f"but the encoder loaded now is {encoder.weights_id}")
+    model = EnergyDPOModel(spec, encoder if spec.finetune_encoder else None)
     model.load_checkpoint_state(state["model"], path)
-    return state
+    return model, encoder, state

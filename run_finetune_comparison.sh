@@ -1,37 +1,52 @@
 #!/usr/bin/env bash
 # Frozen vs fine-tuned Uni-Mol for Energy-DPO, over seeds and datasets, then a summary per dataset.
+# Runs main.py by absolute path from the caller's working directory: relative paths in the
+# environment (DATA_FILE, OUTPUT_ROOT, UNIMOL_WEIGHTS, EXTRA_ARGS) resolve against it.
 set -euo pipefail
-cd "$(dirname "$0")"
+
+if (( BASH_VERSINFO[0] < 4 || (BASH_VERSINFO[0] == 4 && BASH_VERSINFO[1] < 4) )); then
+  echo "error: run_finetune_comparison.sh needs bash 4.4 or newer (this is $BASH_VERSION)" >&2; exit 2
+fi
+SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 usage() {
   cat <<'USAGE'
 usage: run_finetune_comparison.sh [--demo] [--force] [--help]
 
 Runs two arms per dataset and seed with the same --data_seed:
-  frozen     Energy-DPO on frozen Uni-Mol features (head lr 1e-4)
-  finetuned  --finetune_encoder --freeze_layers 0-12 --encoder_lr 5e-6 (head lr 1e-4)
+  frozen     Energy-DPO on frozen Uni-Mol features
+  finetuned  --finetune_encoder, with main.py's --freeze_layers (0-12) and --encoder_lr (5e-6)
 then writes comparison_summary.{txt,json,csv} and comparison.png in OUTPUT_ROOT/<dataset>/.
 Runs whose test_metrics.json exists are skipped; an interrupted run is resumed.
 
   --demo    the same sweep on the shipped demo scaffold benchmark, small sizes (CPU-friendly)
   --force   rerun finished runs (their results are replaced)
 
-Environment overrides (defaults in brackets; --demo changes the marked ones):
+Environment overrides. The sweep has no defaults of its own for main.py's settings: a variable
+that is unset (or empty) passes no flag, so main.py's default applies (shown as main.py: ...).
+Relative paths resolve against the current directory; --demo changes the marked defaults.
   SEEDS           training seeds                       [42 43 44]
-  DATASETS        dataset names                        [lbap_general_ec50_scaffold]  (demo: demo_ec50_scaffold)
-  DATA_FILE       data file, one dataset only          [./data/raw/<dataset>.json]   (demo: data/demo/demo_ec50_scaffold.json)
-  EPOCHS          max epochs                           [100]  (demo: 5)
-  TRAIN_SIZE      training molecules per side          [2000] (demo: 200)
-  VAL_SIZE        validation molecules per side        [600]  (demo: 100)
-  TEST_SIZE       test molecules per side              [1000] (demo: 200)
-  DATA_SEED       subsampling seed, shared by the arms [42]
-  UNIMOL_WEIGHTS  checkpoint or 'random'               [weights/mol_pre_no_h_220816.pt] (demo: it if present, else random)
-  OUTPUT_ROOT     where runs and summaries go          [./outputs/finetune_comparison] (demo: ./outputs/finetune_comparison_demo)
-  DEVICE          auto, cpu, cuda, cuda:N              [auto]
-  FREEZE_LAYERS   frozen layers of the fine-tuned arm  [0-12]
-  ENCODER_LR      encoder learning rate                [5e-6]
-  EXTRA_ARGS      more flags for every run             []
-  PYTHON          interpreter                          [.venv/bin/python if present, else python3]
+  DATASETS        dataset names                        [DATA_FILE's stem if set, else lbap_general_ec50_scaffold]
+                                                       (demo: demo_ec50_scaffold)
+  DATA_FILE       data file, one dataset only          [./data/raw/<dataset>.json]
+                                                       (demo: the shipped data/demo/demo_ec50_scaffold.json)
+  EPOCHS          max epochs, --epochs                 [main.py: 100]  (demo: 5)
+  TRAIN_SIZE      training molecules per side          [main.py: 2000] (demo: 200)
+  VAL_SIZE        validation molecules per side        [main.py: 600]  (demo: 100)
+  TEST_SIZE       test molecules per side              [main.py: 1000] (demo: 200)
+  DATA_SEED       subsampling seed, shared by the arms [main.py: 42]
+  UNIMOL_WEIGHTS  checkpoint or 'random'               [main.py: $UNIMOL_WEIGHT_DIR/mol_pre_no_h_220816.pt
+                                                        if UNIMOL_WEIGHT_DIR is set, else ./weights/mol_pre_no_h_220816.pt]
+                                                       (demo: that file if present, else random)
+  DEVICE          auto, cpu, cuda, cuda:N              [main.py: auto]
+  FREEZE_LAYERS   frozen layers of the fine-tuned arm  [main.py: 0-12]
+  ENCODER_LR      encoder learning rate (fine-tuned)   [main.py: 5e-6]
+  OUTPUT_ROOT     where runs and summaries go          [./outputs/finetune_comparison]
+                                                       (demo: ./outputs/finetune_comparison_demo)
+  EXTRA_ARGS      more main.py flags for every run, split with shell quoting rules
+                  (e.g. EXTRA_ARGS='--cache_dir "/data/my cache" --num_workers 4')      []
+  PYTHON          interpreter                          [.venv/bin/python next to this script if present, else python3]
+The head learning rate is main.py's --lr (1e-4); change it with EXTRA_ARGS='--lr ...'.
 USAGE
 }
 
@@ -45,28 +60,76 @@ for arg in "$@"; do
   esac
 done
 
-weights_default=weights/mol_pre_no_h_220816.pt
+if [ -z "${PYTHON:-}" ]; then
+  if [ -x "$SCRIPT_DIR/.venv/bin/python" ]; then PYTHON=$SCRIPT_DIR/.venv/bin/python; else PYTHON=python3; fi
+fi
+MAIN=$SCRIPT_DIR/main.py
+
 if [ "$demo" = 1 ]; then
-  [ -f "$weights_default" ] || weights_default=random
-  : "${DATASETS:=demo_ec50_scaffold}" "${DATA_FILE:=data/demo/demo_ec50_scaffold.json}"
+  if [ -z "${DATASETS:-}" ] && [ -z "${DATA_FILE:-}" ]; then DATASETS=demo_ec50_scaffold; fi
+  : "${DATA_FILE:=$SCRIPT_DIR/data/demo/demo_ec50_scaffold.json}"
   : "${EPOCHS:=5}" "${TRAIN_SIZE:=200}" "${VAL_SIZE:=100}" "${TEST_SIZE:=200}"
   : "${OUTPUT_ROOT:=./outputs/finetune_comparison_demo}"
-fi
-SEEDS=${SEEDS:-42 43 44}
-DATASETS=${DATASETS:-lbap_general_ec50_scaffold}
-EPOCHS=${EPOCHS:-100} TRAIN_SIZE=${TRAIN_SIZE:-2000} VAL_SIZE=${VAL_SIZE:-600} TEST_SIZE=${TEST_SIZE:-1000}
-DATA_SEED=${DATA_SEED:-42}
-UNIMOL_WEIGHTS=${UNIMOL_WEIGHTS:-$weights_default}
-OUTPUT_ROOT=${OUTPUT_ROOT:-./outputs/finetune_comparison}
-DEVICE=${DEVICE:-auto} FREEZE_LAYERS=${FREEZE_LAYERS:-0-12} ENCODER_LR=${ENCODER_LR:-5e-6}
-EXTRA_ARGS=${EXTRA_ARGS:-}
-if [ -z "${PYTHON:-}" ]; then
-  if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+  if [ -z "${UNIMOL_WEIGHTS:-}" ]; then
+    # main.py's own default (it honours UNIMOL_WEIGHT_DIR), asked rather than repeated here
+    weights_default=$("$PYTHON" -c 'import sys; sys.path.insert(0, sys.argv[1]); from data import default_weights_path; print(default_weights_path())' "$SCRIPT_DIR")
+    if [ -f "$weights_default" ]; then
+      echo "== demo: Uni-Mol weights $weights_default"
+    else
+      echo "== demo: no checkpoint at $weights_default; using a random-init encoder (UNIMOL_WEIGHTS=random)"
+      UNIMOL_WEIGHTS=random
+    fi
+  fi
 fi
 
-read -r -a datasets <<< "$DATASETS"
+read -r -a seeds <<< "${SEEDS:-42 43 44}"
+OUTPUT_ROOT=${OUTPUT_ROOT:-./outputs/finetune_comparison}
+if [ -n "${DATASETS:-}" ]; then
+  read -r -a datasets <<< "$DATASETS"
+elif [ -n "${DATA_FILE:-}" ]; then
+  stem=$(basename -- "$DATA_FILE")
+  stem=${stem%.json} stem=${stem%.csv}
+  datasets=("$stem")
+else
+  datasets=(lbap_general_ec50_scaffold)
+fi
+if [ "${#datasets[@]}" -eq 0 ] || [ "${#seeds[@]}" -eq 0 ]; then
+  echo "error: DATASETS and SEEDS must name at least one dataset and seed" >&2; exit 2
+fi
 if [ -n "${DATA_FILE:-}" ] && [ "${#datasets[@]}" -ne 1 ]; then
   echo "error: DATA_FILE names one file but DATASETS has ${#datasets[@]} datasets" >&2; exit 2
+fi
+
+# main.py flags, only for the variables that are set; unset ones leave main.py's defaults in force
+common=() finetune=()
+add_flag() {  # add_flag ARRAY FLAG VARIABLE
+  local value=${!3:-}
+  if [ -n "$value" ]; then
+    local -n into=$1
+    into+=("$2" "$value")
+  fi
+}
+add_flag common --epochs EPOCHS
+add_flag common --train_size TRAIN_SIZE
+add_flag common --val_size VAL_SIZE
+add_flag common --test_size TEST_SIZE
+add_flag common --data_seed DATA_SEED
+add_flag common --unimol_weights UNIMOL_WEIGHTS
+add_flag common --device DEVICE
+add_flag finetune --freeze_layers FREEZE_LAYERS
+add_flag finetune --encoder_lr ENCODER_LR
+
+# EXTRA_ARGS split with shell quoting rules (Python's shlex), never eval'd
+extra=()
+if [ -n "${EXTRA_ARGS:-}" ]; then
+  mapfile -d '' -t extra < <("$PYTHON" -c '
+import shlex, sys
+try:
+    words = shlex.split(sys.argv[1])
+except ValueError as exc:
+    sys.exit(f"error: EXTRA_ARGS: {exc}: {sys.argv[1]}")
+sys.stdout.write("".join(word + "\0" for word in words))' "$EXTRA_ARGS")
+  wait "$!" || exit 2
 fi
 
 started=$(date +%s)
@@ -76,7 +139,7 @@ for dataset in "${datasets[@]}"; do
     echo "error: $data_file not found for dataset $dataset (set DATA_FILE, or see README 'Getting the real inputs')" >&2
     exit 1
   fi
-  for seed in $SEEDS; do
+  for seed in "${seeds[@]}"; do
     for arm in frozen finetuned; do
       run_dir="$OUTPUT_ROOT/$dataset/$arm/seed$seed"
       if [ -f "$run_dir/test_metrics.json" ] && [ "$force" = 0 ]; then
@@ -86,18 +149,15 @@ for dataset in "${datasets[@]}"; do
       if [ "$force" = 1 ] || { [ -d "$run_dir" ] && [ ! -f "$run_dir/last.pt" ]; }; then mode_flag=(--overwrite)
       elif [ -f "$run_dir/last.pt" ]; then mode_flag=(--resume); fi
       arm_flags=()
-      [ "$arm" = finetuned ] && arm_flags=(--finetune_encoder --freeze_layers "$FREEZE_LAYERS" --encoder_lr "$ENCODER_LR")
+      if [ "$arm" = finetuned ]; then arm_flags=(--finetune_encoder "${finetune[@]}"); fi
       echo "== $dataset $arm seed $seed -> $run_dir"
-      # shellcheck disable=SC2086
-      if ! "$PYTHON" main.py --mode train --dataset "$dataset" --data_file "$data_file" \
-          --unimol_weights "$UNIMOL_WEIGHTS" --seed "$seed" --data_seed "$DATA_SEED" --epochs "$EPOCHS" \
-          --train_size "$TRAIN_SIZE" --val_size "$VAL_SIZE" --test_size "$TEST_SIZE" --lr 1e-4 \
-          --device "$DEVICE" --output_dir "$run_dir" "${arm_flags[@]}" "${mode_flag[@]}" $EXTRA_ARGS; then
+      if ! "$PYTHON" "$MAIN" --mode train --dataset "$dataset" --data_file "$data_file" --seed "$seed" \
+          --output_dir "$run_dir" "${common[@]}" "${arm_flags[@]}" "${mode_flag[@]}" "${extra[@]}"; then
         echo "error: run failed: $dataset $arm seed $seed (log: $run_dir/training.log); sweep stopped" >&2
         exit 1
       fi
     done
   done
-  "$PYTHON" main.py --mode compare --output_dir "$OUTPUT_ROOT/$dataset"
+  "$PYTHON" "$MAIN" --mode compare --output_dir "$OUTPUT_ROOT/$dataset"
 done
 echo "sweep finished in $(( $(date +%s) - started )) s; summaries under $OUTPUT_ROOT/<dataset>/comparison_summary.txt"

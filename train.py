@@ -1,25 +1,38 @@
-"""Energy-DPO training on frozen features: pairwise loss, validation-AUROC model selection,
-early stopping and resumable checkpoints."""
+"""Energy-DPO training: pairwise loss, validation-AUROC model selection, early stopping and
+resumable checkpoints."""
 import csv
-import importlib.metadata
+import dataclasses
 import io
-import json
 import logging
 import math
-import platform
 import time
 
 import torch
-from tqdm import tqdm
 
-from data import InputError, atomic_write_text
+from data import InputError, atomic_write_text, progress
 from evaluate import ood_metrics
 from model import energies, load_checkpoint, pair_diagnostics, save_checkpoint
 
-log = logging.getLogger("energy_dpo")
+log = logging.getLogger("energy_dpo.train")
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "misranked", "margin", "e_id", "e_ood",
-                   "val_loss", "val_auroc", "val_misranked", "lr", "seconds"]
+                   "val_loss", "val_auroc", "val_misranked", "lr", "seconds", "encoder_weights"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """How to train (the model's own settings live in its ModelSpec)."""
+    epochs: int = 100
+    batch_size: int = 4096  # molecules per side per micro-batch
+    eval_batch_size: int = 2048
+    lr: float = 1e-4  # the head
+    encoder_lr: float = 5e-6  # trainable encoder layers, when fine-tuning
+    weight_decay: float = 1e-5
+    grad_clip: float = 1.0
+    patience: int = 20  # epochs without a better validation AUROC; 0 = never stop early
+    seed: int = 42
+    grad_accum_steps: int = 1
+    device: str = "cpu"
 
 
 class EnergyDPOTrainer:
@@ -32,24 +45,25 @@ class EnergyDPOTrainer:
     one would have.
     """
 
-    def __init__(self, model, args, run_dir, device, checkpoint_extra):
-        self.model = model.to(device)
-        self.args = args
+    def __init__(self, model, cfg, run_dir, checkpoint_extra=None):
+        self.model = model.to(cfg.device)
+        self.cfg = cfg
         self.run_dir = run_dir
-        self.device = device
-        self.extra = checkpoint_extra  # config, encoder identity: stored in every checkpoint
-        self.optimizer = torch.optim.AdamW(self.param_groups(model, args), weight_decay=args.weight_decay)
+        self.device = cfg.device
+        # the model's spec and the run's config travel in every checkpoint
+        self.extra = {"model_spec": dataclasses.asdict(model.spec), **(checkpoint_extra or {})}
+        self.optimizer = torch.optim.AdamW(self.param_groups(model, cfg), weight_decay=cfg.weight_decay)
         self.history = []
         self.best_auroc = -math.inf
         self.best_epoch = 0
         self.start_epoch = 1
 
     @staticmethod
-    def param_groups(model, args):
-        groups = [{"name": "head", "params": list(model.head.parameters()), "lr": args.lr}]
+    def param_groups(model, cfg):
+        groups = [{"name": "head", "params": list(model.head.parameters()), "lr": cfg.lr}]
         if model.encoder is not None:
             trainable = [p for p in model.encoder.parameters() if p.requires_grad]
-            groups.append({"name": "encoder", "params": trainable, "lr": args.encoder_lr})
+            groups.append({"name": "encoder", "params": trainable, "lr": cfg.encoder_lr})
         return groups
 
     def _checkpoint(self, epoch):
@@ -66,7 +80,7 @@ class EnergyDPOTrainer:
                  path, state["epoch"], self.best_auroc, self.best_epoch)
 
     def _batches(self, n_id, n_ood, generator):
-        bs = self.args.batch_size
+        bs = self.cfg.batch_size
         perm_id, perm_ood = torch.randperm(n_id, generator=generator), torch.randperm(n_ood, generator=generator)
         longest = max(n_id, n_ood)
         for start in range(0, longest, bs):
@@ -74,29 +88,29 @@ class EnergyDPOTrainer:
             yield perm_id[idx % n_id], perm_ood[idx % n_ood]  # the shorter side cycles
 
     def _epoch_seed(self, epoch):
-        return self.args.seed * 100_003 + epoch
+        return self.cfg.seed * 100_003 + epoch
 
     def _step(self):
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        torch.nn.utils.clip_grad_norm_(params, self.args.grad_clip)
+        torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
     def train_epoch(self, epoch, x_id, x_ood):
-        args = self.args
+        cfg = self.cfg
         torch.manual_seed(self._epoch_seed(epoch))
         generator = torch.Generator().manual_seed(self._epoch_seed(epoch))
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         sums, n = {"train_loss": 0.0, "misranked": 0.0, "margin": 0.0, "e_id": 0.0, "e_ood": 0.0}, 0
         batches = list(self._batches(len(x_id), len(x_ood), generator))
-        for i_id, i_ood in tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=len(batches) < 4):
+        for i_id, i_ood in progress(batches, desc=f"epoch {epoch}", leave=False):
             e_id = self.model(x_id.batch(i_id, self.device))
             e_ood = self.model(x_ood.batch(i_ood, self.device))
             loss = self.model.loss(e_id, e_ood)
-            (loss / args.grad_accum_steps).backward()
+            (loss / cfg.grad_accum_steps).backward()
             n += 1
-            if n % args.grad_accum_steps == 0 or n == len(batches):
+            if n % cfg.grad_accum_steps == 0 or n == len(batches):
                 self._step()
             sums["train_loss"] += loss.item()
             for key, value in pair_diagnostics(e_id.detach(), e_ood.detach()).items():
@@ -105,9 +119,9 @@ class EnergyDPOTrainer:
 
     def fit(self, inputs):
         """inputs: role → FeatureInputs / ConformerInputs. Returns the per-epoch history."""
-        args, stale = self.args, self.start_epoch - 1 - self.best_epoch
-        for epoch in range(self.start_epoch, args.epochs + 1):
-            if args.patience and stale >= args.patience:
+        cfg, stale = self.cfg, self.start_epoch - 1 - self.best_epoch
+        for epoch in range(self.start_epoch, cfg.epochs + 1):
+            if cfg.patience and stale >= cfg.patience:
                 break
             t0 = time.time()
             row = {"epoch": epoch, **self.train_epoch(epoch, inputs["id_train"], inputs["ood_train"])}
@@ -126,13 +140,13 @@ class EnergyDPOTrainer:
             save_checkpoint(self.run_dir / "last.pt", self._checkpoint(epoch) | {
                 "optimizer": self.optimizer.state_dict(), "history": self.history,
                 "best_auroc": self.best_auroc, "best_epoch": self.best_epoch})
-        if args.patience and stale >= args.patience:
+        if cfg.patience and stale >= cfg.patience:
             log.info("early stop: no validation improvement for %d epochs (best epoch %d)", stale, self.best_epoch)
         return self.history
 
     def validate(self, v_id, v_ood):
-        e_id = energies(self.model, v_id, self.args.eval_batch_size, self.device)
-        e_ood = energies(self.model, v_ood, self.args.eval_batch_size, self.device)
+        e_id = energies(self.model, v_id, self.cfg.eval_batch_size, self.device)
+        e_ood = energies(self.model, v_ood, self.cfg.eval_batch_size, self.device)
         metrics = ood_metrics(e_id.numpy(), e_ood.numpy())
         return {"val_loss": self.model.loss(e_id, e_ood).item(), "val_auroc": metrics["auroc"],
                 "val_misranked": pair_diagnostics(e_id, e_ood)["misranked"]}
@@ -142,16 +156,14 @@ class EnergyDPOTrainer:
         writer = csv.DictWriter(buf, fieldnames=HISTORY_COLUMNS, lineterminator="\n")
         writer.writeheader()
         for row in self.history:
-            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+            writer.writerow({**{k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()},
+                             "encoder_weights": self.model.spec.encoder_weights})
         atomic_write_text(self.run_dir / "history.csv", buf.getvalue())
 
 
 RUN_FILES = ("config.json", "training.log", "history.csv", "best_model.pt", "last.pt", "test_metrics.json",
              "test_scores.csv", "data_report.json", "roc_curve.png", "energy_histogram.png",
-             "training_curves.png", "eval.log")
-# Flags that may differ when an interrupted run is resumed: they change where and how fast, not what.
-RUNTIME_FLAGS = {"device", "num_workers", "cache_dir", "resume", "overwrite", "force_recompute_cache",
-                 "eval_batch_size", "encode_batch_size", "grad_checkpointing"}
+             "training_curves.png", "eval.log", "roles.csv")
 
 
 def prepare_run_dir(run_dir, overwrite, resume):
@@ -170,28 +182,3 @@ def prepare_run_dir(run_dir, overwrite, resume):
         for name in RUN_FILES:
             (run_dir / name).unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
-
-
-def check_resumable(run_dir, config):
-    stored = json.loads((run_dir / "config.json").read_text())
-    changed = sorted(k for k in set(stored["args"]) | set(config["args"])
-                     if k not in RUNTIME_FLAGS and stored["args"].get(k) != config["args"].get(k))
-    if changed or stored["encoder_weights"] != config["encoder_weights"]:
-        raise InputError(f"{run_dir}: cannot resume with different settings: "
-                         f"{', '.join(changed) or 'encoder weights'}; rerun with the original flags")
-
-
-def package_versions():
-    names = ("torch", "unimol_tools", "rdkit", "numpy", "scikit-learn", "matplotlib", "tqdm")
-    return {"python": platform.python_version(), **{n: importlib.metadata.version(n) for n in names}}
-
-
-def run_config(args, encoder):
-    """What config.json records: every resolved flag, the encoder weights, trainable encoder
-    parameters and package versions."""
-    params = list(encoder.parameters())
-    return {"args": dict(sorted(vars(args).items())), "encoder_weights": encoder.weights_id,
-            "random_init_encoder": encoder.is_random_init,
-            "encoder_trainable_params": sum(p.numel() for p in params if p.requires_grad),
-            "encoder_total_params": sum(p.numel() for p in params),
-            "packages": package_versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

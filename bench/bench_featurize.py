@@ -6,32 +6,30 @@ checkpoint (SMILES → frozen Uni-Mol CLS features).
                   UniMolRepr recomputes them on every call
   bf16            our path with --amp bf16 (encoder forward only), against our fp32 features
 
-Both sides get canonical SMILES and a model built before the clock starts. The last line prints
-the throughput ratios (ours / unimol_tools).
+Both sides get the SMILES as the demo file writes them (not canonicalised) and a model built before
+the clock starts. The last line prints the throughput ratios (ours / unimol_tools).
 """
 import argparse
 import os
 import tempfile
 import time
-from argparse import Namespace
 
 import numpy as np
 import torch
 
 from common import demo_molecules, machine, random_checkpoint
 
-from data import MAX_ATOMS, conformers_for_inputs, unimol_dict_path
-from model import UniMolEncoder, _import_unimol_model, role_inputs
+from data import MAX_ATOMS, prepare_inputs, unimol_dict_path
+from main import frozen_features
+from model import UniMolEncoder, _import_unimol_model
 
 
 def ours(weights, smiles, cache_dir, workers, batch_size, device, amp=False):
     encoder = UniMolEncoder(str(weights), amp=amp)
-    args = Namespace(cache_dir=cache_dir, num_workers=workers, force_recompute_cache=False,
-                     encode_batch_size=batch_size, device=device)
     start = time.perf_counter()
-    canon, conformers, failed = conformers_for_inputs(smiles, cache_dir, workers)
-    feats = role_inputs(encoder, {"x": list(canon.values())}, conformers, args)["x"].features.numpy()
-    return time.perf_counter() - start, feats, {canon[i] for i in canon}, conformers
+    written, conformers, failed = prepare_inputs(smiles, cache_dir, workers)
+    feats = frozen_features(encoder, list(written.values()), conformers, cache_dir, batch_size, device)
+    return time.perf_counter() - start, feats, set(written.values()), conformers
 
 
 def theirs(weights, smiles, device):

@@ -9,15 +9,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from argparse import Namespace
 
 import torch
 
 from common import demo_molecules, machine, peak_rss_mb
 
 from data import get_conformers
-from model import ConformerInputs, EnergyDPOModel, FinetunableUniMolEncoder, parse_freeze_spec, role_inputs
-from train import EnergyDPOTrainer
+from main import model_inputs
+from model import ConformerInputs, EnergyDPOModel, ModelSpec, build_encoder
+from train import EnergyDPOTrainer, TrainConfig
 
 
 def run_arm(arm, n, batch_size, epochs, device, cache_dir):
@@ -26,20 +26,16 @@ def run_arm(arm, n, batch_size, epochs, device, cache_dir):
     conformers, _ = get_conformers(smiles_id + smiles_ood, cache_dir, num_workers=2)
     smiles_id = [s for s in smiles_id if s in conformers and s not in smiles_ood]
     smiles_ood = [s for s in smiles_ood if s in conformers]
-    args = Namespace(lr=1e-4, encoder_lr=5e-6, weight_decay=1e-5, batch_size=batch_size, grad_accum_steps=1,
-                     grad_clip=1.0, seed=42, cache_dir=cache_dir, encode_batch_size=64, device=device,
-                     force_recompute_cache=False)
-    encoder = FinetunableUniMolEncoder("random", parse_freeze_spec("0-12"))
-    torch.manual_seed(42)
-    net = EnergyDPOModel(encoder=encoder)
+    encoder = build_encoder("random", finetune=True, freeze_layers="0-12")
+    net = EnergyDPOModel(ModelSpec(encoder.weights_id, finetune_encoder=True, freeze_layers="0-12"), encoder, seed=42)
     roles = {"id_train": smiles_id, "ood_train": smiles_ood}
     start = time.perf_counter()
     if arm == "cached":
-        inputs = role_inputs(encoder, roles, conformers, args)
+        inputs = model_inputs(encoder, roles, conformers, cache_dir, 64, device)
     else:
         inputs = {r: ConformerInputs([conformers[s][:2] for s in m], encoder.dictionary) for r, m in roles.items()}
     setup = time.perf_counter() - start
-    trainer = EnergyDPOTrainer(net, args, None, device, {})
+    trainer = EnergyDPOTrainer(net, TrainConfig(batch_size=batch_size, device=device), None)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()

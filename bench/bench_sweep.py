@@ -22,7 +22,7 @@ def sweep(output_root, cache_dir, size, seeds, epochs):
                VAL_SIZE=str(size // 2), TEST_SIZE=str(size), EXTRA_ARGS=f"--cache_dir {cache_dir}")
     start = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", WRAPPER, "bash", str(ROOT / "run_finetune_comparison.sh"), "--demo"],
-                         env=env, check=True, capture_output=True, text=True)
+                         env=env, check=True, capture_output=True, text=True, cwd=ROOT)  # as `make demo` runs it
     return time.perf_counter() - start, int(out.stdout.split()[-1]) / 1024
 
 

@@ -17,10 +17,12 @@ DEMO = ROOT / "data" / "demo" / "demo_ec50_scaffold.json"
 
 
 def demo_molecules(n, seed=0, split=None):
-    """n distinct canonical SMILES drawn at random from the demo benchmark (all splits, or one)."""
+    """n distinct molecules drawn at random from the demo benchmark (all splits, or one), as the file
+    writes their SMILES (both sides of a comparison then make conformers from the same strings)."""
     doc = json.loads(DEMO.read_text())["split"]
     items = doc[split] if split else [it for s in doc.values() for it in s]
-    unique = list(dict.fromkeys(canonicalize(it["smiles"])[0] for it in items))
+    unique = list({canonicalize(it["smiles"].strip())[0]: it["smiles"].strip() for it in reversed(items)}.values())
+    unique.reverse()  # the first writing of each molecule, in file order
     pick = np.random.default_rng(seed).choice(len(unique), min(n, len(unique)), replace=False)
     return [unique[i] for i in sorted(pick)]
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 from rdkit import Chem
 
+from data import unimol_dict_path
 from model import _import_unimol_model, build_unimol
 
 _import_unimol_model()  # before any test module imports unimol_tools, which would write ./logs/
@@ -32,7 +33,8 @@ def random_ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def small_benchmark(tmp_path_factory):
-    """The first distinct drug-sized molecules (≤ 30 heavy atoms) of each demo split, in DrugOOD format."""
+    """The first distinct drug-sized molecules (≤ 30 heavy atoms) of each demo split, in DrugOOD format;
+    the test splits' SMILES rewritten in a non-canonical atom order."""
     doc = json.loads(DEMO.read_text())
     for split, n in SMALL_SIZES.items():
         small = {}
@@ -41,6 +43,9 @@ def small_benchmark(tmp_path_factory):
             if mol.GetNumAtoms() <= 30 and len(small) < n:
                 small.setdefault(Chem.MolToSmiles(mol), item)
         doc["split"][split] = list(small.values())
+        if split.endswith("_test"):  # test molecules written non-canonically, as other toolkits write them
+            doc["split"][split] = [dict(item, smiles=rewritten(item["smiles"], seed=i))
+                                   for i, item in enumerate(doc["split"][split])]
     path = tmp_path_factory.mktemp("data") / "small_ec50_scaffold.json"
     path.write_text(json.dumps(doc))
     return path
@@ -57,3 +62,25 @@ def write_drugood(path, splits):
                                                   "domain_id": 0} for v in values] for s, values in splits.items()}
     path.write_text(json.dumps({"cfg": {}, "split": items, "statistics": {}}))
     return path
+
+
+def unimol_tools_features(smiles, weights):
+    """unimol_tools' own CLS features (UniMolRepr, no hydrogens) for SMILES exactly as given."""
+    import numpy as np
+    from unimol_tools import UniMolRepr
+    repr_ = UniMolRepr(remove_hs=True, use_cuda=False, batch_size=8, pretrained_model_path=str(weights),
+                       pretrained_dict_path=str(unimol_dict_path()))
+    return np.asarray(repr_.get_repr(list(smiles)))
+
+
+def rewritten(smiles, seed=0):
+    """A non-canonical writing of a molecule: atoms renumbered by a seeded permutation."""
+    import numpy as np
+    mol = Chem.MolFromSmiles(smiles)
+    rng = np.random.default_rng(seed)
+    for _ in range(20):
+        order = [int(i) for i in rng.permutation(mol.GetNumAtoms())]
+        other = Chem.MolToSmiles(Chem.RenumberAtoms(mol, order), canonical=False)
+        if other not in (smiles, Chem.MolToSmiles(mol)):
+            return other
+    raise AssertionError(f"no other writing of {smiles}")

@@ -1,17 +1,27 @@
 """End-to-end runs of main.py on a small real DrugOOD file with the real encoder (random weights)."""
 import csv
 import json
+import os
+import shutil
+import stat
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import torch
+from sklearn.metrics import roc_auc_score
 
+import model
 import train
-from conftest import ROOT
+from conftest import DEMO, ROOT, rewritten, unimol_tools_features
+from data import canonical
 from main import main
 
 SIZES = ["--train_size", "12", "--val_size", "8", "--test_size", "8"]
+RUN_FILES = ("config.json", "training.log", "history.csv", "best_model.pt", "last.pt", "test_metrics.json",
+             "test_scores.csv", "data_report.json", "roles.csv", "roc_curve.png", "energy_histogram.png",
+             "training_curves.png")
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +34,11 @@ def base_args(small_benchmark, random_ckpt, cache_dir):
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, base_args):
     run = tmp_path_factory.mktemp("runs") / "full"
-    assert main(["--mode", "train", *base_args, "--output_dir", str(run)]) == 0
+    old = os.umask(0o022)
+    try:
+        assert main(["--mode", "train", *base_args, "--output_dir", str(run)]) == 0
+    finally:
+        os.umask(old)
     return run
 
 
@@ -33,26 +47,56 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
+def head_energies(run, features):
+    """The run's best head applied to given features: what any scoring path must reproduce."""
+    state = model.load_checkpoint(run / "best_model.pt")
+    head = model.EnergyHead(512, state["model_spec"]["hidden_dim"])
+    head.load_state_dict(state["model"]["head"])
+    with torch.no_grad():
+        return head.eval()(torch.as_tensor(features, dtype=torch.float32)).numpy()
+
+
 def test_train_writes_a_complete_run(finished_run, random_ckpt):
-    for name in ("config.json", "training.log", "history.csv", "best_model.pt", "last.pt", "test_metrics.json",
-                 "test_scores.csv", "data_report.json", "roc_curve.png", "energy_histogram.png",
-                 "training_curves.png"):
+    for name in RUN_FILES:
         assert (finished_run / name).is_file(), name
+        assert stat.S_IMODE((finished_run / name).stat().st_mode) == 0o644, name  # readable by collaborators
+    assert not [p.name for p in finished_run.iterdir() if p.name.startswith(".")]  # no temporary files
     config = json.loads((finished_run / "config.json").read_text())
     assert config["encoder_weights"].startswith("sha256:") and config["random_init_encoder"] is False
     assert config["args"]["batch_size"] == 4096 and config["args"]["eval_batch_size"] == 2048
     assert config["packages"]["unimol_tools"] == "0.1.6"
     metrics = json.loads((finished_run / "test_metrics.json").read_text())
-    assert metrics["n_id"] == 8 and metrics["n_ood"] == 8 and 0 <= metrics["auroc"] <= 1
+    scores = read_csv(finished_run / "test_scores.csv")
+    assert len(scores) == 16 and {s["role"] for s in scores} == {"id", "ood"}
+    assert {s["encoder_weights"] for s in scores} == {config["encoder_weights"]}
+    labels, energy = [int(s["is_ood"]) for s in scores], [float(s["energy"]) for s in scores]
+    assert metrics["auroc"] == pytest.approx(roc_auc_score(labels, energy), abs=1e-6)
+    assert metrics["n_id"] == 8 and metrics["n_ood"] == 8
     assert metrics["encoder_weights"] == config["encoder_weights"]
     history = read_csv(finished_run / "history.csv")
     assert [int(h["epoch"]) for h in history] == list(range(1, 7))
+    assert {h["encoder_weights"] for h in history} == {config["encoder_weights"]}
     best = max(history, key=lambda h: float(h["val_auroc"]))  # first best: selection on validation
     assert metrics["best_epoch"] == int(best["epoch"])
-    scores = read_csv(finished_run / "test_scores.csv")
-    assert len(scores) == 16 and {s["role"] for s in scores} == {"id", "ood"}
+    assert metrics["val_auroc"] == pytest.approx(float(best["val_auroc"]), abs=1e-6)
     report = json.loads((finished_run / "data_report.json").read_text())
     assert report["roles"]["id_train"]["used"] == 12
+    roles = read_csv(finished_run / "roles.csv")
+    assert sum(r["role"] == "id_train" for r in roles) == 12 and all(canonical(r["smiles"]) == r["canonical_smiles"]
+                                                                    for r in roles)
+    last_line = (finished_run / "training.log").read_text().strip().splitlines()[-1]
+    assert f"AUROC {metrics['auroc']:.4f}" in last_line and "FPR95" in last_line
+    state = model.load_checkpoint(finished_run / "best_model.pt")
+    assert state["threshold_95_id_val"] == metrics["threshold_95_id_val"]
+    assert state["model_spec"]["encoder_weights"] == config["encoder_weights"]
+
+
+def test_benchmark_path_equals_unimol_tools_for_non_canonical_smiles(finished_run, random_ckpt):
+    scores = read_csv(finished_run / "test_scores.csv")
+    written = [s["smiles"] for s in scores]
+    assert all(s != canonical(s) for s in written)  # the fixture's test splits are written non-canonically
+    reference = head_energies(finished_run, unimol_tools_features(written, random_ckpt))
+    assert np.abs(reference - np.array([float(s["energy"]) for s in scores])).max() < 1e-4
 
 
 def test_eval_reproduces_test_metrics(finished_run, tmp_path, cache_dir):
@@ -61,8 +105,54 @@ def test_eval_reproduces_test_metrics(finished_run, tmp_path, cache_dir):
     after = json.loads((finished_run / "test_metrics.json").read_text())
     for key in ("auroc", "aupr", "aupr_in", "fpr95", "threshold_95_id_val", "best_epoch", "n_id", "n_ood"):
         assert after[key] == pytest.approx(before[key], abs=1e-6), key
+    assert "AUROC" in (finished_run / "eval.log").read_text().strip().splitlines()[-1]
     assert main(["--mode", "eval", "--model_path", str(finished_run / "best_model.pt"), "--cache_dir",
                  str(cache_dir)]) == 0
+
+
+def test_eval_on_another_benchmark(finished_run, cache_dir, tmp_path, capsys):
+    own = {name: (finished_run / name).read_bytes() for name in ("test_metrics.json", "test_scores.csv",
+                                                                 "data_report.json")}
+    trained = [r for r in read_csv(finished_run / "roles.csv") if r["role"] in ("id_train", "ood_val")]
+    new_id, new_ood = ["CC(=O)Nc1ccc(O)cc1", "OC(=O)c1ccccc1O", "CCN(CC)CC"], ["CCCCCCCCCCCCCCCC(=O)O", "c1ccc2ccccc2c1"]
+    rows = [("a", rewritten(trained[0]["smiles"]), 0), ("b", trained[-1]["smiles"], 1)]  # seen by the run
+    rows += [(f"id{i}", s, 0) for i, s in enumerate(new_id)] + [(f"ood{i}", s, 1) for i, s in enumerate(new_ood)]
+    other = tmp_path / "vendor_set.csv"
+    other.write_text("name,smiles,is_ood\n" + "".join(f"{n},{s},{y}\n" for n, s, y in rows))
+    assert main(["--mode", "eval", "--output_dir", str(finished_run), "--data_file", str(other),
+                 "--cache_dir", str(cache_dir)]) == 0
+    out = finished_run / "eval" / "vendor_set"
+    for name in ("test_metrics.json", "test_scores.csv", "data_report.json", "roc_curve.png",
+                 "energy_histogram.png", "eval.log"):
+        assert (out / name).is_file(), name
+    assert {name: (finished_run / name).read_bytes() for name in own} == own  # the run's own results untouched
+    report = json.loads((out / "data_report.json").read_text())
+    assert report["removed_seen_in_run"] == {"id_test": 1, "ood_test": 1}
+    metrics = json.loads((out / "test_metrics.json").read_text())
+    scores = read_csv(out / "test_scores.csv")
+    assert sorted(s["smiles"] for s in scores) == sorted(new_id + new_ood)
+    assert (metrics["n_id"], metrics["n_ood"], metrics["dataset"], metrics["trained_on"]) == \
+        (3, 2, "vendor_set", "small_ec50_scaffold")
+    assert metrics["auroc"] == pytest.approx(roc_auc_score([int(s["is_ood"]) for s in scores],
+                                                           [float(s["energy"]) for s in scores]))
+    assert main(["--mode", "eval", "--output_dir", str(finished_run), "--data_file", str(other)]) == 1
+    assert "pass --overwrite" in capsys.readouterr().err
+    # a DrugOOD file: its iid_test / ood_test, --test_size per side
+    assert main(["--mode", "eval", "--output_dir", str(finished_run), "--data_file", str(DEMO), "--test_size", "3",
+                 "--dataset", "demo_scaffold", "--cache_dir", str(cache_dir)]) == 0
+    demo = json.loads((finished_run / "eval" / "demo_scaffold" / "test_metrics.json").read_text())
+    assert (demo["n_id"], demo["n_ood"]) == (3, 3)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--test_size", "5"], "apply only to another benchmark given with --data_file"),
+    (["--hidden_dim", "8"], "does not use --hidden_dim"),
+    (["--data_file", "nope.csv"], "nope.csv: file not found"),
+])
+def test_eval_refuses_flags_it_cannot_honour(finished_run, argv, message, capsys):
+    assert main(["--mode", "eval", "--output_dir", str(finished_run), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
 
 
 def test_finished_run_is_not_overwritten(finished_run, base_args, capsys):
@@ -106,7 +196,7 @@ def test_same_seed_same_numbers_other_seed_other_numbers(finished_run, base_args
         [h["train_loss"] for h in read_csv(finished_run / "history.csv")]
 
 
-def test_predict_scores_new_molecules_like_the_test_split(finished_run, tmp_path, cache_dir):
+def test_predict_scores_new_molecules_like_the_test_split(finished_run, tmp_path, cache_dir, capsys):
     test_rows = read_csv(finished_run / "test_scores.csv")[:3]
     smiles = [r["smiles"] for r in test_rows] + ["not((a smiles"]
     out = tmp_path / "pred.csv"
@@ -118,27 +208,63 @@ def test_predict_scores_new_molecules_like_the_test_split(finished_run, tmp_path
     for row, ref in zip(rows[:3], test_rows):
         assert float(row["energy"]) == pytest.approx(float(ref["energy"]), abs=1e-5)
         assert int(row["is_ood"]) == int(float(row["energy"]) > threshold)
+        assert row["canonical_smiles"] == canonical(row["smiles"]) and row["warning"] == ""
     assert rows[3]["energy"] == "" and rows[3]["error"] == "RDKit cannot parse SMILES"
+    assert {r["encoder_weights"] for r in rows} == {json.loads((finished_run / "config.json").read_text())[
+        "encoder_weights"]}
     assert main(["--mode", "predict", "--output_dir", str(finished_run), "--smiles", "CCO",
                  "--output", str(out)]) == 2  # exists, no --overwrite
 
 
+def test_predict_keeps_input_columns_and_flags_fragments(finished_run, tmp_path, random_ckpt, capsys):
+    mols = ["C1=CC=C(C=C1)C(=O)O", "OC(=O)c1ccccc1.[Na+]", "N[C@@H](C)C(O)=O"]  # kekulé, a salt, stereo
+    (tmp_path / "in.csv").write_text("id,structure,pIC50\n" + "".join(f"m{i},{s},{i}.5\n" for i, s in enumerate(mols)))
+    out = tmp_path / "pred.csv"
+    assert main(["--mode", "predict", "--output_dir", str(finished_run), "--input", str(tmp_path / "in.csv"),
+                 "--smiles_column", "structure", "--output", str(out)]) == 0
+    rows = read_csv(out)
+    assert list(rows[0])[:3] == ["id", "structure", "pIC50"]
+    assert [(r["id"], r["structure"], r["pIC50"]) for r in rows] == [(f"m{i}", s, f"{i}.5") for i, s in enumerate(mols)]
+    assert [bool(r["warning"]) for r in rows] == [False, True, False] and "2 fragments" in rows[1]["warning"]
+    assert "several fragments" in capsys.readouterr().err
+    # predict equals the run's head on unimol_tools' features of the SMILES as written
+    reference = head_energies(finished_run, unimol_tools_features(mols, random_ckpt))
+    assert np.abs(reference - np.array([float(r["energy"]) for r in rows])).max() < 1e-4
+    # a .smi file keeps its name column
+    (tmp_path / "in.smi").write_text("".join(f"{s} compound {i}\n" for i, s in enumerate(mols)))
+    assert main(["--mode", "predict", "--output_dir", str(finished_run), "--input", str(tmp_path / "in.smi"),
+                 "--output", str(tmp_path / "smi.csv")]) == 0
+    assert [(r["smiles"], r["name"]) for r in read_csv(tmp_path / "smi.csv")] == \
+        [(s, f"compound {i}") for i, s in enumerate(mols)]
+
+
+def test_checkpoint_alone_rebuilds_the_model(finished_run, tmp_path):
+    alone = tmp_path / "elsewhere" / "best_model.pt"
+    alone.parent.mkdir()
+    shutil.copy(finished_run / "best_model.pt", alone)  # no config.json, no test_metrics.json beside it
+    out = tmp_path / "alone.csv"
+    test_rows = read_csv(finished_run / "test_scores.csv")[:2]
+    assert main(["--mode", "predict", "--model_path", str(alone), "--smiles", *[r["smiles"] for r in test_rows],
+                 "--output", str(out)]) == 0
+    assert [float(r["energy"]) for r in read_csv(out)] == pytest.approx([float(r["energy"]) for r in test_rows],
+                                                                         abs=1e-5)
+
+
 def test_featurize_writes_rows_in_input_order(tmp_path, random_ckpt, cache_dir):
-    from data import canonicalize, make_conformer
-    from model import UniMolEncoder
-    (tmp_path / "in.smi").write_text("smiles\nc1ccccc1O phenol\n[H][H]\nCCO\nxx((\n")
+    (tmp_path / "in.smi").write_text("smiles\nc1ccccc1O phenol\n[H][H]\nOCC\nxx((\nC1=CC=C(C=C1)N\n")
     out = tmp_path / "feats.npy"
     assert main(["--mode", "featurize", "--input", str(tmp_path / "in.smi"), "--output", str(out),
                  "--unimol_weights", str(random_ckpt), "--cache_dir", str(cache_dir)]) == 0
     feats = np.load(out)
-    assert feats.shape == (2, 512) and feats.dtype == np.float32
+    assert feats.shape == (3, 512) and feats.dtype == np.float32
     rows = read_csv(tmp_path / "feats.rows.csv")
-    assert [(r["npy_row"], r["input_row"], r["smiles"]) for r in rows] == [("0", "0", "c1ccccc1O"), ("1", "2", "CCO")]
+    assert [(r["npy_row"], r["input_row"], r["smiles"], r["canonical_smiles"]) for r in rows] == \
+        [("0", "0", "c1ccccc1O", "Oc1ccccc1"), ("1", "2", "OCC", "CCO"), ("2", "4", "C1=CC=C(C=C1)N", "Nc1ccccc1")]
     failed = read_csv(tmp_path / "feats.failed.csv")
     assert [(f["input_row"], f["reason"]) for f in failed] == [("1", "no atoms after hydrogen removal"),
                                                                  ("3", "RDKit cannot parse SMILES")]
-    direct = UniMolEncoder(str(random_ckpt)).encode([make_conformer(canonicalize(s)[0])[:2] for s in ("c1ccccc1O", "CCO")])
-    assert np.abs(direct - feats).max() < 1e-5
+    # the features of the SMILES as written equal unimol_tools' own
+    assert np.abs(unimol_tools_features([r["smiles"] for r in rows], random_ckpt) - feats).max() < 1e-4
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -147,6 +273,10 @@ def test_featurize_writes_rows_in_input_order(tmp_path, random_ckpt, cache_dir):
     (["--mode", "predict", "--output_dir", "x", "--output", "y.csv"], "exactly one of --input"),
     (["--device", "cuda"], "CUDA is not available"),
     (["--resume", "--overwrite"], "contradict"),
+    (["--lr", "nan"], "--lr must be a finite number"),
+    (["--dpo_beta", "inf"], "--dpo_beta must be a finite number"),
+    (["--data_seed", "-1"], "--data_seed cannot be negative"),
+    (["--mode", "featurize", "--smiles", "CCO", "--output", "f.npy", "--epochs", "3"], "does not use --epochs"),
 ])
 def test_inconsistent_flags_give_one_line_errors(argv, message, capsys):
     assert main(argv) == 2
@@ -165,9 +295,18 @@ def test_missing_inputs_are_clear_errors(tmp_path, small_benchmark, capsys):
     assert "none.json: file not found" in err and len(err.splitlines()) == 1
 
 
-def test_cli_leaves_no_logs_folder_behind(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "main.py"), "--mode", "featurize", "--smiles", "CCO",
+def test_cli_output_is_clean_when_redirected(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "main.py"), "--mode", "featurize", "--smiles", "CCO", "OCC",
                            "--output", "f.npy", "--unimol_weights", "random", "--cache_dir", "c"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "f.failed.csv", "f.npy", "f.rows.csv"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "f.failed.csv", "f.npy", "f.rows.csv"]  # no ./logs
+    assert "\r" not in proc.stderr and "it/s" not in proc.stderr  # no progress bars in a redirected log
+
+
+def test_help_and_training_code_skip_heavy_imports():
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import main; heavy = {'torch', 'sklearn', 'matplotlib'}; "
+            "assert not heavy & set(sys.modules), heavy & set(sys.modules); import train; "
+            "assert 'matplotlib' not in sys.modules; print('ok')")
+    proc = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]

@@ -1,5 +1,7 @@
 import json
 import logging
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -26,8 +28,10 @@ def test_demo_benchmark_roles_are_disjoint_and_sized():
     assert len(all_mols) == len(set(all_mols))
     assert report["items_per_split"]["train"] == len(json.loads(DEMO.read_text())["split"]["train"])
     assert report["roles"]["ood_train"]["available"] == report["roles"]["ood_val"]["available"]
-    # canonical SMILES only
-    assert all(canonicalize(m)[0] == m for m in roles["id_train"][:20])
+    # molecules are kept as the file writes them; duplicates are found on canonical SMILES
+    written = {item["smiles"].strip() for item in json.loads(DEMO.read_text())["split"]["train"]}
+    assert set(roles["id_train"]) <= written
+    assert len({canonicalize(m)[0] for m in all_mols}) == len(all_mols)
 
 
 def test_subsampling_depends_on_data_seed_only():
@@ -67,7 +71,19 @@ def test_ood_val_is_split_into_disjoint_train_and_val(tmp_path):
     roles, _ = roles_of(write_drugood(tmp_path / "d.json", GOOD), sizes=(2, 2, 2))
     assert len(roles["ood_train"]) == 2 and len(roles["ood_val"]) == 2
     assert not set(roles["ood_train"]) & set(roles["ood_val"])
-    assert set(roles["ood_train"]) | set(roles["ood_val"]) == {canonicalize(s)[0] for s in GOOD["ood_val"]}
+    assert set(roles["ood_train"]) | set(roles["ood_val"]) == set(GOOD["ood_val"])
+
+
+def test_first_writing_is_kept_and_leaks_are_found_across_writings(tmp_path):
+    splits = {k: list(v) for k, v in GOOD.items()}
+    splits["train"] = ["  OCC ", "CCO", "C(C)N", "CCN", "CCC"]  # two writings each of ethanol and ethylamine
+    splits["ood_test"].append("C1=CC=CC=C1")  # benzene, kekulé: the same molecule as ood_val's c1ccccc1
+    roles, report = roles_of(write_drugood(tmp_path / "d.json", splits))
+    assert roles["id_train"] == ["OCC", "C(C)N", "CCC"]  # whitespace stripped, first writing kept
+    assert report["duplicates_removed"]["train"] == 2
+    assert report["cross_split_duplicates_removed"]["ood_test"] == 1 and "C1=CC=CC=C1" not in roles["ood_test"]
+    with pytest.raises(InputError, match="leaked between id_train and ood_test"):
+        data.check_roles({"id_train": ["OCC"], "ood_test": ["C(O)C"]}, "x.json")
 
 
 @pytest.mark.parametrize("mutate, message", [
@@ -93,9 +109,13 @@ def test_missing_and_invalid_files(tmp_path):
         roles_of(tmp_path / "bad.json")
 
 
-@pytest.mark.parametrize("smiles", ["CC(=O)Oc1ccccc1C(=O)O", "CN1CCC[C@H]1c1cccnc1", "C[Si](C)(C)OC", "O=C([O-])c1ccccc1.[Na+]"])
+# canonical and non-canonical writings: atom order changed, explicit stereo, kekulé form
+WRITINGS = ["CC(=O)Oc1ccccc1C(=O)O", "OC(=O)c1ccccc1OC(C)=O", "CN1CCC[C@H]1c1cccnc1", "c1ncccc1[C@@H]1CCCN1C",
+            "C[Si](C)(C)OC", "O=C([O-])c1ccccc1.[Na+]", "CC(=O)OC1=CC=CC=C1C(O)=O", "F/C=C/Cl"]
+
+
+@pytest.mark.parametrize("smiles", WRITINGS)
 def test_conformer_matches_unimol_tools(smiles):
-    smiles = canonicalize(smiles)[0]
     atoms, coords, is_2d = data.make_conformer(smiles)
     ref_atoms, ref_coords, _ = inner_smi2coords(smiles, seed=42, mode="fast", remove_hs=True)
     dictionary = Dictionary.load(str(data.unimol_dict_path()))
@@ -154,18 +174,55 @@ def test_conformer_failures_are_reported_not_replaced(tmp_path, monkeypatch):
 
 
 def test_parallel_conformers_equal_serial(tmp_path):
-    smiles = [canonicalize(s)[0] for s in ["CCO", "c1ccccc1O", "CC(C)N", "CCOC(=O)C", "c1ccncc1", "OCCO"]]
+    smiles = ["CCO", "c1ccccc1O", "CC(C)N", "CCOC(=O)C", "c1ccncc1", "OCCO"]
     serial, _ = get_conformers(smiles, tmp_path / "a", num_workers=1)
     parallel, _ = get_conformers(smiles, tmp_path / "b", num_workers=2)
     for s in smiles:
         np.testing.assert_array_equal(serial[s][1], parallel[s][1])
 
 
-def test_read_smiles_file(tmp_path):
-    (tmp_path / "a.smi").write_text("smiles\nCCO mol1\n\nc1ccccc1\n")
-    assert data.read_smiles_file(tmp_path / "a.smi") == ["CCO", "c1ccccc1"]
-    (tmp_path / "a.csv").write_text("id,SMILES\n1,CCO\n2,CCN\n")
-    assert data.read_smiles_file(tmp_path / "a.csv") == ["CCO", "CCN"]
-    (tmp_path / "b.csv").write_text("id,smi\n1,CCO\n")
-    with pytest.raises(InputError, match="no 'smiles' column"):
-        data.read_smiles_file(tmp_path / "b.csv")
+def test_read_table_keeps_every_column(tmp_path):
+    (tmp_path / "a.smi").write_text("smiles\nCCO  mol 1\n\n# a comment\nc1ccccc1\n")
+    assert data.read_table(tmp_path / "a.smi") == (["smiles", "name"], [["CCO", "mol 1"], ["c1ccccc1", ""]],
+                                                   ["CCO", "c1ccccc1"])
+    (tmp_path / "a.csv").write_bytes("\ufeffid,SMILES,pIC50\n1,CCO,5.2\n2,CCN\n".encode())  # Excel: BOM
+    assert data.read_table(tmp_path / "a.csv") == (["id", "SMILES", "pIC50"], [["1", "CCO", "5.2"], ["2", "CCN", ""]],
+                                                   ["CCO", "CCN"])
+    (tmp_path / "b.csv").write_text("id,structure\n1,CCO\n")
+    with pytest.raises(InputError, match="no 'smiles' column.*--smiles_column"):
+        data.read_table(tmp_path / "b.csv")
+    assert data.read_table(tmp_path / "b.csv", "structure")[2] == ["CCO"]
+    (tmp_path / "c.csv").write_bytes(b"smiles\n\xff\xfeC\x00C\n")
+    with pytest.raises(InputError, match="c.csv: not a UTF-8 text file"):
+        data.read_table(tmp_path / "c.csv")
+
+
+def test_other_benchmark_test_roles(tmp_path):
+    seen = {canonicalize("CCF")[0]}  # a molecule the run trained on, written differently here
+    roles, report = data.load_test_roles(write_drugood(tmp_path / "d.json", dict(GOOD, iid_test=["FCC", "CCS"])),
+                                         10, 42, seen)
+    assert roles == {"id_test": ["CCS"], "ood_test": ["C1CCCCC1", "C1CCNCC1"]}
+    assert report["removed_seen_in_run"] == {"id_test": 1, "ood_test": 0}
+    (tmp_path / "o.csv").write_text("name,smiles,is_ood\na,CCO,0\nb,OCC,0\nc,CCCl,0\nd,c1ccccc1,1\ne,FCC,1\n")
+    roles, report = data.load_test_roles(tmp_path / "o.csv", 10, 42, seen)
+    assert roles == {"id_test": ["CCO", "CCCl"], "ood_test": ["c1ccccc1"]}
+    assert report["duplicates_removed"]["id_test"] == 1 and report["removed_seen_in_run"]["ood_test"] == 1
+    assert len(data.load_test_roles(tmp_path / "o.csv", 1, 42, seen)[0]["id_test"]) == 1
+    (tmp_path / "bad.csv").write_text("smiles,is_ood\nCCO,0\nCCN,yes\n")
+    with pytest.raises(InputError, match="bad.csv: line 3: is_ood is 'yes'"):
+        data.load_test_roles(tmp_path / "bad.csv", 10, 42, set())
+    (tmp_path / "nolabel.csv").write_text("smiles\nCCO\n")
+    with pytest.raises(InputError, match="no 'is_ood' column"):
+        data.load_test_roles(tmp_path / "nolabel.csv", 10, 42, set())
+
+
+def test_files_get_normal_permissions(tmp_path):
+    old = os.umask(0o027)
+    try:
+        data.atomic_write_json(tmp_path / "a.json", {"x": 1})
+        data.atomic_write_csv(tmp_path / "b.csv", [(1, 2)], ["x", "y"])
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o640
+    assert stat.S_IMODE((tmp_path / "b.csv").stat().st_mode) == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.csv"]  # no temporary files left

@@ -1,19 +1,18 @@
-"""Partial fine-tuning of Uni-Mol and the frozen-vs-fine-tuned sweep."""
+"""Partial fine-tuning of Uni-Mol: flags, which parameters train, the prefix cache, fine-tuned runs."""
 import csv
 import json
-import os
-import subprocess
 
 import numpy as np
 import pytest
 import torch
 
 import data
-from conftest import DEMO, ROOT
-from main import build_encoder, build_model, build_parser, main, validate_args
-from model import (ConformerInputs, collate, FeatureInputs, FinetunableUniMolEncoder, PrefixInputs, UniMolEncoder, energies,
-                   load_checkpoint, parse_freeze_spec, role_inputs)
-from train import EnergyDPOTrainer
+import model
+from conftest import DEMO
+from main import build_parser, main, model_inputs, validate_args
+from model import (ConformerInputs, EnergyDPOModel, FeatureInputs, FinetunableUniMolEncoder, ModelSpec, PrefixInputs,
+                   UniMolEncoder, build_encoder, collate, energies, load_checkpoint, parse_freeze_spec)
+from train import EnergyDPOTrainer, TrainConfig
 
 SMILES = ["CCO", "c1ccccc1O", "CC(C)Nc1ncccc1", "CCOC(=O)C", "c1ccncc1C#N", "OCCOc1ccccc1", "CC(=O)Nc1ccc(O)cc1",
           "CN1CCNCC1"]
@@ -26,7 +25,12 @@ def parsed(*argv):
 
 @pytest.fixture(scope="module")
 def conformers():
-    return [data.make_conformer(data.canonicalize(s)[0])[:2] for s in SMILES]
+    return [data.make_conformer(s)[:2] for s in SMILES]
+
+
+def finetuned_model(freeze="0-12", seed=0, **kwargs):
+    encoder = build_encoder("random", finetune=True, freeze_layers=freeze, **kwargs)
+    return EnergyDPOModel(ModelSpec(encoder.weights_id, finetune_encoder=True, freeze_layers=freeze), encoder, seed)
 
 
 def test_defaults_are_the_frozen_pipeline():
@@ -34,9 +38,11 @@ def test_defaults_are_the_frozen_pipeline():
     assert error is None and args.finetune_encoder is False
     assert (args.encoder_lr, args.freeze_layers, args.grad_accum_steps, args.amp) == (5e-6, "0-12", 1, "off")
     assert (args.batch_size, args.eval_batch_size) == (4096, 2048)
-    encoder = build_encoder(args)
+    assert args.dataset == "demo_ec50_scaffold"  # the --data_file stem, not the official file's name
+    encoder = build_encoder("random")
     assert type(encoder) is UniMolEncoder and not any(p.requires_grad for p in encoder.parameters())
-    assert build_model(args, encoder).encoder is None
+    with pytest.raises(ValueError, match="frozen one takes features"):
+        EnergyDPOModel(ModelSpec(encoder.weights_id), encoder)
 
 
 def test_finetune_batch_sizes_default_small_but_user_values_stand():
@@ -110,12 +116,10 @@ def test_frozen_prefix_is_deterministic_and_trainable_part_is_not(conformers):
 
 
 def test_training_step_changes_only_trainable_parameters(conformers):
-    args, _ = parsed("--unimol_weights", "random", "--finetune_encoder", "--batch_size", "4", "--lr", "1e-3",
-                     "--encoder_lr", "1e-3")
-    encoder = build_encoder(args)
-    net = build_model(args, encoder)
+    net = finetuned_model()
+    encoder = net.encoder
     before = {n: p.detach().clone() for n, p in net.named_parameters()}
-    trainer = EnergyDPOTrainer(net, args, None, "cpu", {})
+    trainer = EnergyDPOTrainer(net, TrainConfig(batch_size=4, lr=1e-3, encoder_lr=1e-3), None)
     groups = {g["name"]: g for g in trainer.optimizer.param_groups}
     assert groups["head"]["lr"] == 1e-3 and groups["encoder"]["lr"] == 1e-3
     assert sum(p.numel() for p in groups["encoder"]["params"]) == 6_305_792
@@ -128,16 +132,13 @@ def test_training_step_changes_only_trainable_parameters(conformers):
 
 
 def test_optimizer_groups_use_their_learning_rates():
-    args, _ = parsed("--unimol_weights", "random", "--finetune_encoder")
-    trainer = EnergyDPOTrainer(build_model(args, build_encoder(args)), args, None, "cpu", {})
+    trainer = EnergyDPOTrainer(finetuned_model(), TrainConfig(), None)
     assert {g["name"]: g["lr"] for g in trainer.optimizer.param_groups} == {"head": 1e-4, "encoder": 5e-6}
 
 
 def test_grad_accumulation_steps_and_checkpointing_gradients(conformers):
-    args, _ = parsed("--unimol_weights", "random", "--finetune_encoder", "--batch_size", "2",
-                     "--grad_accum_steps", "3")
-    net = build_model(args, build_encoder(args))
-    trainer = EnergyDPOTrainer(net, args, None, "cpu", {})
+    net = finetuned_model()
+    trainer = EnergyDPOTrainer(net, TrainConfig(batch_size=2, grad_accum_steps=3), None)
     trainer.train_epoch(1, ConformerInputs(conformers, net.encoder.dictionary),
                         ConformerInputs(conformers, net.encoder.dictionary))
     steps = {int(s["step"]) for s in trainer.optimizer.state_dict()["state"].values()}
@@ -161,7 +162,7 @@ def finetuned_run(tmp_path_factory, small_benchmark, random_ckpt, cache_dir):
     return run
 
 
-def test_finetuned_run_scores_with_its_own_encoder(finetuned_run, random_ckpt, cache_dir):
+def test_finetuned_run_scores_with_its_own_encoder(finetuned_run, random_ckpt, cache_dir, monkeypatch):
     config = json.loads((finetuned_run / "config.json").read_text())
     assert config["encoder_trainable_params"] == 6_305_792 and config["args"]["finetune_encoder"] is True
     state = load_checkpoint(finetuned_run / "best_model.pt")
@@ -172,17 +173,21 @@ def test_finetuned_run_scores_with_its_own_encoder(finetuned_run, random_ckpt, c
         rows = list(csv.DictReader(f))
     recorded = np.array([float(r["energy"]) for r in rows])
     # the same head on features of the frozen base encoder gives other scores
-    args, _ = parsed("--unimol_weights", str(random_ckpt))
     base = UniMolEncoder(str(random_ckpt))
-    head_only = build_model(args, base)
+    head_only = EnergyDPOModel(ModelSpec(base.weights_id))
     head_only.head.load_state_dict(state["model"]["head"])
     confs, _ = data.get_conformers([r["smiles"] for r in rows], cache_dir)
     feats = base.encode([confs[r["smiles"]][:2] for r in rows])
     frozen_scores = energies(head_only, FeatureInputs(feats), 64, "cpu").numpy()
     assert np.abs(frozen_scores - recorded).max() > 1e-3
-    # eval and predict reproduce the fine-tuned scores
+    # eval and predict reproduce the fine-tuned scores, scoring with the run's own batch size (512)
     before = json.loads((finetuned_run / "test_metrics.json").read_text())
+    batch_sizes = []
+    real_energies = model.energies
+    monkeypatch.setattr(model, "energies", lambda net, inputs, batch_size, device: batch_sizes.append(batch_size) or
+                        real_energies(net, inputs, batch_size, device))
     assert main(["--mode", "eval", "--output_dir", str(finetuned_run), "--cache_dir", str(cache_dir)]) == 0
+    assert set(batch_sizes) == {512}
     after = json.loads((finetuned_run / "test_metrics.json").read_text())
     assert after["auroc"] == pytest.approx(before["auroc"], abs=1e-9)
     assert after["energy_id_mean"] == pytest.approx(before["energy_id_mean"], abs=1e-5)
@@ -199,57 +204,15 @@ def test_finetuned_checkpoint_refuses_other_base_weights(finetuned_run, capsys, 
     assert "was trained on encoder sha256:" in capsys.readouterr().err
 
 
-def test_sweep_script_writes_a_well_formed_summary(tmp_path, small_benchmark, random_ckpt, cache_dir):
-    env = dict(os.environ, SEEDS="1 2", DATASETS="tiny", DATA_FILE=str(small_benchmark), EPOCHS="2",
-               TRAIN_SIZE="8", VAL_SIZE="6", TEST_SIZE="6", UNIMOL_WEIGHTS=str(random_ckpt),
-               OUTPUT_ROOT=str(tmp_path / "sweep"), DEVICE="cpu", PYTHON=os.sys.executable,
-               EXTRA_ARGS=f"--cache_dir {cache_dir} --num_workers 1")
-    proc = subprocess.run(["bash", str(ROOT / "run_finetune_comparison.sh")], env=env, capture_output=True,
-                          text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    root = tmp_path / "sweep" / "tiny"
-    text = (root / "comparison_summary.txt").read_text()
-    assert "Energy-DPO (frozen)" in text and "Energy-DPO (finetuned)" in text and "Improvement" in text
-    assert "Method                   | AUROC" in text and "encoder weights: pretrained Uni-Mol, sha256:" in text
-    summary = json.loads((root / "comparison_summary.json").read_text())
-    assert summary["seeds"] == [1, 2] and len(summary["per_seed"]) == 4
-    for arm in ("frozen", "finetuned"):
-        for seed in (1, 2):
-            metrics = json.loads((root / arm / f"seed{seed}" / "test_metrics.json").read_text())
-            row = next(r for r in summary["per_seed"] if r["arm"] == arm and r["seed"] == seed)
-            assert row["auroc"] == metrics["auroc"]
-    diffs = [next(r["auroc"] for r in summary["per_seed"] if r["arm"] == "finetuned" and r["seed"] == s) -
-             next(r["auroc"] for r in summary["per_seed"] if r["arm"] == "frozen" and r["seed"] == s) for s in (1, 2)]
-    assert summary["table"]["Improvement"]["auroc"][0] == pytest.approx(np.mean(diffs))
-    assert (root / "comparison.png").stat().st_size > 0 and (root / "comparison_summary.csv").is_file()
-    # a rerun skips finished runs
-    again = subprocess.run(["bash", str(ROOT / "run_finetune_comparison.sh")], env=env, capture_output=True,
-                           text=True, timeout=300)
-    assert again.returncode == 0 and again.stdout.count("finished, skipping") == 4
-
-
-def test_sweep_stops_on_missing_data(tmp_path):
-    env = dict(os.environ, DATASETS="nope", OUTPUT_ROOT=str(tmp_path), PYTHON=os.sys.executable)
-    proc = subprocess.run(["bash", str(ROOT / "run_finetune_comparison.sh")], env=env, capture_output=True,
-                          text=True, timeout=60)
-    assert proc.returncode == 1 and "data/raw/nope.json not found" in proc.stderr
-
-
-def prefix_args(tmp_path, *extra):
-    args, _ = parsed("--unimol_weights", "random", "--finetune_encoder", "--cache_dir", str(tmp_path),
-                     "--batch_size", "4", "--encode_batch_size", "3", *extra)
-    return args
+PREFIX_STORE = f"prefix-random-init-seed0-p{data.PREPROCESS_VERSION}-k13"
 
 
 def test_prefix_cache_gives_the_full_forward_within_fp16(tmp_path, conformers):
-    args = prefix_args(tmp_path)
-    enc = build_encoder(args).eval()
-    smiles = [data.canonicalize(s)[0] for s in SMILES]
-    confs = dict(zip(smiles, [(a, c, False) for a, c in conformers]))
-    inputs = role_inputs(enc, {"id_train": smiles[:5], "ood_train": smiles[5:]}, confs, args)
+    enc = build_encoder("random", finetune=True).eval()
+    confs = dict(zip(SMILES, [(a, c, False) for a, c in conformers]))
+    inputs = model_inputs(enc, {"id_train": SMILES[:5], "ood_train": SMILES[5:]}, confs, tmp_path, batch_size=3)
     assert type(inputs["id_train"]) is PrefixInputs and len(inputs["ood_train"]) == 3
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["prefix-random-init-seed0-p1-k13"]
-    full = ConformerInputs(conformers, enc.dictionary)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [PREFIX_STORE]
     with torch.no_grad():
         for role, part in (("id_train", slice(0, 5)), ("ood_train", slice(5, 8))):
             idx = torch.arange(len(inputs[role]))
@@ -257,35 +220,30 @@ def test_prefix_cache_gives_the_full_forward_within_fp16(tmp_path, conformers):
             direct = enc(*collate(conformers[part], enc.dictionary, "cpu"))
             assert torch.nn.functional.cosine_similarity(cached, direct).min() > 0.9999
             assert (cached - direct).abs().max() < 2e-2
-    assert len(full) == 8
     # a second call reads the cache instead of recomputing
-    shards = sorted((tmp_path / "prefix-random-init-seed0-p1-k13").glob("shard-*"))
-    role_inputs(enc, {"id_train": smiles}, confs, args)
-    assert sorted((tmp_path / "prefix-random-init-seed0-p1-k13").glob("shard-*")) == shards
+    shards = sorted((tmp_path / PREFIX_STORE).glob("shard-*"))
+    model_inputs(enc, {"id_train": SMILES}, confs, tmp_path, batch_size=3)
+    assert sorted((tmp_path / PREFIX_STORE).glob("shard-*")) == shards
 
 
 def test_training_on_the_prefix_cache_follows_the_full_forward(tmp_path, conformers):
-    args = prefix_args(tmp_path, "--lr", "1e-3", "--encoder_lr", "1e-4")
-    smiles = [data.canonicalize(s)[0] for s in SMILES]
-    confs = dict(zip(smiles, [(a, c, False) for a, c in conformers]))
+    confs = dict(zip(SMILES, [(a, c, False) for a, c in conformers]))
+    roles = {"id_train": SMILES[:4], "ood_train": SMILES[4:]}
     losses = []
     for cached in (True, False):
-        net = build_model(args, build_encoder(args))
-        roles = {"id_train": smiles[:4], "ood_train": smiles[4:]}
+        net = finetuned_model(seed=42)
         if cached:
-            inputs = role_inputs(net.encoder, roles, confs, args)
+            inputs = model_inputs(net.encoder, roles, confs, tmp_path, batch_size=3)
         else:
             inputs = {r: ConformerInputs([confs[s][:2] for s in m], net.encoder.dictionary) for r, m in roles.items()}
-        trainer = EnergyDPOTrainer(net, args, None, "cpu", {})
+        trainer = EnergyDPOTrainer(net, TrainConfig(batch_size=4, lr=1e-3, encoder_lr=1e-4), None)
         losses.append([trainer.train_epoch(e, inputs["id_train"], inputs["ood_train"])["train_loss"]
                        for e in range(1, 4)])
     assert np.allclose(losses[0], losses[1], atol=2e-3), losses
 
 
 def test_layer0_trainable_means_no_prefix_cache(tmp_path, conformers):
-    args = prefix_args(tmp_path, "--freeze_layers", "1-12")
-    enc = build_encoder(args)
-    smiles = [data.canonicalize(s)[0] for s in SMILES[:3]]
-    confs = dict(zip(smiles, [(a, c, False) for a, c in conformers[:3]]))
-    assert type(role_inputs(enc, {"id_train": smiles}, confs, args)["id_train"]) is ConformerInputs
-    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+    enc = build_encoder("random", finetune=True, freeze_layers="1-12")
+    confs = dict(zip(SMILES[:3], [(a, c, False) for a, c in conformers[:3]]))
+    assert type(model_inputs(enc, {"id_train": SMILES[:3]}, confs, tmp_path)["id_train"]) is ConformerInputs
+    assert not any(tmp_path.iterdir())

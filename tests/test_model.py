@@ -1,5 +1,8 @@
+import dataclasses
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -7,6 +10,7 @@ import torch
 
 import data
 import model
+from conftest import ROOT
 from data import InputError, canonicalize, make_conformer
 from model import EnergyHead, UniMolEncoder, energy_loss
 
@@ -32,9 +36,10 @@ def test_architecture_is_the_real_15_layer_unimol(encoder):
 
 
 def test_features_equal_unimol_tools_repr(encoder, random_ckpt):
-    """Our featurisation path against unimol_tools' own UniMolRepr on the same checkpoint."""
+    """Our featurisation path against unimol_tools' own UniMolRepr on the same checkpoint, for
+    SMILES as written (canonical and not)."""
     from unimol_tools import UniMolRepr
-    smiles = [canonicalize(s)[0] for s in MOLECULES]
+    smiles = MOLECULES
     ours = encoder.encode([make_conformer(s)[:2] for s in smiles], batch_size=3)
     repr_ = UniMolRepr(remove_hs=True, use_cuda=False, batch_size=4, pretrained_model_path=str(random_ckpt),
                        pretrained_dict_path=str(data.unimol_dict_path()))
@@ -66,7 +71,8 @@ def test_pretraining_heads_are_ignored_but_other_keys_are_not(tmp_path, random_c
     state = torch.load(random_ckpt, weights_only=True)["model"]
     with_heads = dict(state, **{"lm_head.dense.weight": torch.zeros(2), "dist_head.out_proj.bias": torch.zeros(1)})
     torch.save({"model": with_heads, "args": {"arch": "unimol"}}, tmp_path / "heads.pt")
-    UniMolEncoder(str(tmp_path / "heads.pt"))
+    loaded = UniMolEncoder(str(tmp_path / "heads.pt")).unimol.state_dict()
+    assert set(loaded) == set(state) and all(torch.equal(loaded[k], state[k]) for k in state)
 
     torch.save({"model": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "prefixed.pt")
     with pytest.raises(InputError, match="module.*prefix.*193 missing keys"):
@@ -103,9 +109,9 @@ def test_missing_weights_say_where_to_get_them(tmp_path):
 
 def test_weights_path_honours_unimol_weight_dir(monkeypatch):
     monkeypatch.delenv("UNIMOL_WEIGHT_DIR", raising=False)
-    assert model.default_weights_path() == "./weights/mol_pre_no_h_220816.pt"
+    assert data.default_weights_path() == "./weights/mol_pre_no_h_220816.pt"
     monkeypatch.setenv("UNIMOL_WEIGHT_DIR", "/opt/unimol")
-    assert model.default_weights_path() == "/opt/unimol/mol_pre_no_h_220816.pt"
+    assert data.default_weights_path() == "/opt/unimol/mol_pre_no_h_220816.pt"
 
 
 def test_energy_head_shape_and_size():
@@ -147,3 +153,30 @@ def test_length_chunks_cover_everything_within_budget():
     for c in chunks:
         assert len(c) <= 3 and (len(c) == 1 or len(c) * max(lengths[i] for i in c) ** 2 <= 4 * 64 * 64)
     assert [len(c) for c in chunks if max(lengths[i] for i in c) >= 260] == [1, 1]  # peptides alone
+
+
+def test_importing_the_encoder_leaves_the_process_alone(tmp_path):
+    """No chdir (os.chdir is removed), no ./logs, no change to the root logger level."""
+    code = ("import logging, os, sys; sys.path.insert(0, sys.argv[1]); os.chdir = None; level = logging.root.level; "
+            "from model import build_unimol; build_unimol(); import unimol_tools; "
+            "assert logging.root.level == level and os.listdir('.') == [], os.listdir('.'); print('ok')")
+    proc = subprocess.run([sys.executable, "-c", code, str(ROOT)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_checkpoint_describes_itself(tmp_path, random_ckpt):
+    spec = model.ModelSpec(encoder_weights=UniMolEncoder("random").weights_id, hidden_dim=32, loss_type="hinge")
+    net = model.EnergyDPOModel(spec, seed=3)
+    model.save_checkpoint(tmp_path / "m.pt", {"model_spec": dataclasses.asdict(spec), "model": net.checkpoint_state()})
+    rebuilt, encoder, _ = model.load_model(tmp_path / "m.pt", "random")
+    assert rebuilt.spec == spec and rebuilt.encoder is None and encoder.is_random_init
+    x = torch.randn(4, 512)
+    assert torch.equal(rebuilt.eval()(x), net.eval()(x))
+    with pytest.raises(InputError, match="was trained on encoder random-init.*loaded now is sha256:"):
+        model.load_model(tmp_path / "m.pt", str(random_ckpt))
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    with pytest.raises(InputError, match="tensor.pt: not a checkpoint of this tool"):
+        model.load_model(tmp_path / "tensor.pt", "random")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "m.pt").read_bytes()[:500])
+    with pytest.raises(InputError, match="cut.pt: not a checkpoint of this tool"):
+        model.load_model(tmp_path / "cut.pt", "random")
