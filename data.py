@@ -4,6 +4,7 @@ Everything here is chemistry and bookkeeping; nothing imports torch or unimol_to
 worker processes stay light. The Uni-Mol dictionary is only read for its set of element symbols.
 """
 import csv
+import dataclasses
 import functools
 import hashlib
 import importlib.util
@@ -11,17 +12,21 @@ import io
 import json
 import logging
 import multiprocessing
+import re
 import os
+import math
 import shutil
+import socket
 import sys
 import tempfile
+import time
 import uuid
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 from rdkit import Chem, RDLogger
-from rdkit.Chem import AllChem
+from rdkit.Chem import AllChem, rdDistGeom
 from tqdm import tqdm
 
 RDLogger.DisableLog("rdApp.*")
@@ -34,6 +39,21 @@ CONFORMER_SEED = 42  # the seed unimol_tools embeds with; the pretrained weights
 # Bump when anything that changes model inputs changes (conformer recipe, crop, centring, cache keys).
 # 2: conformers are made from the SMILES as written (as unimol_tools does), not the canonical form.
 PREPROCESS_VERSION = 2
+# Guards against molecules that would exhaust the machine during 3D embedding (a 10,000-character
+# SMILES grew to 24 GB; a 300-carbon chain takes minutes). Every shipped demo molecule (at most 316
+# heavy atoms, 25 s to embed on one core) passes both.
+MAX_HEAVY_ATOMS = 350
+EMBED_TIMEOUT_S = 120
+
+
+@dataclasses.dataclass(frozen=True)
+class ConformerSettings:
+    """Where conformers are cached, how they are made, and which molecules are too big to try."""
+    cache_dir: str = "./cache"
+    num_workers: int = 1
+    force: bool = False  # rebuild the caches used
+    max_heavy_atoms: int = MAX_HEAVY_ATOMS
+    timeout_s: float = EMBED_TIMEOUT_S  # per molecule, for the ETKDG embedding
 WEIGHTS_FILE = "mol_pre_no_h_220816.pt"  # the Uni-Mol authors' no-H v1 checkpoint
 
 
@@ -102,6 +122,16 @@ def atomic_write_csv(path, rows, columns):
     atomic_write_text(path, buf.getvalue())
 
 
+def read_json(path, what):
+    """A JSON file the tool wrote; a damaged one is a one-line error naming it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path}: missing; {what}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise InputError(f"{path}: damaged ({str(exc)[:80]}); {what}") from None
+
+
 def atomic_write_json(path, obj):
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
@@ -121,29 +151,33 @@ def canonicalize(smiles):
     return Chem.MolToSmiles(mol), None
 
 
-def unknown_elements(smiles, known):
-    mol = Chem.MolFromSmiles(smiles)
-    return sorted({a.GetSymbol() for a in mol.GetAtoms() if a.GetSymbol() != "H" and a.GetSymbol() not in known})
-
-
 def _crop_rng(smiles):
     # unimol_tools crops with the global unseeded RNG; seed per molecule so every run crops alike.
     return np.random.default_rng(int.from_bytes(hashlib.sha256(smiles.encode()).digest()[:8], "little"))
 
 
-def make_conformer(smiles):
+def make_conformer(smiles, max_heavy_atoms=MAX_HEAVY_ATOMS, timeout_s=EMBED_TIMEOUT_S):
     """Heavy atoms and centred coordinates exactly as unimol_tools prepares them for the no-H model,
     from the SMILES string as given (its atom order seeds the embedding).
 
     Returns (atoms, coords, is_2d) or raises ValueError with the reason. unimol_tools replaces a
-    conformer it cannot make with zeros; here that molecule fails instead.
+    conformer it cannot make with zeros; here that molecule fails instead, and so does one above
+    `max_heavy_atoms` (checked before any 3D work) or whose embedding runs past `timeout_s`.
     """
     mol = Chem.MolFromSmiles(smiles)
     if mol is None:
         raise ValueError("RDKit cannot parse SMILES")
+    if mol.GetNumHeavyAtoms() > max_heavy_atoms:
+        raise ValueError(f"{mol.GetNumHeavyAtoms()} heavy atoms, above --max_heavy_atoms {max_heavy_atoms}")
     mol = Chem.AddHs(mol)
+    params = rdDistGeom.ETKDGv3()  # what EmbedMolecule(mol, randomSeed=42) uses, plus a time limit
+    params.randomSeed = CONFORMER_SEED
+    params.timeout = max(1, math.ceil(timeout_s))
     try:
-        is_2d = AllChem.EmbedMolecule(mol, randomSeed=CONFORMER_SEED) != 0
+        started = time.monotonic()
+        is_2d = AllChem.EmbedMolecule(mol, params) != 0
+        if is_2d and time.monotonic() - started >= params.timeout:
+            raise ValueError(f"3D embedding exceeded --conformer_timeout {timeout_s:g} s")
         if is_2d:
             AllChem.Compute2DCoords(mol)
         else:
@@ -151,6 +185,8 @@ def make_conformer(smiles):
                 AllChem.MMFFOptimizeMolecule(mol)
             except Exception:  # noqa: BLE001 - unimol_tools keeps the unoptimised conformer too
                 pass
+    except ValueError:
+        raise
     except Exception as exc:  # noqa: BLE001 - RDKit raises assorted C++ errors
         raise ValueError(f"conformer generation failed ({exc})") from None
     atoms = np.array([a.GetSymbol() for a in mol.GetAtoms()])
@@ -170,9 +206,9 @@ def crop_and_centre(smiles, atoms, coords):
     return atoms, (coords - coords.mean(axis=0)).astype(np.float32)
 
 
-def _conformer_job(smiles):
+def _conformer_job(smiles, max_heavy_atoms, timeout_s):
     try:
-        return smiles, make_conformer(smiles), None
+        return smiles, make_conformer(smiles, max_heavy_atoms, timeout_s), None
     except ValueError as exc:
         return smiles, None, str(exc)
 
@@ -183,16 +219,18 @@ def _worker_init():
         sys.modules["torch"].set_num_threads(1)
 
 
-def _generate_conformers(smiles_list, num_workers):
+def _generate_conformers(smiles_list, settings):
     """(smiles, result, reason) in input order. Workers take the largest molecules first so that a
     slow macrocycle does not leave the other cores idle at the end."""
+    num_workers = settings.num_workers
+    job = functools.partial(_conformer_job, max_heavy_atoms=settings.max_heavy_atoms, timeout_s=settings.timeout_s)
     desc = f"conformers ({num_workers} workers)"
     if num_workers <= 1 or len(smiles_list) < 2 * num_workers:
-        return [_conformer_job(s) for s in progress(smiles_list, desc=desc, leave=False)]
+        return [job(s) for s in progress(smiles_list, desc=desc, leave=False)]
     largest_first = sorted(smiles_list, key=lambda s: -Chem.MolFromSmiles(s).GetNumAtoms())
     ctx = multiprocessing.get_context("fork")
     with ctx.Pool(num_workers, initializer=_worker_init) as pool:
-        jobs = pool.imap_unordered(_conformer_job, largest_first)
+        jobs = pool.imap_unordered(job, largest_first)
         done = {job[0]: job for job in progress(jobs, total=len(smiles_list), desc=desc, leave=False)}
     return [done[s] for s in smiles_list]
 
@@ -202,12 +240,40 @@ def _generate_conformers(smiles_list, num_workers):
 # of .npy files: no pickle, memory-mapped on read. Entries are keyed by SMILES as written; each
 # field of an entry is an array whose first axis may differ between entries (atoms, tokens, ...).
 
+def _tmp_name():
+    # host and pid in the name: a later run can tell a dead writer's leftovers from a live one's
+    return f".tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex}"
+
+
+def _remove_stale_tmp(directory):
+    """Delete temporary shard folders whose writer (a process on this host) no longer runs."""
+    host = socket.gethostname()
+    for tmp in Path(directory).glob(".tmp-*"):
+        parts = tmp.name[len(".tmp-"):].rsplit("-", 2)
+        if len(parts) != 3 or parts[0] != host or not parts[1].isdigit():
+            continue
+        try:
+            os.kill(int(parts[1]), 0)
+        except ProcessLookupError:
+            log.info("removing %s, left by a process that ended", tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+        except PermissionError:
+            pass  # alive, another user's
+
+
 def open_store(directory, meta, force=False):
     directory = Path(directory)
     if force and directory.exists():
         log.info("--force_recompute_cache: clearing %s", directory)
         shutil.rmtree(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{directory}: cannot create the cache folder ({exc.strerror}); "
+                         f"pass a writable --cache_dir") from None
+    if not os.access(directory, os.W_OK):
+        raise InputError(f"{directory}: the cache folder is not writable; pass a writable --cache_dir")
+    _remove_stale_tmp(directory)
     meta_path = directory / "meta.json"
     if meta_path.exists():
         try:
@@ -232,6 +298,8 @@ def _read_shard(shard):
         offsets[field] = np.load(shard / f"{field}.offsets.npy", allow_pickle=False)
         if len(offsets[field]) != len(keys) + 1 or offsets[field][-1] != len(arrays[field]):
             raise ValueError(f"{field} offsets do not match the data")
+        if arrays[field].dtype.kind == "f" and not np.isfinite(arrays[field]).all():
+            raise ValueError(f"{field} holds non-finite values")
     return keys, arrays, offsets
 
 
@@ -258,16 +326,20 @@ def store_get(directory, keys):
 def store_put(directory, entries):
     """Write {key: {field: array}} as a new shard (a temporary folder renamed into place)."""
     directory = Path(directory)
-    tmp = directory / f".tmp-{uuid.uuid4().hex}"
-    tmp.mkdir()
-    fields = list(next(iter(entries.values())))
-    np.save(tmp / "keys.npy", np.array(list(entries), dtype=str))
-    for field in fields:
-        parts = [np.asarray(entry[field]) for entry in entries.values()]
-        np.save(tmp / f"{field}.npy", np.concatenate(parts))
-        np.save(tmp / f"{field}.offsets.npy", np.cumsum([0] + [len(p) for p in parts]))
-    atomic_write_json(tmp / "fields.json", fields)
-    os.replace(tmp, directory / f"shard-{uuid.uuid4().hex}")
+    tmp = directory / _tmp_name()
+    try:
+        tmp.mkdir()
+        fields = list(next(iter(entries.values())))
+        np.save(tmp / "keys.npy", np.array(list(entries), dtype=str))
+        for field in fields:
+            parts = [np.asarray(entry[field]) for entry in entries.values()]
+            np.save(tmp / f"{field}.npy", np.concatenate(parts))
+            np.save(tmp / f"{field}.offsets.npy", np.cumsum([0] + [len(p) for p in parts]))
+        atomic_write_json(tmp / "fields.json", fields)
+        os.replace(tmp, directory / f"shard-{uuid.uuid4().hex}")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def cached_entries(keys, directory, meta, compute, force=False):
@@ -289,10 +361,10 @@ def conformer_store_dir(cache_dir):
     return Path(cache_dir) / f"conformers-v{PREPROCESS_VERSION}"
 
 
-def _compute_conformers(smiles_list, num_workers):
+def _compute_conformers(smiles_list, settings):
     log.info("generating %d conformers", len(smiles_list))
     new, failures = {}, {}
-    for smiles, result, reason in _generate_conformers(smiles_list, num_workers):
+    for smiles, result, reason in _generate_conformers(smiles_list, settings):
         if result is None:
             failures[smiles] = reason
         else:
@@ -301,12 +373,13 @@ def _compute_conformers(smiles_list, num_workers):
     return new, failures
 
 
-def get_conformers(smiles_list, cache_dir, num_workers=1, force=False):
-    """Conformers for SMILES as written: {smiles: (atoms, coords, is_2d)} and {smiles: failure reason}."""
+def get_conformers(smiles_list, settings=ConformerSettings()):
+    """Conformers for SMILES as written: {smiles: (atoms, coords, is_2d)} and {smiles: failure reason}.
+    Failures are not cached (a larger limit may let them through later)."""
     meta = {"kind": "unimol-no-h-conformers", "preprocess_version": PREPROCESS_VERSION,
             "conformer_seed": CONFORMER_SEED, "max_atoms": MAX_ATOMS}
-    entries, failures = cached_entries(smiles_list, conformer_store_dir(cache_dir), meta,
-                                       lambda missing: _compute_conformers(missing, num_workers), force)
+    entries, failures = cached_entries(smiles_list, conformer_store_dir(settings.cache_dir), meta,
+                                       lambda missing: _compute_conformers(missing, settings), settings.force)
     return {s: (e["atoms"], e["coords"], bool(e["is_2d"][0])) for s, e in entries.items()}, failures
 
 
@@ -465,8 +538,8 @@ def build_roles(path, sizes, data_seed, report):
 def check_roles(roles, source):
     for role, mols in roles.items():
         if not mols:
-            raise InputError(f"{source}: role {role} has no usable molecules; check the file's splits "
-                             f"and the skipped items listed in data_report.json")
+            raise InputError(f"{source}: role {role} has no usable molecules; check the file's "
+                             f"'{role}' split and its SMILES")
     names = list(roles)
     for i, a in enumerate(names):
         for b in names[i + 1:]:
@@ -476,10 +549,14 @@ def check_roles(roles, source):
                                  f"e.g. {sorted(leaked)[0]}")
 
 
-def attach_conformers(roles, report, cache_dir, num_workers, force, source):
+def attach_conformers(roles, report, settings, source):
     """Conformers for every role molecule; failures leave the roles and are recorded."""
     everything = [s for mols in roles.values() for s in mols]
-    conformers, failures = get_conformers(everything, cache_dir, num_workers, force)
+    conformers, failures = get_conformers(everything, settings)
+    if failures:
+        reasons = Counter(reason_kind(r) for r in failures.values())
+        log.warning("%d molecules without a conformer, skipped: %s", len(failures),
+                    ", ".join(f"{n} {why}" for why, n in reasons.most_common()))
     for smiles, reason in failures.items():
         role = next(r for r in roles if smiles in roles[r])
         report["skipped"].append({"split": role, "index": None, "value": smiles, "reason": reason})
@@ -503,21 +580,33 @@ def summarize_conformers(report, conformers, smiles_list):
             unknown_mols += bool(extra)
     report["conformer_2d_fallback"] = {"count": len(two_d), "smiles": two_d[:100]}
     report["unknown_elements"] = {"molecules": unknown_mols, "atoms_by_element": dict(unknown)}
+    if two_d:
+        log.warning("%d molecules got 2D coordinates (3D embedding failed), as unimol_tools would give them",
+                    len(two_d))
+    if unknown:
+        log.warning("%d molecules hold elements outside the Uni-Mol dictionary, read as [UNK]: %s", unknown_mols,
+                    ", ".join(f"{e} ×{n}" for e, n in unknown.most_common()))
     report["cropped_to_256_atoms"] = sum(1 for s in smiles_list if s in conformers and len(conformers[s][0]) == MAX_ATOMS)
 
 
+def reason_kind(reason):
+    """A skip reason without its particulars, for counting: '351 heavy atoms, above
+    --max_heavy_atoms 350' → 'heavy atoms, above --max_heavy_atoms'."""
+    return re.sub(r"\s*\(.*\)|\s*\b[\d.]+\b\s*(s\b)?", " ", reason).strip().replace("  ", " ")
+
+
 def finalize_report(report):
-    report["skipped_counts"] = dict(Counter(item["reason"].split(" (")[0] for item in report["skipped"]))
+    report["skipped_counts"] = dict(Counter(reason_kind(item["reason"]) for item in report["skipped"]))
     for key in ("duplicates_removed", "cross_split_duplicates_removed"):
         report[key] = dict(report.get(key, {}))
     return report
 
 
-def load_benchmark(data_file, sizes, data_seed, cache_dir, num_workers=1, force=False):
+def load_benchmark(data_file, sizes, data_seed, settings=ConformerSettings()):
     """Roles, their conformers and the data report for one DrugOOD file."""
     report = {}
     roles = build_roles(data_file, sizes, data_seed, report)
-    roles, conformers = attach_conformers(roles, report, cache_dir, num_workers, force, data_file)
+    roles, conformers = attach_conformers(roles, report, settings, data_file)
     return roles, conformers, finalize_report(report)
 
 
@@ -560,7 +649,7 @@ def read_table(path, smiles_column=None):
     return ["smiles", "name"], rows, [r[0] for r in rows]
 
 
-def prepare_inputs(smiles, cache_dir, num_workers=1, force=False):
+def prepare_inputs(smiles, settings=ConformerSettings()):
     """User-given SMILES → ({row: SMILES as written}, conformers keyed by it, {row: failure reason})."""
     written, failed = {}, {}
     for row, raw in enumerate(smiles):
@@ -569,7 +658,7 @@ def prepare_inputs(smiles, cache_dir, num_workers=1, force=False):
             failed[row] = reason
         else:
             written[row] = raw.strip()
-    conformers, failures = get_conformers(list(written.values()), cache_dir, num_workers, force)
+    conformers, failures = get_conformers(list(written.values()), settings)
     for row in [r for r, s in written.items() if s in failures]:
         failed[row] = failures[written.pop(row)]
     return written, conformers, failed

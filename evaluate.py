@@ -2,7 +2,6 @@
 
 Scores in, files out: nothing here knows models or checkpoints. matplotlib is imported only when a
 picture is drawn, so training code that needs the metrics does not pay for it."""
-import json
 import math
 import time
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import auc, precision_recall_curve, roc_auc_score, roc_curve
 
-from data import InputError, atomic_write_csv, atomic_write_json, atomic_write_text, normal_permissions
+from data import InputError, atomic_write_csv, atomic_write_json, atomic_write_text, normal_permissions, read_json
 
 RANDOM_INIT_LABEL = "RANDOM-INIT ENCODER (not pretrained Uni-Mol)"
 
@@ -157,15 +156,22 @@ def _mean_std(values):
 
 def collect_arm_runs(root):
     """{arm: {seed: (test_metrics, config)}} from ROOT/<arm>/seed<N>/; both arms, same seeds."""
+    if not Path(root).is_dir():
+        raise InputError(f"{root}: no such sweep folder (expected {root}/frozen/seed*/ and {root}/finetuned/seed*/)")
     runs = {}
     for arm in ARMS:
         runs[arm] = {}
         for run in sorted((root / arm).glob("seed*")):
-            metrics_path = run / "test_metrics.json"
-            if not metrics_path.is_file():
-                raise InputError(f"{run}: no test_metrics.json; the run did not finish (rerun the sweep)")
-            runs[arm][int(run.name[4:])] = (json.loads(metrics_path.read_text()),
-                                            json.loads((run / "config.json").read_text()))
+            if not run.is_dir() or not run.name[4:].isdigit():
+                raise InputError(f"{run}: not a seed folder (expected seed<N>); move it out of the sweep")
+            what = "the run did not finish (rerun the sweep)"
+            metrics, config = read_json(run / "test_metrics.json", what), read_json(run / "config.json", what)
+            for path, doc, keys in ((run / "test_metrics.json", metrics, (*COMPARED, "best_epoch", "val_auroc")),
+                                    (run / "config.json", config, ("args", "encoder_weights"))):
+                missing = [k for k in keys if not isinstance(doc, dict) or k not in doc]
+                if missing:
+                    raise InputError(f"{path}: incomplete (no {', '.join(missing)}); rerun that run with --overwrite")
+            runs[arm][int(run.name[4:])] = (metrics, config)
     seeds = {arm: sorted(r) for arm, r in runs.items()}
     if not seeds["frozen"] or seeds["frozen"] != seeds["finetuned"]:
         raise InputError(f"{root}: need frozen/seed* and finetuned/seed* runs for the same seeds, found {seeds}")

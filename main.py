@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from data import InputError, default_weights_path
+from data import EMBED_TIMEOUT_S, MAX_HEAVY_ATOMS, InputError, default_weights_path, read_json
 
 log = logging.getLogger("energy_dpo.main")
 FROZEN_BATCH_SIZE, FROZEN_EVAL_BATCH_SIZE = 4096, 2048
@@ -28,13 +28,16 @@ DEFAULT_DATASET = "lbap_general_ec50_scaffold"
 # Flags that change where and how fast, not what: they may differ on --resume, and eval / predict
 # take them from the command line (when given) instead of from the run.
 RUNTIME_FLAGS = {"device", "num_workers", "cache_dir", "resume", "overwrite", "force_recompute_cache",
-                 "eval_batch_size", "encode_batch_size", "grad_checkpointing"}
+                 "eval_batch_size", "encode_batch_size", "grad_checkpointing", "output_dir"}
+MOLECULE_LIMITS = {"max_heavy_atoms", "conformer_timeout"}  # eval / predict: the run's unless given
 # What each mode reads from the command line besides the runtime flags; anything else is an error.
 MODE_FLAGS = {
     "train": None,  # all
-    "eval": {"mode", "output_dir", "model_path", "unimol_weights", "data_file", "dataset", "test_size", "data_seed"},
-    "predict": {"mode", "output_dir", "model_path", "unimol_weights", "input", "smiles", "output", "smiles_column"},
-    "featurize": {"mode", "unimol_weights", "amp", "input", "smiles", "output", "smiles_column"},
+    "eval": {"mode", "output_dir", "model_path", "unimol_weights", "data_file", "dataset", "test_size", "data_seed",
+             *MOLECULE_LIMITS},
+    "predict": {"mode", "output_dir", "model_path", "unimol_weights", "input", "smiles", "output", "smiles_column",
+                *MOLECULE_LIMITS},
+    "featurize": {"mode", "unimol_weights", "amp", "input", "smiles", "output", "smiles_column", *MOLECULE_LIMITS},
     "compare": {"mode", "output_dir"},
 }
 CROSS_EVAL_FLAGS = {"dataset", "test_size", "data_seed"}  # eval honours them only with --data_file
@@ -60,6 +63,10 @@ def build_parser():
     g.add_argument("--cache_dir", default="./cache", help="conformer and feature caches (eval/predict: the run's)")
     g.add_argument("--force_recompute_cache", action="store_true", help="drop and rebuild the caches used")
     g.add_argument("--num_workers", type=int, default=2, help="processes for conformer generation")
+    g.add_argument("--max_heavy_atoms", type=int, default=MAX_HEAVY_ATOMS,
+                   help="skip larger molecules (reported) before 3D embedding, which they could exhaust memory in")
+    g.add_argument("--conformer_timeout", type=float, default=EMBED_TIMEOUT_S,
+                   help="seconds of 3D embedding per molecule before it is skipped (reported)")
     g = p.add_argument_group("encoder")
     g.add_argument("--foundation_model", choices=["unimol"], default="unimol")
     g.add_argument("--unimol_weights", default=None,
@@ -152,6 +159,8 @@ def validate_args(args, given=None):
         return "--lambda_reg, --weight_decay, --patience and --num_workers cannot be negative"
     if args.data_seed < 0:
         return "--data_seed cannot be negative"
+    if args.max_heavy_atoms < 1 or not args.conformer_timeout > 0 or not math.isfinite(args.conformer_timeout):
+        return "--max_heavy_atoms and --conformer_timeout must be positive"
     if args.resume and args.overwrite:
         return "--resume and --overwrite contradict each other"
     import torch  # noqa: PLC0415
@@ -170,8 +179,16 @@ def validate_args(args, given=None):
             return f"--mode {args.mode} needs exactly one of --input FILE or --smiles ..."
         if not args.output:
             return f"--mode {args.mode} needs --output"
-        if Path(args.output).exists() and not args.overwrite:
-            return f"{args.output} exists; pass --overwrite to replace it"
+        out = Path(args.output)
+        outputs = [out] + ([out.with_suffix(".rows.csv"), out.with_suffix(".failed.csv")]
+                           if args.mode == "featurize" else [])
+        if out.is_dir():
+            return f"--output {out} is a folder; name the file to write"
+        existing = [str(p) for p in outputs if p.exists()]
+        if existing and not args.overwrite:
+            return f"{', '.join(existing)} exist{'s' if len(existing) == 1 else ''}; pass --overwrite to replace"
+    if args.output_dir and Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        return f"--output_dir {args.output_dir} is a file, not a folder"
     if args.mode == "eval" and args.data_file and not Path(args.data_file).is_file():
         return f"{args.data_file}: file not found (eval --data_file: a DrugOOD JSON or a CSV with smiles, is_ood)"
     if args.mode == "train":
@@ -195,17 +212,42 @@ def validate_args(args, given=None):
     return None
 
 
-def setup_logging(log_file=None):
-    """Console (stderr) and, for a run, its log file; one logger per module under 'energy_dpo'."""
+LOG_FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+
+
+def setup_logging(log_file=None, hold=False):
+    """Console (stderr) and, for a run, its log file; one logger per module under 'energy_dpo'.
+    hold: keep the records in memory until attach_log_file names the file (a run folder is only
+    touched once its inputs have checked out)."""
+    import logging.handlers  # noqa: PLC0415
     root = logging.getLogger("energy_dpo")
     root.setLevel(logging.INFO)
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
     for handler in list(root.handlers):
         handler.close()
         root.removeHandler(handler)
-    for handler in [logging.StreamHandler(sys.stderr)] + ([logging.FileHandler(log_file)] if log_file else []):
-        handler.setFormatter(fmt)
+    handlers = [logging.StreamHandler(sys.stderr)]
+    if log_file:
+        handlers.append(logging.FileHandler(log_file))
+    if hold:
+        handlers.append(logging.handlers.MemoryHandler(capacity=1 << 20, flushLevel=logging.CRITICAL + 1))
+    for handler in handlers:
+        handler.setFormatter(LOG_FORMAT)
         root.addHandler(handler)
+
+
+
+def attach_log_file(path):
+    """Start writing the log to `path`, beginning with the records held since setup_logging(hold=True)."""
+    import logging.handlers  # noqa: PLC0415
+    root = logging.getLogger("energy_dpo")
+    file_handler = logging.FileHandler(path)
+    file_handler.setFormatter(LOG_FORMAT)
+    for held in [h for h in root.handlers if isinstance(h, logging.handlers.MemoryHandler)]:
+        held.setTarget(file_handler)
+        held.flush()
+        root.removeHandler(held)
+        held.close()
+    root.addHandler(file_handler)
 
 
 # ----------------------------------------------------------------------------- model inputs and caches
@@ -227,7 +269,13 @@ def frozen_features(encoder, smiles, conformers, cache_dir, batch_size=64, devic
         return np.zeros((0, encoder.unimol.args.encoder_embed_dim), np.float32)
     meta = {"kind": "unimol-cls-features", "encoder_weights": encoder.weights_id,
             "preprocess_version": PREPROCESS_VERSION, "autocast": "bf16" if encoder.amp else "off"}
-    compute = lambda missing: encoder.encode([conformers[s][:2] for s in missing], batch_size, device)  # noqa: E731
+    def compute(missing):
+        rows = encoder.encode([conformers[s][:2] for s in missing], batch_size, device)
+        bad = [s for s, row in zip(missing, rows) if not np.isfinite(row).all()]
+        if bad:
+            raise InputError(f"Uni-Mol ({encoder.weights_id}) gives non-finite features for {len(bad)} molecules, "
+                             f"e.g. {bad[0]}; nothing was written")
+        return rows
     return cached_features(smiles, Path(cache_dir) / f"features-{_store_tag(encoder)}", meta, compute, force)
 
 
@@ -295,7 +343,10 @@ def run_config(args, encoder):
 
 
 def check_resumable(run_dir, config):
-    stored = json.loads((run_dir / "config.json").read_text())
+    stored = read_json(run_dir / "config.json", "the run cannot be resumed: start it again with --overwrite")
+    if not isinstance(stored, dict) or not isinstance(stored.get("args"), dict) or "encoder_weights" not in stored:
+        raise InputError(f"{run_dir / 'config.json'}: incomplete (no args / encoder_weights); the run cannot be "
+                         f"resumed: start it again with --overwrite")
     changed = sorted(k for k in set(stored["args"]) | set(config["args"])
                      if k not in RUNTIME_FLAGS and stored["args"].get(k) != config["args"].get(k))
     if changed or stored["encoder_weights"] != config["encoder_weights"]:
@@ -334,17 +385,27 @@ def result_line(dataset, metrics):
             f"val AUROC {metrics['val_auroc']:.4f})")
 
 
+def conformer_settings(args, stored=None, given=frozenset()):
+    """How conformers are made and cached; eval / predict take the run's values for flags not given."""
+    from data import ConformerSettings  # noqa: PLC0415
+    stored = stored or {}
+    pick = lambda name: stored[name] if name in stored and name not in given else getattr(args, name)  # noqa: E731
+    return ConformerSettings(cache_dir=pick("cache_dir"), num_workers=pick("num_workers"),
+                             force=args.force_recompute_cache, max_heavy_atoms=pick("max_heavy_atoms"),
+                             timeout_s=pick("conformer_timeout"))
+
+
 def run_train(args):
-    from data import atomic_write_json, load_benchmark  # noqa: PLC0415
+    from data import atomic_write_json, file_sha256, load_benchmark  # noqa: PLC0415
     from evaluate import RANDOM_INIT_LABEL, plot_training_curves, weights_label  # noqa: PLC0415
     from model import EnergyDPOModel, build_encoder  # noqa: PLC0415
-    from train import EnergyDPOTrainer, prepare_run_dir  # noqa: PLC0415
+    from train import EnergyDPOTrainer, check_run_dir, clear_run_dir, remove_stale_temporaries  # noqa: PLC0415
     run_dir = Path(args.output_dir)
-    prepare_run_dir(run_dir, args.overwrite, args.resume)
-    setup_logging(run_dir / "training.log")
+    check_run_dir(run_dir, args.overwrite, args.resume)
+    setup_logging(hold=True)  # the log file starts once the run folder is ready; nothing is lost
     encoder = build_encoder(args.unimol_weights, args.finetune_encoder, args.freeze_layers, args.amp == "bf16",
                             args.grad_checkpointing)
-    config = run_config(args, encoder)
+    config = run_config(args, encoder) | {"data_file_sha256": file_sha256(args.data_file)}
     log.info("configuration: %s", json.dumps(config, indent=1))
     if args.finetune_encoder:
         trainable, total = config["encoder_trainable_params"], config["encoder_total_params"]
@@ -354,27 +415,41 @@ def run_train(args):
         log.warning("%s: numbers from this run are not Uni-Mol results", RANDOM_INIT_LABEL)
     if args.resume:
         check_resumable(run_dir, config)
-    else:
-        atomic_write_json(run_dir / "config.json", config)
+    conformers_from = conformer_settings(args)
     roles, conformers, report = load_benchmark(args.data_file, (args.train_size, args.val_size, args.test_size),
-                                               args.data_seed, args.cache_dir, args.num_workers,
-                                               args.force_recompute_cache)
+                                               args.data_seed, conformers_from)
+    # every input has checked out: only now may an earlier run in this folder go
+    if args.overwrite:
+        clear_run_dir(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(run_dir)
+    attach_log_file(run_dir / "training.log")
+    if not args.resume:
+        atomic_write_json(run_dir / "config.json", config)
     atomic_write_json(run_dir / "data_report.json", report)
     write_roles(run_dir / "roles.csv", roles)
     log.info("roles: %s; %d items skipped (listed in data_report.json)",
              ", ".join(f"{r} {len(m)}" for r, m in roles.items()), len(report["skipped"]))
-    inputs = model_inputs(encoder, roles, conformers, args.cache_dir, args.encode_batch_size, args.device,
+    inputs = model_inputs(encoder, roles, conformers, conformers_from.cache_dir, args.encode_batch_size, args.device,
                           args.force_recompute_cache)
     net = EnergyDPOModel(model_spec(args, encoder), encoder if args.finetune_encoder else None, seed=args.seed)
     trainer = EnergyDPOTrainer(net, train_config(args), run_dir, {"config": config})
     if args.resume:
         trainer.resume(run_dir / "last.pt")
     history = trainer.fit(inputs)
-    title = f"{args.dataset} · {weights_label(encoder.weights_id)}"
+    title = f"{args.dataset}\n{weights_label(encoder.weights_id)}"
     plot_training_curves(run_dir / "training_curves.png", history, trainer.best_epoch, title)
     metrics = finish_run(run_dir, net, inputs, roles, args.eval_batch_size, args.device,
                          {"dataset": args.dataset, "title": title})
     log.info("%s", result_line(args.dataset, metrics))
+
+
+def finite_scores(scores, source, what):
+    import numpy as np  # noqa: PLC0415
+    for role, values in scores.items():
+        if not np.isfinite(values).all():
+            raise InputError(f"{source}: the model gives non-finite energies on {what} ({role}); nothing was written")
+    return scores
 
 
 def finish_run(run_dir, net, inputs, roles, batch_size, device, labels):
@@ -382,19 +457,16 @@ def finish_run(run_dir, net, inputs, roles, batch_size, device, labels):
     the test results (test_metrics.json last: it marks the run finished).
 
     The threshold comes from validation ID energies, never from the test split."""
-    import numpy as np  # noqa: PLC0415
     from evaluate import id_threshold, write_test_results  # noqa: PLC0415
     from model import energies, load_checkpoint, save_checkpoint  # noqa: PLC0415
     best = run_dir / "best_model.pt"
     state = load_checkpoint(best)
     net.load_checkpoint_state(state["model"], best)
     net.to(device)
-    score = lambda role: energies(net, inputs[role], batch_size, device).numpy()  # noqa: E731
-    threshold = id_threshold(score("id_val"))
+    scores = finite_scores({role: energies(net, inputs[role], batch_size, device).numpy()
+                            for role in ("id_val", "id_test", "ood_test")}, best, "this run's molecules")
+    threshold = id_threshold(scores.pop("id_val"))
     save_checkpoint(best, state | {"threshold_95_id_val": threshold})
-    scores = {role: score(role) for role in ("id_test", "ood_test")}
-    if not all(np.isfinite(s).all() for s in scores.values()):
-        raise InputError(f"{best}: the model gives non-finite energies on the test molecules")
     extra = {"best_epoch": state["epoch"], "val_auroc": state["val_auroc"], "threshold_95_id_val": threshold,
              "encoder_weights": net.spec.encoder_weights,
              "random_init_encoder": net.spec.encoder_weights.startswith("random-init"), **labels}
@@ -402,69 +474,74 @@ def finish_run(run_dir, net, inputs, roles, batch_size, device, labels):
 
 
 def load_run(args, given):
-    """The run's checkpoint rebuilt: (run_dir, model, encoder, payload, the run's flags, runtime settings)."""
-    from model import load_checkpoint, load_model  # noqa: PLC0415
+    """A finished run rebuilt from its checkpoint: (run_dir, model, encoder, payload, the run's
+    flags, conformer settings, scoring settings). Runtime flags not given are the run's own."""
+    from model import load_checkpoint, load_model, missing_weights  # noqa: PLC0415
     ckpt = Path(args.model_path) if args.model_path else Path(args.output_dir) / "best_model.pt"
-    stored = load_checkpoint(ckpt).get("config", {}).get("args", {})
+    payload = load_checkpoint(ckpt)
+    stored = payload.get("config", {}).get("args", {})
+    if "threshold_95_id_val" not in payload:
+        raise InputError(f"{ckpt}: the run has not finished (no predict threshold yet); finish it with "
+                         f"--mode train --resume (same flags) first")
     weights = args.unimol_weights or stored.get("unimol_weights")
     if weights is None:
         raise InputError(f"{ckpt}: records no encoder weights path; pass --unimol_weights")
     if weights != "random" and not Path(weights).is_file():
-        from model import missing_weights  # noqa: PLC0415
         raise InputError(f"{missing_weights(weights)} (the run was trained on it)")
     net, encoder, state = load_model(ckpt, weights, args.grad_checkpointing)
-    runtime = {k: (getattr(args, k) if k in given or k not in stored else stored[k])
-               for k in ("cache_dir", "eval_batch_size", "encode_batch_size", "num_workers")}
-    runtime.update(device=args.device, force=args.force_recompute_cache)
-    return ckpt.parent, net, encoder, state, stored, runtime
+    scoring = {k: (getattr(args, k) if k in given or k not in stored else stored[k])
+               for k in ("eval_batch_size", "encode_batch_size")}
+    net.to(args.device)
+    return ckpt.parent, net, encoder, state, stored, conformer_settings(args, stored, given), scoring
+
+
+def score_roles(net, encoder, roles, conformers, conf, scoring, device):
+    from model import energies  # noqa: PLC0415
+    inputs = model_inputs(encoder, roles, conformers, conf.cache_dir, scoring["encode_batch_size"], device, conf.force)
+    return {r: energies(net, inputs[r], scoring["eval_batch_size"], device).numpy() for r in roles}
 
 
 def run_eval(args, given):
-    import numpy as np  # noqa: PLC0415
-    from data import atomic_write_json, attach_conformers, finalize_report, load_benchmark, load_test_roles  # noqa
+    from data import atomic_write_json, attach_conformers, file_sha256, finalize_report, load_benchmark  # noqa
+    from data import load_test_roles  # noqa: PLC0415
     from evaluate import weights_label, write_test_results  # noqa: PLC0415
-    from model import energies  # noqa: PLC0415
-    run_dir, net, encoder, state, stored, rt = load_run(args, given)
-    if "threshold_95_id_val" not in state:
-        raise InputError(f"{run_dir}: the run has not finished (best_model.pt holds no predict threshold); "
-                         f"finish it with --mode train --resume first")
+    run_dir, net, encoder, state, stored, conf, scoring = load_run(args, given)
     if args.data_file:  # another benchmark: results under RUN/eval/<name>/, the run's own untouched
         dataset = args.dataset or Path(args.data_file).stem
         out_dir = run_dir / "eval" / dataset
         if (out_dir / "test_metrics.json").exists() and not args.overwrite:
             raise InputError(f"{out_dir}: holds an earlier evaluation; pass --overwrite to replace it")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        setup_logging(out_dir / "eval.log")
         seen = run_molecules(run_dir)
         test_size = args.test_size if "test_size" in given else stored["test_size"]
         data_seed = args.data_seed if "data_seed" in given else stored["data_seed"]
         roles, report = load_test_roles(args.data_file, test_size, data_seed, seen)
+        roles, conformers = attach_conformers(roles, report, conf, args.data_file)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        setup_logging(out_dir / "eval.log")
         log.info("%s: removed %s molecules that %s trained or validated on", args.data_file,
                  report["removed_seen_in_run"], run_dir)
-        roles, conformers = attach_conformers(roles, report, rt["cache_dir"], rt["num_workers"], rt["force"],
-                                              args.data_file)
-        report = finalize_report(report)
-    else:
+        atomic_write_json(out_dir / "data_report.json", finalize_report(report))
+        title = f"{dataset} (detector trained on {stored['dataset']})\n{weights_label(encoder.weights_id)}"
+    else:  # the run's own test split, as it was: same file (checked), same roles
         out_dir, dataset = run_dir, stored["dataset"]
-        setup_logging(run_dir / "eval.log")
-        roles, conformers, report = load_benchmark(stored["data_file"], (stored["train_size"], stored["val_size"],
-                                                   stored["test_size"]), stored["data_seed"], rt["cache_dir"],
-                                                   rt["num_workers"], rt["force"])
+        recorded = state.get("config", {}).get("data_file_sha256")
+        if recorded and Path(stored["data_file"]).is_file() and file_sha256(stored["data_file"]) != recorded:
+            raise InputError(f"{stored['data_file']}: changed since the run was trained (SHA-256 differs from "
+                             f"{recorded[:12]}…); restore it, or score it as another benchmark with --data_file")
+        roles, conformers, _ = load_benchmark(stored["data_file"], (stored["train_size"], stored["val_size"],
+                                              stored["test_size"]), stored["data_seed"], conf)
         roles = {r: roles[r] for r in ("id_test", "ood_test")}
-    atomic_write_json(out_dir / "data_report.json", report)
-    inputs = model_inputs(encoder, roles, conformers, rt["cache_dir"], rt["encode_batch_size"], rt["device"],
-                          rt["force"])
-    net.to(rt["device"])
-    scores = {r: energies(net, inputs[r], rt["eval_batch_size"], rt["device"]).numpy() for r in roles}
-    if not all(np.isfinite(s).all() for s in scores.values()):
-        raise InputError(f"{run_dir / 'best_model.pt'}: the model gives non-finite energies on {dataset}")
+        setup_logging(run_dir / "eval.log")
+        title = f"{dataset}\n{weights_label(encoder.weights_id)}"
+    scores = finite_scores(score_roles(net, encoder, roles, conformers, conf, scoring, args.device),
+                           run_dir / "best_model.pt", dataset)
     extra = {"best_epoch": state["epoch"], "val_auroc": state["val_auroc"],
              "threshold_95_id_val": state["threshold_95_id_val"], "encoder_weights": encoder.weights_id,
              "random_init_encoder": encoder.is_random_init, "dataset": dataset, "trained_on": stored["dataset"],
-             "title": f"{dataset} (detector trained on {stored['dataset']}) · {weights_label(encoder.weights_id)}"}
+             "title": title}
     metrics = write_test_results(out_dir, roles, scores, extra)
     log.info("%s", result_line(dataset, metrics))
-    print(f"wrote {out_dir}/test_metrics.json")
+    print(f"wrote {out_dir / 'test_metrics.json'}")
 
 
 def run_molecules(run_dir):
@@ -483,11 +560,7 @@ PREDICT_COLUMNS = ["canonical_smiles", "energy", "is_ood", "warning", "error", "
 def run_predict(args, given):
     from data import atomic_write_csv, canonical, fragment_warning, prepare_inputs, read_table  # noqa: PLC0415
     from evaluate import weights_label  # noqa: PLC0415
-    from model import energies  # noqa: PLC0415
-    run_dir, net, encoder, state, stored, rt = load_run(args, given)
-    if "threshold_95_id_val" not in state:
-        raise InputError(f"{run_dir}: the run has not finished (best_model.pt holds no predict threshold); "
-                         f"finish it with --mode train --resume first")
+    run_dir, net, encoder, state, stored, conf, scoring = load_run(args, given)
     threshold = state["threshold_95_id_val"]
     columns, rows, smiles = (read_table(args.input, args.smiles_column) if args.input
                              else (["smiles"], [[s] for s in args.smiles], args.smiles))
@@ -496,10 +569,9 @@ def run_predict(args, given):
         raise InputError(f"{args.input}: column {clash[0]!r} would be overwritten by the output; rename it")
     if not smiles:
         raise InputError(f"{args.input}: no SMILES found")
-    written, conformers, failed = prepare_inputs(smiles, rt["cache_dir"], rt["num_workers"], rt["force"])
-    inputs = model_inputs(encoder, {"input": list(written.values())}, conformers, rt["cache_dir"],
-                          rt["encode_batch_size"], rt["device"], rt["force"])["input"]
-    energy = energies(net.to(rt["device"]), inputs, rt["eval_batch_size"], rt["device"]).numpy() if written else []
+    written, conformers, failed = prepare_inputs(smiles, conf)
+    energy = finite_scores(score_roles(net, encoder, {"input": list(written.values())}, conformers, conf, scoring,
+                                       args.device), run_dir / "best_model.pt", "the input")["input"] if written else []
     scores = dict(zip(written, energy))
     out = []
     for i, row in enumerate(rows):
@@ -527,17 +599,21 @@ def run_featurize(args, given):
     from model import UniMolEncoder  # noqa: PLC0415
     encoder = UniMolEncoder(args.unimol_weights, amp=args.amp == "bf16")
     smiles = read_table(args.input, args.smiles_column)[2] if args.input else args.smiles
-    written, conformers, failed = prepare_inputs(smiles, args.cache_dir, args.num_workers, args.force_recompute_cache)
+    conf = conformer_settings(args)
+    written, conformers, failed = prepare_inputs(smiles, conf)
     if failed:
         log.warning("%d of %d molecules could not be featurised (listed in the .failed.csv)", len(failed), len(smiles))
-    feats = frozen_features(encoder, list(written.values()), conformers, args.cache_dir, args.encode_batch_size,
-                            args.device, args.force_recompute_cache).astype(np.float32)
+    feats = frozen_features(encoder, list(written.values()), conformers, conf.cache_dir, args.encode_batch_size,
+                            args.device, conf.force).astype(np.float32)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp.npy")
-    np.save(tmp, feats)
-    normal_permissions(tmp)
-    tmp.replace(out)
+    try:
+        np.save(tmp, feats)
+        normal_permissions(tmp)
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
     atomic_write_csv(out.with_suffix(".rows.csv"),
                      [(row, i, s, canonical(s), encoder.weights_id) for row, (i, s) in enumerate(written.items())],
                      ["npy_row", "input_row", "smiles", "canonical_smiles", "encoder_weights"])
@@ -571,6 +647,10 @@ def main(argv=None):
         MODES[args.mode](args, given)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # a full disk, a read-only folder, a path that is a file...: one line, no traceback
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc} (nothing was left half-written)", file=sys.stderr)
         return 1
     return 0
 

@@ -82,10 +82,16 @@ def load_unimol_weights(unimol, path):
         hint = " (keys carry a 'module.' prefix: strip it)" if any(k.startswith("module.") for k in state) else ""
         raise InputError(f"{path}: not a Uni-Mol v1 no-H checkpoint{hint}: {len(missing)} missing keys "
                         f"{missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}")
-    wrong = [k for k in expected if tuple(state[k].shape) != tuple(expected[k].shape)]
+    wrong = [k for k in expected if not isinstance(state[k], torch.Tensor)
+             or tuple(state[k].shape) != tuple(expected[k].shape)]
     if wrong:
+        found = tuple(state[wrong[0]].shape) if isinstance(state[wrong[0]], torch.Tensor) else type(state[wrong[0]])
         raise InputError(f"{path}: shape mismatch for {wrong[:5]}, e.g. {wrong[0]} is "
-                        f"{tuple(state[wrong[0]].shape)}, the model needs {tuple(expected[wrong[0]].shape)}")
+                         f"{found}, the model needs {tuple(expected[wrong[0]].shape)}")
+    broken = [k for k in expected if state[k].is_floating_point() and not torch.isfinite(state[k]).all()]
+    if broken:
+        raise InputError(f"{path}: {len(broken)} tensors hold NaN or Inf values, e.g. {broken[0]}; "
+                         f"the checkpoint is damaged: download it again")
     unimol.load_state_dict({k: state[k] for k in expected}, strict=True)
 
 

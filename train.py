@@ -5,6 +5,7 @@ import dataclasses
 import io
 import logging
 import math
+import shutil
 import time
 
 import torch
@@ -71,8 +72,15 @@ class EnergyDPOTrainer:
 
     def resume(self, path):
         state = load_checkpoint(path)
+        missing = [k for k in ("optimizer", "history", "best_auroc", "best_epoch", "epoch") if k not in state]
+        if missing:
+            raise InputError(f"{path}: incomplete ({', '.join(missing)} missing); start the run again with --overwrite")
         self.model.load_checkpoint_state(state["model"], path)
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InputError(f"{path}: its optimizer state does not fit this model ({exc}); "
+                             f"start the run again with --overwrite") from None
         self.history = state["history"]
         self.best_auroc, self.best_epoch = state["best_auroc"], state["best_epoch"]
         self.start_epoch = state["epoch"] + 1
@@ -108,6 +116,9 @@ class EnergyDPOTrainer:
             e_id = self.model(x_id.batch(i_id, self.device))
             e_ood = self.model(x_ood.batch(i_ood, self.device))
             loss = self.model.loss(e_id, e_ood)
+            if not torch.isfinite(loss):
+                raise InputError(f"non-finite training loss ({loss.item()}) at epoch {epoch}, step {n + 1}: stopped "
+                                 f"before it reached the weights. {self._resume_hint(epoch)}")
             (loss / cfg.grad_accum_steps).backward()
             n += 1
             if n % cfg.grad_accum_steps == 0 or n == len(batches):
@@ -125,7 +136,7 @@ class EnergyDPOTrainer:
                 break
             t0 = time.time()
             row = {"epoch": epoch, **self.train_epoch(epoch, inputs["id_train"], inputs["ood_train"])}
-            row.update(self.validate(inputs["id_val"], inputs["ood_val"]))
+            row.update(self.validate(inputs["id_val"], inputs["ood_val"], epoch))
             row.update(lr=self.optimizer.param_groups[0]["lr"], seconds=time.time() - t0)
             self.history.append(row)
             if row["val_auroc"] > self.best_auroc:
@@ -144,9 +155,17 @@ class EnergyDPOTrainer:
             log.info("early stop: no validation improvement for %d epochs (best epoch %d)", stale, self.best_epoch)
         return self.history
 
-    def validate(self, v_id, v_ood):
+    def _resume_hint(self, epoch):
+        if epoch == self.start_epoch == 1:
+            return "No epoch finished; lower --lr / --encoder_lr and start again with --overwrite"
+        return (f"{self.run_dir / 'last.pt'} holds epoch {epoch - 1}: --resume continues from it once the cause is "
+                f"fixed, or lower --lr / --encoder_lr and start again with --overwrite")
+
+    def validate(self, v_id, v_ood, epoch):
         e_id = energies(self.model, v_id, self.cfg.eval_batch_size, self.device)
         e_ood = energies(self.model, v_ood, self.cfg.eval_batch_size, self.device)
+        if not (torch.isfinite(e_id).all() and torch.isfinite(e_ood).all()):
+            raise InputError(f"non-finite validation energies after epoch {epoch}. {self._resume_hint(epoch)}")
         metrics = ood_metrics(e_id.numpy(), e_ood.numpy())
         return {"val_loss": self.model.loss(e_id, e_ood).item(), "val_auroc": metrics["auroc"],
                 "val_misranked": pair_diagnostics(e_id, e_ood)["misranked"]}
@@ -166,8 +185,11 @@ RUN_FILES = ("config.json", "training.log", "history.csv", "best_model.pt", "las
              "training_curves.png", "eval.log", "roles.csv")
 
 
-def prepare_run_dir(run_dir, overwrite, resume):
-    """Refuse to clobber a run unless told: --resume continues it, --overwrite replaces it."""
+def check_run_dir(run_dir, overwrite, resume):
+    """Refuse to touch a run unless told: --resume continues it, --overwrite replaces it. Changes
+    nothing: the old run is removed (clear_run_dir) only once every input of the new one checks out."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise InputError(f"{run_dir}: exists and is not a folder; choose another --output_dir")
     finished = (run_dir / "test_metrics.json").exists()
     started = (run_dir / "last.pt").exists() or (run_dir / "config.json").exists()
     if resume:
@@ -175,10 +197,20 @@ def prepare_run_dir(run_dir, overwrite, resume):
             raise InputError(f"{run_dir}: this run has finished (test_metrics.json exists); nothing to resume")
         if not (run_dir / "last.pt").exists():
             raise InputError(f"{run_dir}: no last.pt to resume from; start it again with --overwrite")
-    elif finished or started:
-        if not overwrite:
-            raise InputError(f"{run_dir}: holds a {'finished' if finished else 'started'} run; pass --resume to "
-                             f"continue it, --overwrite to replace it, or choose another --output_dir")
-        for name in RUN_FILES:
-            (run_dir / name).unlink(missing_ok=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    elif (finished or started) and not overwrite:
+        raise InputError(f"{run_dir}: holds a {'finished' if finished else 'started'} run; pass --resume to "
+                         f"continue it, --overwrite to replace it, or choose another --output_dir")
+
+
+def clear_run_dir(run_dir):
+    """Remove a previous run's files (and its evaluations, which scored the old model)."""
+    for name in RUN_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / "eval", ignore_errors=True)
+
+
+def remove_stale_temporaries(run_dir):
+    """Temporary files of an atomic write that a killed process left in its run folder."""
+    for tmp in run_dir.glob(".*.tmp*"):
+        if tmp.is_file():
+            tmp.unlink()

@@ -19,7 +19,7 @@ import torch
 
 from common import demo_molecules, machine, random_checkpoint
 
-from data import MAX_ATOMS, prepare_inputs, unimol_dict_path
+from data import MAX_ATOMS, ConformerSettings, prepare_inputs, unimol_dict_path
 from main import frozen_features
 from model import UniMolEncoder, _import_unimol_model
 
@@ -27,7 +27,7 @@ from model import UniMolEncoder, _import_unimol_model
 def ours(weights, smiles, cache_dir, workers, batch_size, device, amp=False):
     encoder = UniMolEncoder(str(weights), amp=amp)
     start = time.perf_counter()
-    written, conformers, failed = prepare_inputs(smiles, cache_dir, workers)
+    written, conformers, failed = prepare_inputs(smiles, ConformerSettings(cache_dir, num_workers=workers))
     feats = frozen_features(encoder, list(written.values()), conformers, cache_dir, batch_size, device)
     return time.perf_counter() - start, feats, set(written.values()), conformers
 

@@ -14,7 +14,7 @@ import torch
 
 from common import demo_molecules, machine, peak_rss_mb
 
-from data import get_conformers
+from data import ConformerSettings, get_conformers
 from main import model_inputs
 from model import ConformerInputs, EnergyDPOModel, ModelSpec, build_encoder
 from train import EnergyDPOTrainer, TrainConfig
@@ -23,7 +23,7 @@ from train import EnergyDPOTrainer, TrainConfig
 def run_arm(arm, n, batch_size, epochs, device, cache_dir):
     torch.manual_seed(0)
     smiles_id, smiles_ood = demo_molecules(n, seed=1, split="train"), demo_molecules(n, seed=2, split="ood_val")
-    conformers, _ = get_conformers(smiles_id + smiles_ood, cache_dir, num_workers=2)
+    conformers, _ = get_conformers(smiles_id + smiles_ood, ConformerSettings(cache_dir, num_workers=2))
     smiles_id = [s for s in smiles_id if s in conformers and s not in smiles_ood]
     smiles_ood = [s for s in smiles_ood if s in conformers]
     encoder = build_encoder("random", finetune=True, freeze_layers="0-12")

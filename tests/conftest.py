@@ -1,6 +1,7 @@
 """Shared fixtures: a random-init Uni-Mol saved in the official checkpoint layout, a small real
 DrugOOD file cut from the shipped demo benchmark, and one conformer/feature cache for the session."""
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 from rdkit import Chem
 
 from data import unimol_dict_path
+from main import main
 from model import _import_unimol_model, build_unimol
 
 _import_unimol_model()  # before any test module imports unimol_tools, which would write ./logs/
@@ -54,6 +56,27 @@ def small_benchmark(tmp_path_factory):
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
+
+
+SIZES = ["--train_size", "12", "--val_size", "8", "--test_size", "8"]
+
+
+@pytest.fixture(scope="session")
+def base_args(small_benchmark, random_ckpt, cache_dir):
+    return ["--data_file", str(small_benchmark), "--dataset", "small_ec50_scaffold", "--unimol_weights",
+            str(random_ckpt), "--cache_dir", str(cache_dir), "--num_workers", "1", "--epochs", "6",
+            "--patience", "0", *SIZES]
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory, base_args):
+    run = tmp_path_factory.mktemp("runs") / "full"
+    old = os.umask(0o022)
+    try:
+        assert main(["--mode", "train", *base_args, "--output_dir", str(run)]) == 0
+    finally:
+        os.umask(old)
+    return run
 
 
 def write_drugood(path, splits):

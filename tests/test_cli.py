@@ -1,7 +1,6 @@
 """End-to-end runs of main.py on a small real DrugOOD file with the real encoder (random weights)."""
 import csv
 import json
-import os
 import shutil
 import stat
 import subprocess
@@ -18,28 +17,9 @@ from conftest import DEMO, ROOT, rewritten, unimol_tools_features
 from data import canonical
 from main import main
 
-SIZES = ["--train_size", "12", "--val_size", "8", "--test_size", "8"]
 RUN_FILES = ("config.json", "training.log", "history.csv", "best_model.pt", "last.pt", "test_metrics.json",
              "test_scores.csv", "data_report.json", "roles.csv", "roc_curve.png", "energy_histogram.png",
              "training_curves.png")
-
-
-@pytest.fixture(scope="module")
-def base_args(small_benchmark, random_ckpt, cache_dir):
-    return ["--data_file", str(small_benchmark), "--dataset", "small_ec50_scaffold", "--unimol_weights",
-            str(random_ckpt), "--cache_dir", str(cache_dir), "--num_workers", "1", "--epochs", "6",
-            "--patience", "0", *SIZES]
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, base_args):
-    run = tmp_path_factory.mktemp("runs") / "full"
-    old = os.umask(0o022)
-    try:
-        assert main(["--mode", "train", *base_args, "--output_dir", str(run)]) == 0
-    finally:
-        os.umask(old)
-    return run
 
 
 def read_csv(path):

@@ -10,7 +10,7 @@ from unimol_tools.data.dictionary import Dictionary
 
 import data
 from conftest import DEMO, write_drugood
-from data import InputError, build_roles, canonicalize, get_conformers, load_benchmark
+from data import ConformerSettings, InputError, build_roles, canonicalize, get_conformers, load_benchmark
 
 GOOD = {"train": ["CCO", "CCN", "CCC"], "iid_val": ["CCCl", "CCBr"], "iid_test": ["CCF", "CCS"],
         "ood_val": ["c1ccccc1", "c1ccncc1", "c1ccoc1", "c1ccsc1"], "ood_test": ["C1CCCCC1", "C1CCNCC1"]}
@@ -141,32 +141,32 @@ def test_crop_is_reproducible_and_bounded():
 
 def test_conformer_cache_reuses_and_survives_corruption(tmp_path, caplog):
     smiles = ["CCO", "c1ccccc1O", "CC(C)N"]
-    first, failures = get_conformers(smiles, tmp_path, num_workers=1)
+    first, failures = get_conformers(smiles, ConformerSettings(tmp_path))
     assert not failures and set(first) == set(smiles)
     store = data.conformer_store_dir(tmp_path)
     shards = sorted(store.glob("shard-*"))
     assert len(shards) == 1 and (shards[0] / "coords.npy").is_file()
-    again, _ = get_conformers(smiles, tmp_path, num_workers=1)
+    again, _ = get_conformers(smiles, ConformerSettings(tmp_path))
     assert sorted(store.glob("shard-*")) == shards  # nothing recomputed
     for s in smiles:
         np.testing.assert_array_equal(first[s][1], again[s][1])
     (shards[0] / "coords.npy").write_bytes((shards[0] / "coords.npy").read_bytes()[:150])  # truncated
     with caplog.at_level(logging.WARNING, logger="energy_dpo"):
-        rebuilt, _ = get_conformers(smiles, tmp_path, num_workers=1)
+        rebuilt, _ = get_conformers(smiles, ConformerSettings(tmp_path))
     assert "corrupt cache shard" in caplog.text
     for s in smiles:
         np.testing.assert_array_equal(first[s][1], rebuilt[s][1])
 
 
 def test_conformer_failures_are_reported_not_replaced(tmp_path, monkeypatch):
-    def broken(smiles):
+    def broken(smiles, *limits):
         if smiles == "CCN":
             raise ValueError("conformer generation failed (test)")
-        return real(smiles)
+        return real(smiles, *limits)
     real = data.make_conformer
     monkeypatch.setattr(data, "make_conformer", broken)
     path = write_drugood(tmp_path / "d.json", GOOD)
-    roles, conformers, report = load_benchmark(path, (10, 10, 10), 42, tmp_path / "cache")
+    roles, conformers, report = load_benchmark(path, (10, 10, 10), 42, ConformerSettings(tmp_path / "cache"))
     assert "CCN" not in roles["id_train"] and "CCN" not in conformers
     assert {"split": "id_train", "index": None, "value": "CCN", "reason": "conformer generation failed (test)"} \
         in report["skipped"]
@@ -175,8 +175,8 @@ def test_conformer_failures_are_reported_not_replaced(tmp_path, monkeypatch):
 
 def test_parallel_conformers_equal_serial(tmp_path):
     smiles = ["CCO", "c1ccccc1O", "CC(C)N", "CCOC(=O)C", "c1ccncc1", "OCCO"]
-    serial, _ = get_conformers(smiles, tmp_path / "a", num_workers=1)
-    parallel, _ = get_conformers(smiles, tmp_path / "b", num_workers=2)
+    serial, _ = get_conformers(smiles, ConformerSettings(tmp_path / "a", num_workers=1))
+    parallel, _ = get_conformers(smiles, ConformerSettings(tmp_path / "b", num_workers=2))
     for s in smiles:
         np.testing.assert_array_equal(serial[s][1], parallel[s][1])
 

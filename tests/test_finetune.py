@@ -176,7 +176,7 @@ def test_finetuned_run_scores_with_its_own_encoder(finetuned_run, random_ckpt, c
     base = UniMolEncoder(str(random_ckpt))
     head_only = EnergyDPOModel(ModelSpec(base.weights_id))
     head_only.head.load_state_dict(state["model"]["head"])
-    confs, _ = data.get_conformers([r["smiles"] for r in rows], cache_dir)
+    confs, _ = data.get_conformers([r["smiles"] for r in rows], data.ConformerSettings(cache_dir))
     feats = base.encode([confs[r["smiles"]][:2] for r in rows])
     frozen_scores = energies(head_only, FeatureInputs(feats), 64, "cpu").numpy()
     assert np.abs(frozen_scores - recorded).max() > 1e-3
