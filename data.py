@@ -500,10 +500,35 @@ def _exclusive_pools(firsts, id_splits, ood_splits, report):
     return {s: [m for m in p if m not in overlap] for s, p in pools.items()}
 
 
-def build_roles(path, sizes, data_seed, report):
+def _split_ood_val_by_domain(path, pool, domain_of, train_n, val_n, data_seed):
+    """OOD train / OOD val from whole ood_val domains, so that no OOD-val domain is seen in training.
+    Domains in a seeded random order go to OOD val until it holds val_n molecules (at least one
+    domain stays for training); each side is then drawn from its domains' molecules."""
+    if any(domain_of[m] is None for m in pool):
+        raise InputError(f"{path}: ood_val items without a domain_id; --ood_val_split domain needs one per item "
+                         f"(or use --ood_val_split random)")
+    domains = list(dict.fromkeys(domain_of[m] for m in pool))
+    if len(domains) < 2:
+        raise InputError(f"{path}: ood_val holds {len(domains)} domain; --ood_val_split domain needs at least two, "
+                         f"so that OOD val can hold domains OOD training never saw (use --ood_val_split random)")
+    size = Counter(domain_of[m] for m in pool)
+    val_domains, held = set(), 0
+    for i in _role_rng(data_seed, "ood_val").permutation(len(domains)):
+        if held >= val_n or len(val_domains) == len(domains) - 1:
+            break
+        val_domains.add(domains[i])
+        held += size[domains[i]]
+    val_pool = [m for m in pool if domain_of[m] in val_domains]
+    train_pool = [m for m in pool if domain_of[m] not in val_domains]
+    return (_sample(train_pool, train_n, _role_rng(data_seed, "ood_train")),
+            _sample(val_pool, val_n, _role_rng(data_seed, "ood_val")))
+
+
+def build_roles(path, sizes, data_seed, report, ood_val_split="random"):
     """ID/OOD roles from a DrugOOD file: train→ID train, iid_val→ID val, iid_test→ID test,
     ood_val→disjoint OOD train + OOD val, ood_test→OOD test. `sizes` = (train, val, test) per side.
-    Roles hold SMILES as written in the file."""
+    ood_val_split: 'random' (disjoint molecules of the same domains, the reference protocol) or
+    'domain' (disjoint domains). Roles hold SMILES as written in the file."""
     splits = load_drugood(path)
     report.update(_new_report(path, {s: len(v) for s, v in splits.items()}))
     firsts = {s: _first_writings(_smiles_of(splits[s]), s, report) for s in SPLITS}
@@ -514,15 +539,24 @@ def build_roles(path, sizes, data_seed, report):
              "id_val": _sample(pools["iid_val"], val_n, _role_rng(data_seed, "id_val")),
              "id_test": _sample(pools["iid_test"], test_n, _role_rng(data_seed, "id_test")),
              "ood_test": _sample(pools["ood_test"], test_n, _role_rng(data_seed, "ood_test"))}
-    ood_pool = [pools["ood_val"][i] for i in _role_rng(data_seed, "ood_train").permutation(len(pools["ood_val"]))]
-    n_ood_train = train_n
-    if train_n + val_n > len(ood_pool):
-        n_ood_train = round(len(ood_pool) * train_n / (train_n + val_n))
-        log.warning("ood_val has %d usable molecules, fewer than --train_size + --val_size = %d: "
-                    "splitting it %d / %d", len(ood_pool), train_n + val_n, n_ood_train, len(ood_pool) - n_ood_train)
-    position = {m: i for i, m in enumerate(pools["ood_val"])}
-    roles["ood_train"] = sorted(ood_pool[:n_ood_train], key=position.get)
-    roles["ood_val"] = sorted(ood_pool[n_ood_train:n_ood_train + val_n], key=position.get)
+    if ood_val_split == "domain":
+        domain_of = _first_item_field(splits["ood_val"], "domain_id")
+        roles["ood_train"], roles["ood_val"] = _split_ood_val_by_domain(
+            path, pools["ood_val"], {c: domain_of.get(firsts["ood_val"][c]) for c in pools["ood_val"]},
+            train_n, val_n, data_seed)
+        report["ood_val_domains"] = {r: sorted({str(domain_of.get(firsts["ood_val"][c])) for c in roles[r]})
+                                     for r in ("ood_train", "ood_val")}
+    else:
+        ood_pool = [pools["ood_val"][i] for i in _role_rng(data_seed, "ood_train").permutation(len(pools["ood_val"]))]
+        n_ood_train = train_n
+        if train_n + val_n > len(ood_pool):
+            n_ood_train = round(len(ood_pool) * train_n / (train_n + val_n))
+            log.warning("ood_val has %d usable molecules, fewer than --train_size + --val_size = %d: splitting it "
+                        "%d / %d", len(ood_pool), train_n + val_n, n_ood_train, len(ood_pool) - n_ood_train)
+        position = {m: i for i, m in enumerate(pools["ood_val"])}
+        roles["ood_train"] = sorted(ood_pool[:n_ood_train], key=position.get)
+        roles["ood_val"] = sorted(ood_pool[n_ood_train:n_ood_train + val_n], key=position.get)
+    report["ood_val_split"] = ood_val_split
     role_split = dict(zip(ROLES, ("train", "iid_val", "iid_test", "ood_val", "ood_val", "ood_test")))
     roles = {r: [firsts[role_split[r]][c] for c in roles[r]] for r in ROLES}
     requested = dict(zip(ROLES, (train_n, val_n, test_n, train_n, val_n, test_n)))
@@ -533,6 +567,22 @@ def build_roles(path, sizes, data_seed, report):
             log.warning("%s: %d molecules requested, %d available", role, requested[role], len(roles[role]))
     check_roles(roles, path)
     return roles
+
+
+def _first_item_field(items, field):
+    """{SMILES as written: `field` of its first item} (None where that item has none)."""
+    first = {}
+    for item in items:
+        if isinstance(item, dict) and isinstance(item.get("smiles"), str):
+            first.setdefault(item["smiles"].strip(), item.get(field))
+    return first
+
+
+def item_field(path, split, smiles, field):
+    """The `field` of each SMILES' first item (as written) in `split` of a DrugOOD file; None where
+    the item has none."""
+    first = _first_item_field(load_drugood(path, (split,))[split], field)
+    return [first.get(s) for s in smiles]
 
 
 def check_roles(roles, source):
@@ -602,10 +652,10 @@ def finalize_report(report):
     return report
 
 
-def load_benchmark(data_file, sizes, data_seed, settings=ConformerSettings()):
+def load_benchmark(data_file, sizes, data_seed, settings=ConformerSettings(), ood_val_split="random"):
     """Roles, their conformers and the data report for one DrugOOD file."""
     report = {}
-    roles = build_roles(data_file, sizes, data_seed, report)
+    roles = build_roles(data_file, sizes, data_seed, report, ood_val_split)
     roles, conformers = attach_conformers(roles, report, settings, data_file)
     return roles, conformers, finalize_report(report)
 

@@ -12,6 +12,8 @@ from sklearn.metrics import auc, precision_recall_curve, roc_auc_score, roc_curv
 from data import InputError, atomic_write_csv, atomic_write_json, atomic_write_text, normal_permissions, read_json
 
 RANDOM_INIT_LABEL = "RANDOM-INIT ENCODER (not pretrained Uni-Mol)"
+TABLE_METRICS = (("auroc", "AUROC"), ("aupr", "AUPR"), ("fpr95", "FPR95"), ("auroc_size_matched", "AUROC size-matched"),
+                 ("val_auroc", "val AUROC"))
 
 
 def weights_label(encoder_weights):
@@ -28,7 +30,28 @@ def fpr_at_95_tpr(id_scores, ood_scores):
     return float(np.mean(np.asarray(id_scores) >= threshold))
 
 
-def ood_metrics(id_scores, ood_scores):
+def auroc_size_matched(id_scores, ood_scores, id_sizes, ood_sizes):
+    """AUROC over the ID–OOD pairs of equal heavy-atom count, and the fraction of pairs that are.
+
+    Molecules are grouped by heavy-atom count; within each count holding both sides, the share of
+    (ID, OOD) pairs ranked right (ties count half) is taken, and counts are pooled by their number
+    of pairs. A score that only counts atoms gets exactly 0.5; so the number says what a detector
+    knows beyond size. None when no pair has equal size."""
+    id_scores, ood_scores = np.asarray(id_scores, np.float64), np.asarray(ood_scores, np.float64)
+    id_sizes, ood_sizes = np.asarray(id_sizes), np.asarray(ood_sizes)
+    right, pairs = 0.0, 0
+    for size in np.intersect1d(id_sizes, ood_sizes):
+        a, b = id_scores[id_sizes == size], ood_scores[ood_sizes == size]
+        diff = b[None, :] - a[:, None]
+        right += (diff > 0).sum() + 0.5 * (diff == 0).sum()
+        pairs += diff.size
+    fraction = pairs / (len(id_scores) * len(ood_scores))
+    return (float(right / pairs) if pairs else None), float(fraction)
+
+
+def ood_metrics(id_scores, ood_scores, id_sizes=None, ood_sizes=None):
+    """AUROC, AUPR-Out, AUPR-In, FPR95, counts and score statistics; with heavy-atom counts of the
+    molecules also the size-matched AUROC and the fraction of pairs it compares."""
     id_scores = np.asarray(id_scores, dtype=np.float64)
     ood_scores = np.asarray(ood_scores, dtype=np.float64)
     if len(id_scores) == 0 or len(ood_scores) == 0:
@@ -45,7 +68,8 @@ def ood_metrics(id_scores, ood_scores):
         "n_id": int(len(id_scores)), "n_ood": int(len(ood_scores)),
         "energy_id_mean": float(id_scores.mean()), "energy_id_std": float(id_scores.std()),
         "energy_ood_mean": float(ood_scores.mean()), "energy_ood_std": float(ood_scores.std()),
-    }
+    } | ({} if id_sizes is None else dict(zip(("auroc_size_matched", "size_matched_pair_fraction"),
+                                              auroc_size_matched(id_scores, ood_scores, id_sizes, ood_sizes))))
 
 
 def id_threshold(val_id_scores, keep=0.95):
@@ -53,14 +77,31 @@ def id_threshold(val_id_scores, keep=0.95):
     return float(np.quantile(np.asarray(val_id_scores, dtype=np.float64), keep))
 
 
-def write_test_results(out_dir, roles, scores, extra):
+VALIDATION_GAP = 0.10
+
+
+def validation_warning(val_auroc, test_auroc, ood_val_split="random"):
+    """Words for a validation AUROC that promises more than the test delivers, or None."""
+    if val_auroc is None or val_auroc - test_auroc <= VALIDATION_GAP:
+        return None
+    why = ("OOD val shares domains with OOD training; see --ood_val_split domain" if ood_val_split == "random"
+           else "OOD val and OOD test domains differ more than OOD train and OOD val")
+    return f"validation optimistic: val AUROC {val_auroc:.3f} vs test {test_auroc:.3f}; {why}"
+
+
+def write_test_results(out_dir, roles, scores, extra, sizes=None):
     """test_metrics.json, test_scores.csv and the ROC / energy-histogram plots of one scoring.
 
     roles / scores: {"id_test": [...], "ood_test": [...]} SMILES (as written) and their energies;
-    extra: what else test_metrics.json records (encoder_weights and threshold_95_id_val included)."""
+    extra: what else test_metrics.json records (encoder_weights and threshold_95_id_val included);
+    sizes: heavy-atom counts per role, for the size-matched AUROC."""
     out_dir = Path(out_dir)
-    metrics = ood_metrics(scores["id_test"], scores["ood_test"])
+    metrics = ood_metrics(scores["id_test"], scores["ood_test"], *((sizes["id_test"], sizes["ood_test"])
+                                                                  if sizes else ()))
     metrics.update(extra)
+    warning = validation_warning(extra.get("val_auroc"), metrics["auroc"], extra.get("ood_val_split", "random"))
+    if warning:
+        metrics["validation_warning"] = warning
     rows = [(s, role[:-5], int(role == "ood_test"), f"{e:.6f}", extra["encoder_weights"])
             for role in ("id_test", "ood_test") for s, e in zip(roles[role], scores[role])]
     atomic_write_csv(out_dir / "test_scores.csv", rows, ["smiles", "role", "is_ood", "energy", "encoder_weights"])
@@ -70,6 +111,20 @@ def write_test_results(out_dir, roles, scores, extra):
                      extra["threshold_95_id_val"], title)
     atomic_write_json(out_dir / "test_metrics.json", metrics)
     return metrics
+
+
+def _fmt(value):
+    return "   –  " if value is None else f"{value:.4f}"
+
+
+def results_table(rows, skipped=None):
+    """Method | AUROC | AUPR | FPR95 | AUROC size-matched | val AUROC, one line per {name: metrics}."""
+    lines = [f"{'method':<22}" + "".join(f" {label:>{max(8, len(label))}}" for _, label in TABLE_METRICS)]
+    for name, metrics in rows.items():
+        lines.append(f"{name:<22}" + "".join(f" {_fmt(metrics.get(key)):>{max(8, len(label))}}"
+                                             for key, label in TABLE_METRICS))
+    lines += [f"{name:<22} skipped: {why}" for name, why in (skipped or {}).items()]
+    return lines
 
 
 def _plt():
@@ -145,12 +200,22 @@ def plot_training_curves(path, history, best_epoch, title=""):
 
 
 ARMS = {"frozen": "Energy-DPO (frozen)", "finetuned": "Energy-DPO (finetuned)"}
-COMPARED = ("auroc", "aupr", "fpr95")
-BETTER = {"auroc": "higher", "aupr": "higher", "fpr95": "lower"}
+COMPARED = ("auroc", "aupr", "fpr95", "auroc_size_matched")  # test metrics, with a paired Improvement
+COLUMNS = (*COMPARED, "val_auroc")
+BETTER = {"auroc": "higher", "aupr": "higher", "fpr95": "lower", "auroc_size_matched": "higher"}
+LABELS = {"auroc": "AUROC", "aupr": "AUPR", "fpr95": "FPR95", "auroc_size_matched": "AUROC size-matched",
+          "val_auroc": "val AUROC"}
+
+
+def _value(metrics, key):
+    value = metrics.get(key)
+    return np.nan if value is None else float(value)
 
 
 def _mean_std(values):
     values = np.asarray(values, dtype=np.float64)
+    if np.isnan(values).any():
+        return float("nan"), float("nan")
     return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
 
 
@@ -166,7 +231,8 @@ def collect_arm_runs(root):
                 raise InputError(f"{run}: not a seed folder (expected seed<N>); move it out of the sweep")
             what = "the run did not finish (rerun the sweep)"
             metrics, config = read_json(run / "test_metrics.json", what), read_json(run / "config.json", what)
-            for path, doc, keys in ((run / "test_metrics.json", metrics, (*COMPARED, "best_epoch", "val_auroc")),
+            for path, doc, keys in ((run / "test_metrics.json", metrics, ("auroc", "aupr", "fpr95", "best_epoch",
+                                                                          "val_auroc")),
                                     (run / "config.json", config, ("args", "encoder_weights"))):
                 missing = [k for k in keys if not isinstance(doc, dict) or k not in doc]
                 if missing:
@@ -181,79 +247,124 @@ def collect_arm_runs(root):
     return runs
 
 
+def sweep_baselines(root, runs, seeds):
+    """{baseline: {seed: metrics}} from the frozen arm's baselines.json files (the feature baselines
+    use frozen features in both arms, so one arm holds them all); {} when a run predates them."""
+    out = {}
+    for seed in seeds:
+        path = root / "frozen" / f"seed{seed}" / "baselines.json"
+        if not path.is_file():
+            return {}
+        doc = read_json(path, "rerun that run with --overwrite")
+        if not isinstance(doc, dict) or not isinstance(doc.get("baselines"), dict):
+            raise InputError(f"{path}: incomplete (no baselines); rerun that run with --overwrite")
+        for name, metrics in doc["baselines"].items():
+            out.setdefault(name, {})[seed] = metrics
+    return {name: per_seed for name, per_seed in out.items() if len(per_seed) == len(seeds)}
+
+
 def write_comparison(root):
-    """comparison_summary.txt / .json / .csv and comparison.png for a frozen-vs-fine-tuned sweep."""
+    """comparison_summary.txt / .json / .csv and comparison.png for a frozen-vs-fine-tuned sweep,
+    with the baselines of the same roles beside the two arms."""
     root = Path(root)
     runs = collect_arm_runs(root)
     seeds = sorted(runs["frozen"])
     any_cfg = runs["finetuned"][seeds[0]][1]
     weights, random_init = any_cfg["encoder_weights"], any_cfg["random_init_encoder"]
-    per_seed = [{"seed": s, "arm": arm, **{k: runs[arm][s][0][k] for k in COMPARED},
-                 "best_epoch": runs[arm][s][0]["best_epoch"], "val_auroc": runs[arm][s][0]["val_auroc"]}
-                for s in seeds for arm in ARMS]
-    table = {arm: {k: _mean_std([runs[arm][s][0][k] for s in seeds]) for k in COMPARED} for arm in ARMS}
-    diffs = {k: [runs["finetuned"][s][0][k] - runs["frozen"][s][0][k] for s in seeds] for k in COMPARED}
-    table["improvement"] = {k: _mean_std(d) for k, d in diffs.items()}
+    methods = {name: {s: runs[arm][s][0] for s in seeds} for arm, name in ARMS.items()}
+    baselines = sweep_baselines(root, runs, seeds)
+    methods.update({f"baseline: {name}": per_seed for name, per_seed in baselines.items()})
+    table = {name: {k: _mean_std([_value(per_seed[s], k) for s in seeds]) for k in COLUMNS}
+             for name, per_seed in methods.items()}
+    diffs = {k: [_value(runs["finetuned"][s][0], k) - _value(runs["frozen"][s][0], k) for s in seeds] for k in COMPARED}
+    improvement = {k: _mean_std(d) for k, d in diffs.items()}
+    per_seed = [{"seed": s, "method": name, **{k: _value(rows[s], k) for k in COLUMNS},
+                 "best_epoch": rows[s].get("best_epoch", "")} for s in seeds for name, rows in methods.items()]
     args = any_cfg["args"]
     summary = {
         "dataset": args["dataset"], "data_file": args["data_file"], "seeds": seeds,
         "encoder_weights": weights, "random_init_encoder": random_init,
+        "ood_val_split": args.get("ood_val_split", "random"),
         "finetuned_arm": {"freeze_layers": args["freeze_layers"], "encoder_lr": args["encoder_lr"], "lr": args["lr"],
                           "encoder_trainable_params": any_cfg["encoder_trainable_params"],
                           "encoder_total_params": any_cfg["encoder_total_params"]},
         "sizes": {k: args[k] for k in ("train_size", "val_size", "test_size", "data_seed", "epochs")},
         "date": time.strftime("%Y-%m-%d %H:%M"), "per_seed": per_seed,
-        "table": {name: table[arm] for arm, name in ARMS.items()} | {"Improvement": table["improvement"]},
-        "paired_differences": diffs,
+        "table": table | {"Improvement": improvement}, "paired_differences": diffs,
     }
-    fmt = lambda ms, sign="": f"{ms[0]:{sign}.4f} ± {ms[1]:.4f}"  # noqa: E731
+    cell = lambda ms, sign="": "–" if np.isnan(ms[0]) else f"{ms[0]:{sign}.4f} ± {ms[1]:.4f}"  # noqa: E731
     weights_line = f"{RANDOM_INIT_LABEL}: {weights}" if random_init else f"pretrained Uni-Mol, {weights}"
+    width = 18
+    header = f"{'Method':<29}" + "".join(f" | {LABELS[k]:<{width}}" for k in COLUMNS)
     lines = [f"Energy-DPO: frozen vs fine-tuned Uni-Mol on {args['dataset']}",
              f"encoder weights: {weights_line}",
              f"seeds: {' '.join(map(str, seeds))}   data seed: {args['data_seed']}   date: {summary['date']}",
              f"sizes per side: train {args['train_size']}, val {args['val_size']}, test {args['test_size']}; "
-             f"max epochs {args['epochs']}; model selection on validation AUROC",
+             f"max epochs {args['epochs']}; model selection on validation AUROC; OOD val split: "
+             f"{summary['ood_val_split']}",
              f"fine-tuned arm: --freeze_layers {args['freeze_layers']} --encoder_lr {args['encoder_lr']} "
              f"--lr {args['lr']} ({any_cfg['encoder_trainable_params']:,} of {any_cfg['encoder_total_params']:,} "
              f"encoder parameters train)", "",
-             f"{'seed':>6}  {'arm':<10} {'AUROC':>7} {'AUPR':>7} {'FPR95':>7} {'best epoch':>10}"]
-    lines += [f"{r['seed']:>6}  {r['arm']:<10} {r['auroc']:7.4f} {r['aupr']:7.4f} {r['fpr95']:7.4f} "
-              f"{r['best_epoch']:>10}" for r in per_seed]
-    lines += ["", f"{'Method':<24} | {'AUROC':<17} | {'AUPR':<17} | FPR95"]
-    for arm, name in ARMS.items():
-        lines.append(f"{name:<24} | {fmt(table[arm]['auroc']):<17} | {fmt(table[arm]['aupr']):<17} | "
-                     f"{fmt(table[arm]['fpr95'])}")
-    imp = table["improvement"]
-    lines.append(f"{'Improvement':<24} | {fmt(imp['auroc'], '+'):<17} | {fmt(imp['aupr'], '+'):<17} | "
-                 f"{fmt(imp['fpr95'], '+')}")
-    lines.append(f"{'(better when)':<24} | {'> 0 (higher)':<17} | {'> 0 (higher)':<17} | < 0 (lower)")
+             f"{'seed':>6}  {'arm':<10} {'AUROC':>7} {'AUPR':>7} {'FPR95':>7} {'size-m.':>7} {'val':>7} {'best epoch':>10}"]
+    lines += [f"{r['seed']:>6}  {r['method'][12:-1]:<10} " + " ".join(
+              f"{'–' if np.isnan(r[k]) else format(r[k], '.4f'):>7}" for k in COLUMNS) + f" {r['best_epoch']:>10}"
+              for r in per_seed if r["method"] in ARMS.values()]
+    lines += ["", header]
+    for name in methods:
+        lines.append(f"{name:<29}" + "".join(f" | {cell(table[name][k]):<{width}}" for k in COLUMNS))
+        if name == ARMS["finetuned"]:
+            lines.append(f"{'Improvement':<29}" + "".join(f" | {cell(improvement[k], '+'):<{width}}" for k in COMPARED))
+            lines.append(f"{'(better when)':<29}" + "".join(
+                f" | {('> 0 (higher)' if BETTER[k] == 'higher' else '< 0 (lower)'):<{width}}" for k in COMPARED))
     lines += ["", "mean ± sample std over seeds; Improvement = finetuned − frozen, mean ± std of the paired "
-              "per-seed differences: positive is better for AUROC and AUPR, negative is better for FPR95."]
+              "per-seed differences: positive is better for AUROC, AUPR and size-matched AUROC, negative is "
+              "better for FPR95. Size-matched AUROC: over ID-OOD pairs of equal heavy-atom count (0.5 for a score "
+              "that only counts atoms). Baselines are on the same test molecules (frozen features)."]
+    if not baselines:
+        lines.append("no baselines.json in these runs (made before baselines were computed): no baseline rows")
+    for arm, name in ARMS.items():
+        warning = validation_warning(table[name]["val_auroc"][0], table[name]["auroc"][0], summary["ood_val_split"])
+        if warning:
+            lines.append(f"{name}: {warning}")
     if random_init:
         lines.append(f"{RANDOM_INIT_LABEL}: these numbers do not measure pretrained Uni-Mol.")
     atomic_write_text(root / "comparison_summary.txt", "\n".join(lines) + "\n")
-    atomic_write_json(root / "comparison_summary.json", summary)
+    atomic_write_json(root / "comparison_summary.json", _json_safe(summary))
     atomic_write_csv(root / "comparison_summary.csv",
-                     [(r["seed"], r["arm"], *(f"{r[k]:.6f}" for k in COMPARED), r["best_epoch"], weights)
-                      for r in per_seed],
-                     ["seed", "arm", *COMPARED, "best_epoch", "encoder_weights"])
-    plot_comparison(root / "comparison.png", runs, seeds, f"{args['dataset']} · "
+                     [(r["seed"], r["method"], *("" if np.isnan(r[k]) else f"{r[k]:.6f}" for k in COLUMNS),
+                       r["best_epoch"], weights) for r in per_seed],
+                     ["seed", "method", *COLUMNS, "best_epoch", "encoder_weights"])
+    plot_comparison(root / "comparison.png", runs, seeds, table, f"{args['dataset']} · "
                     f"{RANDOM_INIT_LABEL if random_init else 'pretrained Uni-Mol'}")
     return summary, "\n".join(lines)
 
 
-def plot_comparison(path, runs, seeds, title):
+def _json_safe(obj):
+    """NaN (a metric that does not exist for a run) as null, which JSON can hold."""
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return None if isinstance(obj, float) and math.isnan(obj) else obj
+
+
+def plot_comparison(path, runs, seeds, table, title):
     fig, axes = _plt().subplots(1, len(COMPARED), figsize=(4 * len(COMPARED), 3.8))
+    baselines = {name: ms for name, ms in table.items() if name.startswith("baseline: ")}
     for ax, key in zip(axes, COMPARED):
         for i, s in enumerate(seeds):
-            ax.plot([0, 1], [runs[arm][s][0][key] for arm in ARMS], color="grey", lw=0.8, marker="o",
+            ax.plot([0, 1], [_value(runs[arm][s][0], key) for arm in ARMS], color="grey", lw=0.8, marker="o",
                     label="one seed (paired)" if i == 0 else None)
-        means = [np.mean([runs[arm][s][0][key] for s in seeds]) for arm in ARMS]
+        means = [table[name][key][0] for name in ARMS.values()]
         ax.scatter([0, 1], means, s=300, marker="_", linewidths=2.5, color="C3", zorder=3,
                    label=f"mean of {len(seeds)} seeds")
+        ranked = sorted((ms[key][0], name) for name, ms in baselines.items() if not np.isnan(ms[key][0]))
+        if ranked:
+            value, name = ranked[0] if BETTER[key] == "lower" else ranked[-1]
+            ax.axhline(value, color="C0", ls="--", lw=1, label=f"best baseline ({name[10:]})")
         ax.set_xticks([0, 1], ["frozen", "fine-tuned"])
         ax.set_xlim(-0.4, 1.4)
-        ax.set(ylabel=f"test {key.upper()}", title=f"{key.upper()} ({BETTER[key]} is better)")
+        ax.set(ylabel=f"test {LABELS[key]}", title=f"{LABELS[key]} ({BETTER[key]} is better)")
         ax.legend(fontsize="small")
     fig.suptitle(title, y=1.03)
     fig.tight_layout()

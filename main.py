@@ -60,6 +60,9 @@ def build_parser():
                    help="molecules per side for testing (eval --data_file: default the run's)")
     g.add_argument("--data_seed", type=int, default=42,
                    help="seed of the subsampling, independent of --seed (eval --data_file: default the run's)")
+    g.add_argument("--ood_val_split", choices=["random", "domain"], default="random",
+                   help="how ood_val becomes OOD train and OOD val: random = disjoint molecules of the same domains "
+                        "(the reference protocol), domain = disjoint domain_ids (honest validation)")
     g.add_argument("--cache_dir", default="./cache", help="conformer and feature caches (eval/predict: the run's)")
     g.add_argument("--force_recompute_cache", action="store_true", help="drop and rebuild the caches used")
     g.add_argument("--num_workers", type=int, default=2, help="processes for conformer generation")
@@ -381,8 +384,12 @@ def result_line(dataset, metrics):
     from evaluate import weights_label  # noqa: PLC0415
     return (f"{dataset} test ({weights_label(metrics['encoder_weights'])}): AUROC {metrics['auroc']:.4f}  "
             f"AUPR {metrics['aupr']:.4f}  AUPR-In {metrics['aupr_in']:.4f}  FPR95 {metrics['fpr95']:.4f}  "
-            f"(ID {metrics['n_id']}, OOD {metrics['n_ood']}, best epoch {metrics['best_epoch']}, "
-            f"val AUROC {metrics['val_auroc']:.4f})")
+            f"size-matched AUROC {_or_dash(metrics.get('auroc_size_matched'))}  (ID {metrics['n_id']}, "
+            f"OOD {metrics['n_ood']}; model: best epoch {metrics['best_epoch']}, val AUROC {metrics['val_auroc']:.4f})")
+
+
+def _or_dash(value):
+    return "–" if value is None else f"{value:.4f}"
 
 
 def conformer_settings(args, stored=None, given=frozenset()):
@@ -395,11 +402,35 @@ def conformer_settings(args, stored=None, given=frozenset()):
                              timeout_s=pick("conformer_timeout"))
 
 
+def heavy_atom_counts(roles):
+    from baselines import descriptor  # noqa: PLC0415
+    return {role: descriptor(mols, "heavy_atoms") for role, mols in roles.items()}
+
+
+def run_baselines(args, encoder, roles, conformers, inputs, conf):
+    """Every baseline on the run's own roles: (metrics per baseline, skipped ones with the reason).
+    Feature baselines use frozen Uni-Mol features, also in a fine-tuned run."""
+    from baselines import baseline_metrics, baseline_scores  # noqa: PLC0415
+    from data import item_field  # noqa: PLC0415
+    from model import FeatureInputs, UniMolEncoder  # noqa: PLC0415
+    if not isinstance(inputs["id_train"], FeatureInputs):
+        frozen = UniMolEncoder(args.unimol_weights, amp=args.amp == "bf16")
+        inputs = model_inputs(frozen, roles, conformers, conf.cache_dir, args.encode_batch_size, args.device,
+                              conf.force)
+    features = {role: inputs[role].features.numpy() for role in roles}
+    labels = item_field(args.data_file, "train", roles["id_train"], "cls_label")
+    scores, skipped = baseline_scores(roles, features, labels, args.seed)
+    sizes = heavy_atom_counts({r: roles[r] for r in ("id_test", "ood_test")})
+    return baseline_metrics(scores, sizes["id_test"], sizes["ood_test"]), skipped
+
+
 def run_train(args):
     from data import atomic_write_json, file_sha256, load_benchmark  # noqa: PLC0415
-    from evaluate import RANDOM_INIT_LABEL, plot_training_curves, weights_label  # noqa: PLC0415
+    from evaluate import RANDOM_INIT_LABEL, plot_training_curves, results_table, weights_label  # noqa: PLC0415
     from model import EnergyDPOModel, build_encoder  # noqa: PLC0415
-    from train import EnergyDPOTrainer, check_run_dir, clear_run_dir, remove_stale_temporaries  # noqa: PLC0415
+    from train import (EnergyDPOTrainer, check_run_dir, clear_run_dir, learning_warning,  # noqa: PLC0415
+                       remove_stale_temporaries)
+    started = time.monotonic()
     run_dir = Path(args.output_dir)
     check_run_dir(run_dir, args.overwrite, args.resume)
     setup_logging(hold=True)  # the log file starts once the run folder is ready; nothing is lost
@@ -417,7 +448,7 @@ def run_train(args):
         check_resumable(run_dir, config)
     conformers_from = conformer_settings(args)
     roles, conformers, report = load_benchmark(args.data_file, (args.train_size, args.val_size, args.test_size),
-                                               args.data_seed, conformers_from)
+                                               args.data_seed, conformers_from, args.ood_val_split)
     # every input has checked out: only now may an earlier run in this folder go
     if args.overwrite:
         clear_run_dir(run_dir)
@@ -439,9 +470,27 @@ def run_train(args):
     history = trainer.fit(inputs)
     title = f"{args.dataset}\n{weights_label(encoder.weights_id)}"
     plot_training_curves(run_dir / "training_curves.png", history, trainer.best_epoch, title)
-    metrics = finish_run(run_dir, net, inputs, roles, args.eval_batch_size, args.device,
-                         {"dataset": args.dataset, "title": title})
-    log.info("%s", result_line(args.dataset, metrics))
+    labels = {"dataset": args.dataset, "title": title, "ood_val_split": args.ood_val_split}
+    stalled = learning_warning(history, args.batch_size)
+    if stalled:
+        log.warning("%s", stalled)
+        labels["training_warning"] = stalled
+    baselines_started = time.monotonic()
+    baselines, skipped = run_baselines(args, encoder, roles, conformers, inputs, conformers_from)
+    baseline_s = time.monotonic() - baselines_started
+    atomic_write_json(run_dir / "baselines.json", {
+        "encoder_weights": encoder.weights_id, "random_init_encoder": encoder.is_random_init,
+        "roles": "this run's own (same ID/OOD test molecules as test_metrics.json)",
+        "baselines": baselines, "skipped": skipped, "seconds": round(baseline_s, 2)})
+    metrics = finish_run(run_dir, net, inputs, roles, args.eval_batch_size, args.device, labels)
+    table = results_table({"Energy-DPO": metrics, **baselines}, skipped)
+    log.info("Energy-DPO beside baselines on the same test molecules (%s; size-matched: pairs of equal heavy-atom "
+             "count, %.0f%% of pairs):\n%s", weights_label(encoder.weights_id),
+             100 * metrics["size_matched_pair_fraction"], "\n".join(table))
+    log.info("baselines took %.1f s of this run's %.1f s", baseline_s, time.monotonic() - started)
+    if metrics.get("validation_warning"):
+        log.warning("%s", metrics["validation_warning"])
+    log.info("%s", result_line(args.dataset, metrics))  # the last line of training.log
 
 
 def finite_scores(scores, source, what):
@@ -470,7 +519,8 @@ def finish_run(run_dir, net, inputs, roles, batch_size, device, labels):
     extra = {"best_epoch": state["epoch"], "val_auroc": state["val_auroc"], "threshold_95_id_val": threshold,
              "encoder_weights": net.spec.encoder_weights,
              "random_init_encoder": net.spec.encoder_weights.startswith("random-init"), **labels}
-    return write_test_results(run_dir, {r: roles[r] for r in scores}, scores, extra)
+    test_roles = {r: roles[r] for r in scores}
+    return write_test_results(run_dir, test_roles, scores, extra, heavy_atom_counts(test_roles))
 
 
 def load_run(args, given):
@@ -529,7 +579,8 @@ def run_eval(args, given):
             raise InputError(f"{stored['data_file']}: changed since the run was trained (SHA-256 differs from "
                              f"{recorded[:12]}…); restore it, or score it as another benchmark with --data_file")
         roles, conformers, _ = load_benchmark(stored["data_file"], (stored["train_size"], stored["val_size"],
-                                              stored["test_size"]), stored["data_seed"], conf)
+                                              stored["test_size"]), stored["data_seed"], conf,
+                                              stored.get("ood_val_split", "random"))
         roles = {r: roles[r] for r in ("id_test", "ood_test")}
         setup_logging(run_dir / "eval.log")
         title = f"{dataset}\n{weights_label(encoder.weights_id)}"
@@ -538,8 +589,8 @@ def run_eval(args, given):
     extra = {"best_epoch": state["epoch"], "val_auroc": state["val_auroc"],
              "threshold_95_id_val": state["threshold_95_id_val"], "encoder_weights": encoder.weights_id,
              "random_init_encoder": encoder.is_random_init, "dataset": dataset, "trained_on": stored["dataset"],
-             "title": title}
-    metrics = write_test_results(out_dir, roles, scores, extra)
+             "title": title, "ood_val_split": stored.get("ood_val_split", "random")}
+    metrics = write_test_results(out_dir, roles, scores, extra, heavy_atom_counts(roles))
     log.info("%s", result_line(dataset, metrics))
     print(f"wrote {out_dir / 'test_metrics.json'}")
 

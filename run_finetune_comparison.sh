@@ -39,6 +39,7 @@ Relative paths resolve against the current directory; --demo changes the marked 
                                                         if UNIMOL_WEIGHT_DIR is set, else ./weights/mol_pre_no_h_220816.pt]
                                                        (demo: that file if present, else random)
   DEVICE          auto, cpu, cuda, cuda:N              [main.py: auto]
+  OOD_VAL_SPLIT   random or domain (honest validation) [main.py: random]
   FREEZE_LAYERS   frozen layers of the fine-tuned arm  [main.py: 0-12]
   ENCODER_LR      encoder learning rate (fine-tuned)   [main.py: 5e-6]
   OUTPUT_ROOT     where runs and summaries go          [./outputs/finetune_comparison]
@@ -116,6 +117,7 @@ add_flag common --test_size TEST_SIZE
 add_flag common --data_seed DATA_SEED
 add_flag common --unimol_weights UNIMOL_WEIGHTS
 add_flag common --device DEVICE
+add_flag common --ood_val_split OOD_VAL_SPLIT
 add_flag finetune --freeze_layers FREEZE_LAYERS
 add_flag finetune --encoder_lr ENCODER_LR
 

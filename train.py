@@ -17,7 +17,7 @@ from model import energies, load_checkpoint, pair_diagnostics, save_checkpoint
 log = logging.getLogger("energy_dpo.train")
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "misranked", "margin", "e_id", "e_ood",
-                   "val_loss", "val_auroc", "val_misranked", "lr", "seconds", "encoder_weights"]
+                   "val_loss", "val_auroc", "val_misranked", "lr", "steps", "seconds", "encoder_weights"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +110,7 @@ class EnergyDPOTrainer:
         generator = torch.Generator().manual_seed(self._epoch_seed(epoch))
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        sums, n = {"train_loss": 0.0, "misranked": 0.0, "margin": 0.0, "e_id": 0.0, "e_ood": 0.0}, 0
+        sums, n, steps = {"train_loss": 0.0, "misranked": 0.0, "margin": 0.0, "e_id": 0.0, "e_ood": 0.0}, 0, 0
         batches = list(self._batches(len(x_id), len(x_ood), generator))
         for i_id, i_ood in progress(batches, desc=f"epoch {epoch}", leave=False):
             e_id = self.model(x_id.batch(i_id, self.device))
@@ -123,10 +123,11 @@ class EnergyDPOTrainer:
             n += 1
             if n % cfg.grad_accum_steps == 0 or n == len(batches):
                 self._step()
+                steps += 1
             sums["train_loss"] += loss.item()
             for key, value in pair_diagnostics(e_id.detach(), e_ood.detach()).items():
                 sums[key] += value
-        return {k: v / n for k, v in sums.items()}
+        return {k: v / n for k, v in sums.items()} | {"steps": steps}
 
     def fit(self, inputs):
         """inputs: role → FeatureInputs / ConformerInputs. Returns the per-epoch history."""
@@ -136,6 +137,7 @@ class EnergyDPOTrainer:
                 break
             t0 = time.time()
             row = {"epoch": epoch, **self.train_epoch(epoch, inputs["id_train"], inputs["ood_train"])}
+            row["steps"] += self.history[-1]["steps"] if self.history else 0  # optimizer steps so far
             row.update(self.validate(inputs["id_val"], inputs["ood_val"], epoch))
             row.update(lr=self.optimizer.param_groups[0]["lr"], seconds=time.time() - t0)
             self.history.append(row)
@@ -182,7 +184,23 @@ class EnergyDPOTrainer:
 
 RUN_FILES = ("config.json", "training.log", "history.csv", "best_model.pt", "last.pt", "test_metrics.json",
              "test_scores.csv", "data_report.json", "roc_curve.png", "energy_histogram.png",
-             "training_curves.png", "eval.log", "roles.csv")
+             "training_curves.png", "eval.log", "roles.csv", "baselines.json")
+
+
+def learning_warning(history, batch_size):
+    """Words for an energy head that did not learn, or None: the training loss within 1% of its
+    first epoch's, or ID–OOD pairs still mis-ranked about half the time. A user then knows the head
+    did not train, rather than that the encoder failed."""
+    first, last = history[0], history[-1]
+    stalled = abs(last["train_loss"] - first["train_loss"]) <= 0.01 * abs(first["train_loss"])
+    coin = abs(last["misranked"] - 0.5) < 0.05
+    if not (stalled or coin):
+        return None
+    per_epoch = last["steps"] / len(history)
+    return (f"the energy head barely learned: after {last['steps']} optimizer steps ({per_epoch:g} per epoch at "
+            f"--batch_size {batch_size} per side) the training loss went {first['train_loss']:.4f} -> "
+            f"{last['train_loss']:.4f} and {last['misranked']:.0%} of ID-OOD training pairs are still mis-ranked; "
+            f"raise --epochs or lower --batch_size before reading these numbers as the encoder's")
 
 
 def check_run_dir(run_dir, overwrite, resume):

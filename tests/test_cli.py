@@ -66,6 +66,19 @@ def test_train_writes_a_complete_run(finished_run, random_ckpt):
                                                                     for r in roles)
     last_line = (finished_run / "training.log").read_text().strip().splitlines()[-1]
     assert f"AUROC {metrics['auroc']:.4f}" in last_line and "FPR95" in last_line
+    assert 0 <= metrics["auroc_size_matched"] <= 1 and 0 < metrics["size_matched_pair_fraction"] <= 1
+    baselines = json.loads((finished_run / "baselines.json").read_text())
+    assert baselines["encoder_weights"] == config["encoder_weights"]
+    assert set(baselines["baselines"]) | set(baselines["skipped"]) == {
+        "heavy_atoms", "ring_count", "mol_weight", "tanimoto_nn", "knn_k1", "knn_k10", "mahalanobis", "logreg_oe",
+        "msp", "energy_logit"}
+    for name, values in baselines["baselines"].items():
+        assert {"auroc", "aupr", "fpr95", "auroc_size_matched", "val_auroc"} <= set(values), name
+        assert values["n_id"] == 8 and values["n_ood"] == 8, name
+    # the heavy-atom baseline's size-matched AUROC is exactly one half: it knows nothing beyond size
+    assert baselines["baselines"]["heavy_atoms"]["auroc_size_matched"] == 0.5
+    log_text = (finished_run / "training.log").read_text()
+    assert "Energy-DPO beside baselines" in log_text and "logreg_oe" in log_text
     state = model.load_checkpoint(finished_run / "best_model.pt")
     assert state["threshold_95_id_val"] == metrics["threshold_95_id_val"]
     assert state["model_spec"]["encoder_weights"] == config["encoder_weights"]

@@ -13,7 +13,7 @@ from conftest import ROOT
 
 SCRIPT = ROOT / "run_finetune_comparison.sh"
 SWEEP_VARS = ("SEEDS", "DATASETS", "DATA_FILE", "EPOCHS", "TRAIN_SIZE", "VAL_SIZE", "TEST_SIZE", "DATA_SEED",
-              "UNIMOL_WEIGHTS", "UNIMOL_WEIGHT_DIR", "OUTPUT_ROOT", "DEVICE", "FREEZE_LAYERS", "ENCODER_LR",
+              "OOD_VAL_SPLIT", "UNIMOL_WEIGHTS", "UNIMOL_WEIGHT_DIR", "OUTPUT_ROOT", "DEVICE", "FREEZE_LAYERS", "ENCODER_LR",
               "EXTRA_ARGS", "PYTHON")
 TINY = dict(SEEDS="1", EPOCHS="1", TRAIN_SIZE="8", VAL_SIZE="6", TEST_SIZE="6", DEVICE="cpu")
 
@@ -39,22 +39,34 @@ def test_sweep_script_writes_a_well_formed_summary(tmp_path, small_benchmark, ra
     root = tmp_path / "sweep" / "tiny"
     text = (root / "comparison_summary.txt").read_text()
     assert "Energy-DPO (frozen)" in text and "Energy-DPO (finetuned)" in text and "Improvement" in text
-    assert "Method                   | AUROC" in text and "encoder weights: pretrained Uni-Mol, sha256:" in text
+    assert "encoder weights: pretrained Uni-Mol, sha256:" in text
+    assert text.count("| AUROC size-matched") == 1 and "| val AUROC" in text
     summary = json.loads((root / "comparison_summary.json").read_text())
-    assert summary["seeds"] == [1, 2] and len(summary["per_seed"]) == 4
+    assert summary["seeds"] == [1, 2]
+    arm_rows = {(r["method"], r["seed"]): r for r in summary["per_seed"]}
     for arm in ("frozen", "finetuned"):
         for seed in (1, 2):
             metrics = json.loads((root / arm / f"seed{seed}" / "test_metrics.json").read_text())
-            row = next(r for r in summary["per_seed"] if r["arm"] == arm and r["seed"] == seed)
-            assert row["auroc"] == metrics["auroc"]
-    diffs = [next(r["auroc"] for r in summary["per_seed"] if r["arm"] == "finetuned" and r["seed"] == s) -
-             next(r["auroc"] for r in summary["per_seed"] if r["arm"] == "frozen" and r["seed"] == s) for s in (1, 2)]
+            row = arm_rows[(f"Energy-DPO ({arm})", seed)]
+            assert (row["auroc"], row["val_auroc"]) == (metrics["auroc"], metrics["val_auroc"])
+            assert row["auroc_size_matched"] == metrics["auroc_size_matched"]
+    diffs = [arm_rows[("Energy-DPO (finetuned)", s)]["auroc"] - arm_rows[("Energy-DPO (frozen)", s)]["auroc"]
+             for s in (1, 2)]
     assert summary["table"]["Improvement"]["auroc"][0] == pytest.approx(np.mean(diffs))
+    # baseline rows: mean over seeds of the frozen arm's baselines.json
+    baselines = [json.loads((root / "frozen" / f"seed{s}" / "baselines.json").read_text())["baselines"] for s in (1, 2)]
+    for name in ("heavy_atoms", "logreg_oe", "knn_k1"):
+        assert summary["table"][f"baseline: {name}"]["auroc"][0] == \
+            pytest.approx(np.mean([b[name]["auroc"] for b in baselines]))
+        assert f"baseline: {name}" in text
     assert (root / "comparison.png").stat().st_size > 0
-    assert "(better when)            | > 0 (higher)      | > 0 (higher)      | < 0 (lower)" in text
+    better = next(line for line in text.splitlines() if line.startswith("(better when)"))
+    assert [cell.strip() for cell in better.split("|")[1:]] == ["> 0 (higher)", "> 0 (higher)", "< 0 (lower)",
+                                                                "> 0 (higher)"]
     with open(root / "comparison_summary.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 4 and {r["encoder_weights"] for r in rows} == {summary["encoder_weights"]}
+    assert len(rows) == 2 * (2 + len(summary["table"]) - 3)  # seeds × (arms + baselines)
+    assert {r["encoder_weights"] for r in rows} == {summary["encoder_weights"]}
     # a rerun skips finished runs
     again = run_sweep(env, timeout=300)
     assert again.returncode == 0 and again.stdout.count("finished, skipping") == 4
