@@ -407,26 +407,41 @@ def heavy_atom_counts(roles):
     return {role: descriptor(mols, "heavy_atoms") for role, mols in roles.items()}
 
 
-def run_baselines(args, encoder, roles, conformers, inputs, conf):
-    """Every baseline on the run's own roles: (metrics per baseline, skipped ones with the reason).
-    Feature baselines use frozen Uni-Mol features, also in a fine-tuned run."""
+def run_baselines(out_dir, encoder, weights, roles, conformers, data_file, seed, conf, batch_size, device):
+    """Every baseline on `roles` (a run's train / val roles and the test roles scored), written to
+    out_dir/baselines.json; returns (metrics per baseline, skipped ones with the reason). Feature
+    baselines use frozen Uni-Mol features, also for a fine-tuned run."""
     from baselines import baseline_metrics, baseline_scores  # noqa: PLC0415
-    from data import item_field  # noqa: PLC0415
-    from model import FeatureInputs, UniMolEncoder  # noqa: PLC0415
-    if not isinstance(inputs["id_train"], FeatureInputs):
-        frozen = UniMolEncoder(args.unimol_weights, amp=args.amp == "bf16")
-        inputs = model_inputs(frozen, roles, conformers, conf.cache_dir, args.encode_batch_size, args.device,
-                              conf.force)
+    from data import atomic_write_json, item_field  # noqa: PLC0415
+    from model import FinetunableUniMolEncoder, UniMolEncoder  # noqa: PLC0415
+    started = time.monotonic()
+    frozen = UniMolEncoder(weights, amp=encoder.amp) if isinstance(encoder, FinetunableUniMolEncoder) else encoder
+    inputs = model_inputs(frozen, roles, conformers, conf.cache_dir, batch_size, device, conf.force)
     features = {role: inputs[role].features.numpy() for role in roles}
-    labels = item_field(args.data_file, "train", roles["id_train"], "cls_label")
-    scores, skipped = baseline_scores(roles, features, labels, args.seed)
+    labels = (item_field(data_file, "train", roles["id_train"], "cls_label") if Path(data_file).is_file()
+              else [None] * len(roles["id_train"]))
+    scores, skipped = baseline_scores(roles, features, labels, seed)
     sizes = heavy_atom_counts({r: roles[r] for r in ("id_test", "ood_test")})
-    return baseline_metrics(scores, sizes["id_test"], sizes["ood_test"]), skipped
+    metrics = baseline_metrics(scores, sizes["id_test"], sizes["ood_test"])
+    seconds = time.monotonic() - started
+    atomic_write_json(out_dir / "baselines.json", {
+        "encoder_weights": encoder.weights_id, "random_init_encoder": encoder.is_random_init,
+        "roles": "the same ID/OOD test molecules as test_metrics.json; trained on the run's own ID/OOD train roles",
+        "baselines": metrics, "skipped": skipped, "seconds": round(seconds, 2)})
+    return metrics, skipped, seconds
+
+
+def log_results_table(metrics, baselines, skipped, encoder):
+    from evaluate import results_table, weights_label  # noqa: PLC0415
+    fraction = metrics.get("size_matched_pair_fraction") or 0.0
+    log.info("Energy-DPO beside baselines on the same test molecules (%s; size-matched: pairs of equal heavy-atom "
+             "count, %.0f%% of pairs):\n%s", weights_label(encoder.weights_id), 100 * fraction,
+             "\n".join(results_table({"Energy-DPO": metrics, **baselines}, skipped)))
 
 
 def run_train(args):
     from data import atomic_write_json, file_sha256, load_benchmark  # noqa: PLC0415
-    from evaluate import RANDOM_INIT_LABEL, plot_training_curves, results_table, weights_label  # noqa: PLC0415
+    from evaluate import RANDOM_INIT_LABEL, plot_training_curves, weights_label  # noqa: PLC0415
     from model import EnergyDPOModel, build_encoder  # noqa: PLC0415
     from train import (EnergyDPOTrainer, check_run_dir, clear_run_dir, learning_warning,  # noqa: PLC0415
                        remove_stale_temporaries)
@@ -475,18 +490,11 @@ def run_train(args):
     if stalled:
         log.warning("%s", stalled)
         labels["training_warning"] = stalled
-    baselines_started = time.monotonic()
-    baselines, skipped = run_baselines(args, encoder, roles, conformers, inputs, conformers_from)
-    baseline_s = time.monotonic() - baselines_started
-    atomic_write_json(run_dir / "baselines.json", {
-        "encoder_weights": encoder.weights_id, "random_init_encoder": encoder.is_random_init,
-        "roles": "this run's own (same ID/OOD test molecules as test_metrics.json)",
-        "baselines": baselines, "skipped": skipped, "seconds": round(baseline_s, 2)})
+    baselines, skipped, baseline_s = run_baselines(run_dir, encoder, args.unimol_weights, roles, conformers,
+                                                   args.data_file, args.seed, conformers_from,
+                                                   args.encode_batch_size, args.device)
     metrics = finish_run(run_dir, net, inputs, roles, args.eval_batch_size, args.device, labels)
-    table = results_table({"Energy-DPO": metrics, **baselines}, skipped)
-    log.info("Energy-DPO beside baselines on the same test molecules (%s; size-matched: pairs of equal heavy-atom "
-             "count, %.0f%% of pairs):\n%s", weights_label(encoder.weights_id),
-             100 * metrics["size_matched_pair_fraction"], "\n".join(table))
+    log_results_table(metrics, baselines, skipped, encoder)
     log.info("baselines took %.1f s of this run's %.1f s", baseline_s, time.monotonic() - started)
     if metrics.get("validation_warning"):
         log.warning("%s", metrics["validation_warning"])
@@ -533,7 +541,7 @@ def load_run(args, given):
     if "threshold_95_id_val" not in payload:
         raise InputError(f"{ckpt}: the run has not finished (no predict threshold yet); finish it with "
                          f"--mode train --resume (same flags) first")
-    weights = args.unimol_weights or stored.get("unimol_weights")
+    weights = load_run_weights(args, stored) if "unimol_weights" in stored or args.unimol_weights else None
     if weights is None:
         raise InputError(f"{ckpt}: records no encoder weights path; pass --unimol_weights")
     if weights != "random" and not Path(weights).is_file():
@@ -590,19 +598,45 @@ def run_eval(args, given):
              "threshold_95_id_val": state["threshold_95_id_val"], "encoder_weights": encoder.weights_id,
              "random_init_encoder": encoder.is_random_init, "dataset": dataset, "trained_on": stored["dataset"],
              "title": title, "ood_val_split": stored.get("ood_val_split", "random")}
+    if args.data_file:  # the baselines of the run's own training data, on the other benchmark's molecules
+        from data import get_conformers  # noqa: PLC0415
+        run_roles = run_role_smiles(run_dir)
+        own, _ = get_conformers([s for mols in run_roles.values() for s in mols], conf)
+        run_roles = {r: [s for s in mols if s in own] for r, mols in run_roles.items()}
+        baselines, skipped, _ = run_baselines(out_dir, encoder, load_run_weights(args, stored), run_roles | roles,
+                                              conformers | own, stored["data_file"], stored["seed"], conf,
+                                              scoring["encode_batch_size"], args.device)
     metrics = write_test_results(out_dir, roles, scores, extra, heavy_atom_counts(roles))
+    if args.data_file:
+        log_results_table(metrics, baselines, skipped, encoder)
     log.info("%s", result_line(dataset, metrics))
     print(f"wrote {out_dir / 'test_metrics.json'}")
 
 
-def run_molecules(run_dir):
-    """Canonical SMILES of the molecules a run trained or validated on (its roles.csv)."""
+def _roles_csv(run_dir):
     import csv  # noqa: PLC0415
     path = run_dir / "roles.csv"
     if not path.is_file():
         raise InputError(f"{path}: missing; the run predates cross-benchmark eval (retrain it)")
     with open(path, newline="") as f:
-        return {row["canonical_smiles"] for row in csv.DictReader(f) if row["role"].endswith(("_train", "_val"))}
+        return [row for row in csv.DictReader(f) if row["role"].endswith(("_train", "_val"))]
+
+
+def run_molecules(run_dir):
+    """Canonical SMILES of the molecules a run trained or validated on (its roles.csv)."""
+    return {row["canonical_smiles"] for row in _roles_csv(run_dir)}
+
+
+def run_role_smiles(run_dir):
+    """{role: SMILES as written} of a run's training and validation roles (its roles.csv)."""
+    roles = {role: [] for role in ("id_train", "id_val", "ood_train", "ood_val")}
+    for row in _roles_csv(run_dir):
+        roles[row["role"]].append(row["smiles"])
+    return roles
+
+
+def load_run_weights(args, stored):
+    return args.unimol_weights or stored["unimol_weights"]
 
 
 PREDICT_COLUMNS = ["canonical_smiles", "energy", "is_ood", "warning", "error", "encoder_weights"]

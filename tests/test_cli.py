@@ -116,8 +116,11 @@ def test_eval_on_another_benchmark(finished_run, cache_dir, tmp_path, capsys):
                  "--cache_dir", str(cache_dir)]) == 0
     out = finished_run / "eval" / "vendor_set"
     for name in ("test_metrics.json", "test_scores.csv", "data_report.json", "roc_curve.png",
-                 "energy_histogram.png", "eval.log"):
+                 "energy_histogram.png", "eval.log", "baselines.json"):
         assert (out / name).is_file(), name
+    baselines = json.loads((out / "baselines.json").read_text())["baselines"]
+    assert baselines["heavy_atoms"]["n_id"] == 3 and baselines["logreg_oe"]["n_ood"] == 2
+    assert "Energy-DPO beside baselines" in (out / "eval.log").read_text()
     assert {name: (finished_run / name).read_bytes() for name in own} == own  # the run's own results untouched
     report = json.loads((out / "data_report.json").read_text())
     assert report["removed_seen_in_run"] == {"id_test": 1, "ood_test": 1}
