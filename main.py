@@ -82,6 +82,15 @@ def build_parser():
     g.add_argument("--encoder_lr", type=float, default=5e-6, help="learning rate of the encoder parameters")
     g.add_argument("--freeze_layers", default="0-12",
                    help="frozen transformer layers: ranges and lists (0-12, 0-5,7,9-12), none, all")
+    g.add_argument("--finetune_strategy", choices=["layers", "attention", "ffn", "lora"], default="layers",
+                   help="what trains in the layers --freeze_layers leaves: whole layers, the attention, the FFN, "
+                        "or LoRA adapters (peft) on in_proj / out_proj / fc1 / fc2")
+    g.add_argument("--lora_rank", type=int, default=8)
+    g.add_argument("--lora_alpha", type=float, default=16.0)
+    g.add_argument("--lora_dropout", type=float, default=0.05)
+    g.add_argument("--warmup_epochs", type=int, default=0, help="linear warm-up of the encoder learning rate")
+    g.add_argument("--lr_schedule", choices=["constant", "cosine"], default="constant",
+                   help="encoder learning rate after the warm-up")
     g.add_argument("--grad_accum_steps", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--grad_checkpointing", action="store_true", help="recompute trainable layers in backward")
     g = p.add_argument_group("energy head and loss")
@@ -127,8 +136,8 @@ def given_flags(argv):
 def validate_args(args, given=None):
     """Resolve defaults and reject inconsistent flags; returns an error message or None.
 
-    `given`: the flags typed on the command line (None: treat every flag as given)."""
-    given = set(vars(args)) if given is None else given
+    `given`: the flags typed on the command line (None: none, as when the caller built `args`)."""
+    given = set() if given is None else given
     if MODE_FLAGS[args.mode] is not None:
         stray = sorted(given - MODE_FLAGS[args.mode] - (RUNTIME_FLAGS - {"resume"}))
         if args.mode == "eval" and not args.data_file and given & CROSS_EVAL_FLAGS:
@@ -158,6 +167,15 @@ def validate_args(args, given=None):
         return str(exc)
     if args.finetune_encoder and len(frozen) == UNIMOL_LAYERS:
         return f"--freeze_layers {args.freeze_layers} leaves no Uni-Mol layer to fine-tune"
+    finetune_only = sorted(given & {"finetune_strategy", "lora_rank", "lora_alpha", "lora_dropout", "warmup_epochs",
+                                    "lr_schedule", "encoder_lr", "freeze_layers", "grad_checkpointing"})
+    if args.mode == "train" and finetune_only and not args.finetune_encoder:
+        return f"{', '.join('--' + f for f in finetune_only)} apply to fine-tuning only: add --finetune_encoder"
+    lora_only = sorted(given & {"lora_rank", "lora_alpha", "lora_dropout"})
+    if lora_only and args.finetune_strategy != "lora":
+        return f"{', '.join('--' + f for f in lora_only)} apply to --finetune_strategy lora only"
+    if args.lora_rank < 1 or not args.lora_alpha > 0 or not 0 <= args.lora_dropout < 1 or args.warmup_epochs < 0:
+        return "--lora_rank must be at least 1, --lora_alpha positive, --lora_dropout in [0, 1), --warmup_epochs ≥ 0"
     if args.lambda_reg < 0 or args.weight_decay < 0 or args.patience < 0 or args.num_workers < 0:
         return "--lambda_reg, --weight_decay, --patience and --num_workers cannot be negative"
     if args.data_seed < 0:
@@ -357,12 +375,13 @@ def check_resumable(run_dir, config):
                          f"{', '.join(changed) or 'encoder weights'}; rerun with the original flags")
 
 
-def model_spec(args, encoder):
+def model_spec(args, encoder_weights):
     from model import ModelSpec  # noqa: PLC0415
-    return ModelSpec(encoder_weights=encoder.weights_id, hidden_dim=args.hidden_dim, loss_type=args.loss_type,
+    return ModelSpec(encoder_weights=encoder_weights, hidden_dim=args.hidden_dim, loss_type=args.loss_type,
                      dpo_beta=args.dpo_beta, lambda_reg=args.lambda_reg, hinge_margin=args.hinge_margin,
                      finetune_encoder=args.finetune_encoder, freeze_layers=args.freeze_layers,
-                     amp=args.amp == "bf16")
+                     finetune_strategy=args.finetune_strategy, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+                     lora_dropout=args.lora_dropout, amp=args.amp == "bf16")
 
 
 def train_config(args):
@@ -370,7 +389,8 @@ def train_config(args):
     return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
                        lr=args.lr, encoder_lr=args.encoder_lr, weight_decay=args.weight_decay,
                        grad_clip=args.grad_clip, patience=args.patience, seed=args.seed,
-                       grad_accum_steps=args.grad_accum_steps, device=args.device)
+                       grad_accum_steps=args.grad_accum_steps, warmup_epochs=args.warmup_epochs,
+                       lr_schedule=args.lr_schedule, device=args.device)
 
 
 def write_roles(path, roles):
@@ -442,7 +462,7 @@ def log_results_table(metrics, baselines, skipped, encoder):
 def run_train(args):
     from data import atomic_write_json, file_sha256, load_benchmark  # noqa: PLC0415
     from evaluate import RANDOM_INIT_LABEL, plot_training_curves, weights_label  # noqa: PLC0415
-    from model import EnergyDPOModel, build_encoder  # noqa: PLC0415
+    from model import EnergyDPOModel, LoraSpec, build_encoder  # noqa: PLC0415
     from train import (EnergyDPOTrainer, check_run_dir, clear_run_dir, learning_warning,  # noqa: PLC0415
                        remove_stale_temporaries)
     started = time.monotonic()
@@ -450,13 +470,14 @@ def run_train(args):
     check_run_dir(run_dir, args.overwrite, args.resume)
     setup_logging(hold=True)  # the log file starts once the run folder is ready; nothing is lost
     encoder = build_encoder(args.unimol_weights, args.finetune_encoder, args.freeze_layers, args.amp == "bf16",
-                            args.grad_checkpointing)
+                            args.grad_checkpointing, args.finetune_strategy,
+                            LoraSpec(args.lora_rank, args.lora_alpha, args.lora_dropout))
     config = run_config(args, encoder) | {"data_file_sha256": file_sha256(args.data_file)}
     log.info("configuration: %s", json.dumps(config, indent=1))
     if args.finetune_encoder:
         trainable, total = config["encoder_trainable_params"], config["encoder_total_params"]
-        log.info("fine-tuning %s of %s Uni-Mol parameters (%.1f%%), frozen layers %s",
-                 f"{trainable:,}", f"{total:,}", 100 * trainable / total, args.freeze_layers)
+        log.info("fine-tuning %s of %s Uni-Mol parameters (%.2f%%): strategy %s, frozen layers %s",
+                 f"{trainable:,}", f"{total:,}", 100 * trainable / total, args.finetune_strategy, args.freeze_layers)
     if encoder.is_random_init:
         log.warning("%s: numbers from this run are not Uni-Mol results", RANDOM_INIT_LABEL)
     if args.resume:
@@ -478,7 +499,8 @@ def run_train(args):
              ", ".join(f"{r} {len(m)}" for r, m in roles.items()), len(report["skipped"]))
     inputs = model_inputs(encoder, roles, conformers, conformers_from.cache_dir, args.encode_batch_size, args.device,
                           args.force_recompute_cache)
-    net = EnergyDPOModel(model_spec(args, encoder), encoder if args.finetune_encoder else None, seed=args.seed)
+    net = EnergyDPOModel(model_spec(args, encoder.weights_id), encoder if args.finetune_encoder else None,
+                         seed=args.seed)
     trainer = EnergyDPOTrainer(net, train_config(args), run_dir, {"config": config})
     if args.resume:
         trainer.resume(run_dir / "last.pt")

@@ -152,6 +152,7 @@ class UniMolEncoder(nn.Module):
         self.n_layers = len(self.unimol.encoder.layers)
         self.frozen = set(range(self.n_layers))
         self.frozen_prefix = self.n_layers  # leading frozen layers (with the embeddings when > 0)
+        self.strategy = "layers"
         self.grad_checkpointing = False
         self.requires_grad_(False)
         self.eval()
@@ -163,7 +164,7 @@ class UniMolEncoder(nn.Module):
     def frozen_modules(self):
         m, enc = self.unimol, self.unimol.encoder
         modules = [enc.layers[i] for i in sorted(self.frozen)]
-        if 0 in self.frozen:
+        if 0 in self.frozen or self.strategy != "layers":
             modules += [m.embed_tokens, m.gbf, m.gbf_proj, enc.emb_layer_norm]
         if self.n_layers - 1 in self.frozen:
             modules.append(enc.final_layer_norm)
@@ -277,22 +278,67 @@ def parse_freeze_spec(spec, n_layers=UNIMOL_LAYERS):
     return sorted(frozen)
 
 
-class FinetunableUniMolEncoder(UniMolEncoder):
-    """Uni-Mol with some transformer layers trainable (its own instance, same weight checks).
+STRATEGIES = ("layers", "attention", "ffn", "lora")
+# What trains inside each trainable layer, per strategy (LoRA: adapters on these linear maps).
+STRATEGY_PARTS = {"attention": ("self_attn.", "self_attn_layer_norm."),
+                  "ffn": ("fc1.", "fc2.", "final_layer_norm."),
+                  "lora": ("self_attn.in_proj", "self_attn.out_proj", "fc1", "fc2")}
 
-    The embeddings (tokens, gbf, gbf_proj, embedding layer norm) freeze together with layer 0 and
-    the final layer norm trains together with the last layer. When the frozen layers start at 0,
-    that prefix runs without autograd.
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+
+
+class FinetunableUniMolEncoder(UniMolEncoder):
+    """Uni-Mol with part of some transformer layers trainable (its own instance, same weight checks).
+
+    `frozen_layers` names the layers that stay as they are; `strategy` says what trains in the others:
+      layers     every parameter of the layer; the embeddings (tokens, gbf, gbf_proj, embedding layer
+                 norm) train together with layer 0
+      attention  the self-attention projections and its layer norm
+      ffn        fc1, fc2 and the final layer norm of the layer
+      lora       low-rank adapters (peft) on in_proj, out_proj, fc1 and fc2; base weights frozen;
+                 the adapters start as a no-op
+    With layers, attention and ffn the encoder's final layer norm trains when the last layer does.
+    When the frozen layers start at 0, that prefix runs without autograd (and can be cached).
     """
 
-    def __init__(self, weights, frozen_layers, amp=False, grad_checkpointing=False):
+    def __init__(self, weights, frozen_layers, amp=False, grad_checkpointing=False, strategy="layers",
+                 lora=LoraSpec()):
         super().__init__(weights, amp)
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown fine-tuning strategy {strategy!r}")
+        self.strategy, self.lora = strategy, lora
         self.frozen = set(frozen_layers)
         self.frozen_prefix = next((i for i in range(self.n_layers) if i not in self.frozen), self.n_layers)
-        self.requires_grad_(True)
-        for module in self.frozen_modules():
-            module.requires_grad_(False)
+        trainable = [i for i in range(self.n_layers) if i not in self.frozen]
+        if strategy == "lora":
+            self._add_lora(trainable)
+        elif strategy == "layers":
+            self.requires_grad_(True)
+            for module in self.frozen_modules():
+                module.requires_grad_(False)
+        else:
+            for i in trainable:
+                for name, param in self.unimol.encoder.layers[i].named_parameters():
+                    param.requires_grad_(name.startswith(STRATEGY_PARTS[strategy]))
+        if strategy != "lora" and self.n_layers - 1 in trainable:
+            self.unimol.encoder.final_layer_norm.requires_grad_(True)
         self.grad_checkpointing = grad_checkpointing
+
+    def _add_lora(self, trainable):
+        from peft import LoraConfig, inject_adapter_in_model  # noqa: PLC0415 - only LoRA runs need peft
+        targets = [f"encoder.layers.{i}.{part}" for i in trainable for part in STRATEGY_PARTS["lora"]]
+        config = LoraConfig(r=self.lora.rank, lora_alpha=self.lora.alpha, lora_dropout=self.lora.dropout,
+                            target_modules=targets, bias="none")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)  # the adapters' A matrices; B starts at zero
+            inject_adapter_in_model(config, self.unimol)
+        for name, param in self.unimol.named_parameters():
+            param.requires_grad_("lora_" in name)
 
     def trainable_state(self):
         return {k: v.detach().cpu().clone() for k, v in self.unimol.named_parameters() if v.requires_grad}
@@ -300,9 +346,14 @@ class FinetunableUniMolEncoder(UniMolEncoder):
     def load_trainable_state(self, state, source):
         expected = {k for k, v in self.unimol.named_parameters() if v.requires_grad}
         if set(state) != expected:
-            raise InputError(f"{source}: its fine-tuned encoder tensors do not match --freeze_layers "
-                             f"({len(set(state) ^ expected)} differ, e.g. {sorted(set(state) ^ expected)[:3]})")
-        self.unimol.load_state_dict(state, strict=False)
+            raise InputError(f"{source}: its fine-tuned encoder tensors do not match --freeze_layers / "
+                             f"--finetune_strategy ({len(set(state) ^ expected)} differ, e.g. "
+                             f"{sorted(set(state) ^ expected)[:3]})")
+        try:
+            self.unimol.load_state_dict(state, strict=False)
+        except RuntimeError as exc:
+            raise InputError(f"{source}: its fine-tuned encoder tensors do not fit "
+                             f"({str(exc).splitlines()[0][:150]})") from None
 
 
 class FeatureInputs:
@@ -427,17 +478,28 @@ class ModelSpec:
     hinge_margin: float = 1.0
     finetune_encoder: bool = False
     freeze_layers: str = "0-12"  # used when finetune_encoder
+    finetune_strategy: str = "layers"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
     amp: bool = False  # bf16 autocast of the Uni-Mol forward
     in_dim: int = 512
 
 
-def build_encoder(weights, finetune=False, freeze_layers="0-12", amp=False, grad_checkpointing=False):
-    """The frozen encoder, or with `finetune` its own Uni-Mol instance with the layers not named by
-    `freeze_layers` trainable."""
+def build_encoder(weights, finetune=False, freeze_layers="0-12", amp=False, grad_checkpointing=False,
+                  strategy="layers", lora=LoraSpec()):
+    """The frozen encoder, or with `finetune` its own Uni-Mol instance in which `strategy` trains
+    part of the layers not named by `freeze_layers`."""
     if not finetune:
         return UniMolEncoder(weights, amp=amp)
     return FinetunableUniMolEncoder(weights, parse_freeze_spec(freeze_layers), amp=amp,
-                                    grad_checkpointing=grad_checkpointing)
+                                    grad_checkpointing=grad_checkpointing, strategy=strategy, lora=lora)
+
+
+def spec_encoder(spec, weights, grad_checkpointing=False):
+    """The encoder a ModelSpec describes, on the base weights at `weights`."""
+    return build_encoder(weights, spec.finetune_encoder, spec.freeze_layers, spec.amp, grad_checkpointing,
+                         spec.finetune_strategy, LoraSpec(spec.lora_rank, spec.lora_alpha, spec.lora_dropout))
 
 
 class EnergyDPOModel(nn.Module):
@@ -534,7 +596,7 @@ def load_model(path, weights, grad_checkpointing=False):
         spec = ModelSpec(**state["model_spec"])
     except TypeError as exc:
         raise InputError(f"{path}: unreadable model_spec ({exc})") from None
-    encoder = build_encoder(weights, spec.finetune_encoder, spec.freeze_layers, spec.amp, grad_checkpointing)
+    encoder = spec_encoder(spec, weights, grad_checkpointing)
     if encoder.weights_id != spec.encoder_weights:
         raise InputError(f"{path} was trained on encoder {spec.encoder_weights}, "
                          f"but the encoder loaded now is {encoder.weights_id}")

@@ -17,7 +17,7 @@ from model import energies, load_checkpoint, pair_diagnostics, save_checkpoint
 log = logging.getLogger("energy_dpo.train")
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "misranked", "margin", "e_id", "e_ood",
-                   "val_loss", "val_auroc", "val_misranked", "lr", "steps", "seconds", "encoder_weights"]
+                   "val_loss", "val_auroc", "val_misranked", "lr", "encoder_lr", "steps", "seconds", "encoder_weights"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +33,19 @@ class TrainConfig:
     patience: int = 20  # epochs without a better validation AUROC; 0 = never stop early
     seed: int = 42
     grad_accum_steps: int = 1
+    warmup_epochs: int = 0  # linear warm-up of the encoder learning rate
+    lr_schedule: str = "constant"  # of the encoder learning rate after warm-up: constant or cosine
     device: str = "cpu"
+
+
+def encoder_lr_factor(epoch, cfg):
+    """The share of --encoder_lr used in `epoch` (1-based): linear warm-up, then constant or cosine."""
+    if epoch <= cfg.warmup_epochs:
+        return epoch / cfg.warmup_epochs
+    if cfg.lr_schedule == "cosine":
+        progress_ = (epoch - cfg.warmup_epochs - 1) / max(1, cfg.epochs - cfg.warmup_epochs)
+        return 0.5 * (1 + math.cos(math.pi * progress_))
+    return 1.0
 
 
 class EnergyDPOTrainer:
@@ -136,10 +148,14 @@ class EnergyDPOTrainer:
             if cfg.patience and stale >= cfg.patience:
                 break
             t0 = time.time()
+            for group in self.optimizer.param_groups:
+                if group["name"] == "encoder":  # the schedule is a function of the epoch: resume-safe
+                    group["lr"] = cfg.encoder_lr * encoder_lr_factor(epoch, cfg)
             row = {"epoch": epoch, **self.train_epoch(epoch, inputs["id_train"], inputs["ood_train"])}
             row["steps"] += self.history[-1]["steps"] if self.history else 0  # optimizer steps so far
             row.update(self.validate(inputs["id_val"], inputs["ood_val"], epoch))
-            row.update(lr=self.optimizer.param_groups[0]["lr"], seconds=time.time() - t0)
+            groups = {g["name"]: g["lr"] for g in self.optimizer.param_groups}
+            row.update(lr=groups["head"], encoder_lr=groups.get("encoder", ""), seconds=time.time() - t0)
             self.history.append(row)
             if row["val_auroc"] > self.best_auroc:
                 self.best_auroc, self.best_epoch, stale = row["val_auroc"], epoch, 0

@@ -1,6 +1,7 @@
 """Partial fine-tuning of Uni-Mol: flags, which parameters train, the prefix cache, fine-tuned runs."""
 import csv
 import json
+import math
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from conftest import DEMO
 from main import build_parser, main, model_inputs, validate_args
 from model import (ConformerInputs, EnergyDPOModel, FeatureInputs, FinetunableUniMolEncoder, ModelSpec, PrefixInputs,
                    UniMolEncoder, build_encoder, collate, energies, load_checkpoint, parse_freeze_spec)
+import train
 from train import EnergyDPOTrainer, TrainConfig
 
 SMILES = ["CCO", "c1ccccc1O", "CC(C)Nc1ncccc1", "CCOC(=O)C", "c1ccncc1C#N", "OCCOc1ccccc1", "CC(=O)Nc1ccc(O)cc1",
@@ -247,3 +249,114 @@ def test_layer0_trainable_means_no_prefix_cache(tmp_path, conformers):
     confs = dict(zip(SMILES[:3], [(a, c, False) for a, c in conformers[:3]]))
     assert type(model_inputs(enc, {"id_train": SMILES[:3]}, confs, tmp_path)["id_train"]) is ConformerInputs
     assert not any(tmp_path.iterdir())
+
+
+# ----------------------------------------------------------------------------- strategies
+
+def expected_trainable(strategy, layers=(13, 14)):
+    """Trainable encoder parameters per strategy, from the module shapes."""
+    enc = model.build_unimol().encoder
+    linear = lambda m: m.in_features * m.out_features + m.out_features  # noqa: E731
+    norm = lambda m: 2 * m.normalized_shape[0]  # noqa: E731
+    per_layer = {
+        "attention": lambda l: linear(l.self_attn.in_proj) + linear(l.self_attn.out_proj) + norm(l.self_attn_layer_norm),
+        "ffn": lambda l: linear(l.fc1) + linear(l.fc2) + norm(l.final_layer_norm),
+        "layers": lambda l: sum(p.numel() for p in l.parameters()),
+        "lora": lambda l: 8 * sum(m.in_features + m.out_features for m in (l.self_attn.in_proj, l.self_attn.out_proj,
+                                                                           l.fc1, l.fc2)),
+    }[strategy]
+    final_norm = 0 if strategy == "lora" else norm(enc.final_layer_norm)
+    return sum(per_layer(enc.layers[i]) for i in layers) + final_norm
+
+
+@pytest.mark.parametrize("strategy, count", [("layers", 6_305_792), ("attention", 2_104_320), ("ffn", 4_202_496),
+                                             ("lora", 131_072)])
+def test_each_strategy_trains_exactly_its_parameters(strategy, count):
+    enc = build_encoder("random", finetune=True, freeze_layers="0-12", strategy=strategy)
+    names = [n for n, p in enc.unimol.named_parameters() if p.requires_grad]
+    assert sum(p.numel() for p in enc.parameters() if p.requires_grad) == expected_trainable(strategy) == count
+    assert {n.split(".")[2] for n in names if n.startswith("encoder.layers.")} == {"13", "14"}
+    parts = {"attention": ("self_attn.", "self_attn_layer_norm."), "ffn": ("fc1.", "fc2.", "final_layer_norm."),
+             "lora": ("self_attn.in_proj.lora_", "self_attn.out_proj.lora_", "fc1.lora_", "fc2.lora_"),
+             "layers": ("",)}[strategy]
+    for name in names:
+        if name.startswith("encoder.layers."):
+            assert name.split(".", 3)[3].startswith(parts), name
+        else:
+            assert name.startswith("encoder.final_layer_norm.") and strategy != "lora", name
+    assert enc.frozen_prefix == 13  # the prefix cache serves every strategy
+
+
+def test_lora_starts_as_the_frozen_encoder(conformers):
+    enc = build_encoder("random", finetune=True, strategy="lora").eval()
+    frozen = UniMolEncoder("random")
+    batch = collate(conformers, frozen.dictionary, "cpu")
+    with torch.no_grad():
+        assert torch.equal(enc(*batch), frozen(*batch))
+
+
+@pytest.fixture(scope="module", params=["attention", "ffn", "lora"])
+def strategy_runs(request, tmp_path_factory, small_benchmark, random_ckpt, cache_dir):
+    """Per strategy: a finished 2-epoch run and the same run crashed after epoch 1, then resumed."""
+    args = ["--mode", "train", "--finetune_encoder", "--finetune_strategy", request.param, "--encoder_lr", "1e-3",
+            "--data_file", str(small_benchmark), "--unimol_weights", str(random_ckpt), "--cache_dir", str(cache_dir),
+            "--num_workers", "1", "--train_size", "12", "--val_size", "8", "--test_size", "8", "--epochs", "2",
+            "--batch_size", "6", "--warmup_epochs", "2", "--lr_schedule", "cosine", "--patience", "0"]
+    root = tmp_path_factory.mktemp(request.param)
+    assert main([*args, "--output_dir", str(root / "full")]) == 0
+    real_save = train.save_checkpoint
+
+    def crash_after_epoch_1(path, payload):
+        if path.name == "last.pt" and payload["epoch"] == 2:
+            raise KeyboardInterrupt
+        real_save(path, payload)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "save_checkpoint", crash_after_epoch_1)
+        with pytest.raises(KeyboardInterrupt):
+            main([*args, "--output_dir", str(root / "resumed")])
+    assert main([*args, "--output_dir", str(root / "resumed"), "--resume"]) == 0
+    return request.param, root
+
+
+def test_strategy_runs_resume_and_rescore_exactly(strategy_runs, cache_dir):
+    strategy, root = strategy_runs
+    full, resumed = root / "full", root / "resumed"
+    with open(full / "history.csv") as f, open(resumed / "history.csv") as g:
+        without_time = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+        assert without_time(csv.DictReader(f)) == without_time(csv.DictReader(g))
+    state = load_checkpoint(full / "best_model.pt")
+    assert state["model_spec"]["finetune_strategy"] == strategy
+    trained = set(state["model"]["encoder_trainable"])
+    assert trained and all(("lora_" in k) == (strategy == "lora") for k in trained)
+    with open(full / "history.csv") as f:
+        encoder_lrs = [float(r["encoder_lr"]) for r in csv.DictReader(f)]
+    assert encoder_lrs == pytest.approx([5e-4, 1e-3])  # linear warm-up over 2 epochs
+    with open(full / "test_scores.csv") as f:
+        rows = list(csv.DictReader(f))
+    before = json.loads((full / "test_metrics.json").read_text())
+    assert main(["--mode", "eval", "--output_dir", str(full)]) == 0
+    after = json.loads((full / "test_metrics.json").read_text())
+    assert after["auroc"] == pytest.approx(before["auroc"]) and \
+        after["energy_id_mean"] == pytest.approx(before["energy_id_mean"], abs=1e-5)
+    out = root / "pred.csv"
+    assert main(["--mode", "predict", "--output_dir", str(full), "--smiles", rows[0]["smiles"], "--output",
+                 str(out), "--overwrite"]) == 0
+    with open(out) as f:
+        assert float(next(csv.DictReader(f))["energy"]) == pytest.approx(float(rows[0]["energy"]), abs=1e-4)
+
+
+def test_strategy_flags_without_fine_tuning_are_errors(capsys):
+    assert main(["--unimol_weights", "random", "--data_file", str(DEMO), "--finetune_strategy", "lora"]) == 2
+    assert "apply to fine-tuning only: add --finetune_encoder" in capsys.readouterr().err
+    assert main(["--unimol_weights", "random", "--data_file", str(DEMO), "--finetune_encoder", "--lora_rank", "4"]) == 2
+    assert "apply to --finetune_strategy lora only" in capsys.readouterr().err
+
+
+def test_encoder_learning_rate_schedule():
+    factors = lambda **kw: [train.encoder_lr_factor(e, TrainConfig(**kw)) for e in range(1, 7)]  # noqa: E731
+    assert factors(epochs=6) == [1.0] * 6  # the default: constant, as before
+    assert factors(epochs=6, warmup_epochs=2) == [0.5, 1.0, 1.0, 1.0, 1.0, 1.0]
+    cosine = factors(epochs=6, warmup_epochs=2, lr_schedule="cosine")
+    assert cosine[:3] == [0.5, 1.0, 1.0] and cosine[3] == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+    assert cosine[5] == pytest.approx(0.5 * (1 + math.cos(3 * math.pi / 4))) and cosine[3] > cosine[4] > cosine[5]
