@@ -199,7 +199,7 @@ def plot_training_curves(path, history, best_epoch, title=""):
     _save(fig, path)
 
 
-ARMS = {"frozen": "Energy-DPO (frozen)", "finetuned": "Energy-DPO (finetuned)"}
+REFERENCE_ARM = "frozen"  # every other arm of a sweep is compared with it, seed by seed
 COMPARED = ("auroc", "aupr", "fpr95", "auroc_size_matched")  # test metrics, with a paired Improvement
 COLUMNS = (*COMPARED, "val_auroc")
 BETTER = {"auroc": "higher", "aupr": "higher", "fpr95": "lower", "auroc_size_matched": "higher"}
@@ -219,12 +219,31 @@ def _mean_std(values):
     return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
 
 
+def sweep_arms(root):
+    """The arm folders of a sweep (those holding seed* runs): frozen first, then by name."""
+    arms = sorted(p.name for p in Path(root).iterdir() if p.is_dir() and any(p.glob("seed*")))
+    return sorted(arms, key=lambda arm: (arm != REFERENCE_ARM, arm))
+
+
+def _epoch_seconds(run):
+    """Mean seconds per epoch of a run (its history.csv); NaN when it has none."""
+    import csv  # noqa: PLC0415
+    try:
+        with open(run / "history.csv", newline="") as f:
+            seconds = [float(row["seconds"]) for row in csv.DictReader(f)]
+    except (OSError, KeyError, ValueError):
+        return float("nan")
+    return float(np.mean(seconds)) if seconds else float("nan")
+
+
 def collect_arm_runs(root):
-    """{arm: {seed: (test_metrics, config)}} from ROOT/<arm>/seed<N>/; both arms, same seeds."""
-    if not Path(root).is_dir():
-        raise InputError(f"{root}: no such sweep folder (expected {root}/frozen/seed*/ and {root}/finetuned/seed*/)")
+    """{arm: {seed: (test_metrics, config, seconds per epoch)}} from ROOT/<arm>/seed<N>/; every arm
+    has the frozen arm's seeds."""
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"{root}: no such sweep folder (expected {root}/frozen/seed*/ and {root}/<arm>/seed*/)")
     runs = {}
-    for arm in ARMS:
+    for arm in sweep_arms(root):
         runs[arm] = {}
         for run in sorted((root / arm).glob("seed*")):
             if not run.is_dir() or not run.name[4:].isdigit():
@@ -237,11 +256,12 @@ def collect_arm_runs(root):
                 missing = [k for k in keys if not isinstance(doc, dict) or k not in doc]
                 if missing:
                     raise InputError(f"{path}: incomplete (no {', '.join(missing)}); rerun that run with --overwrite")
-            runs[arm][int(run.name[4:])] = (metrics, config)
+            runs[arm][int(run.name[4:])] = (metrics, config, _epoch_seconds(run))
     seeds = {arm: sorted(r) for arm, r in runs.items()}
-    if not seeds["frozen"] or seeds["frozen"] != seeds["finetuned"]:
-        raise InputError(f"{root}: need frozen/seed* and finetuned/seed* runs for the same seeds, found {seeds}")
-    weights = {cfg["encoder_weights"] for arm in runs.values() for _, cfg in arm.values()}
+    if REFERENCE_ARM not in runs or len(runs) < 2 or any(s != seeds[REFERENCE_ARM] for s in seeds.values()):
+        raise InputError(f"{root}: need frozen/seed* and at least one other arm's runs for the same seeds, "
+                         f"found {seeds}")
+    weights = {cfg["encoder_weights"] for arm in runs.values() for _, cfg, _ in arm.values()}
     if len(weights) != 1:
         raise InputError(f"{root}: runs used different encoder weights {sorted(weights)}; compare like with like")
     return runs
@@ -263,69 +283,78 @@ def sweep_baselines(root, runs, seeds):
     return {name: per_seed for name, per_seed in out.items() if len(per_seed) == len(seeds)}
 
 
+def _arm_label(arm):
+    return f"Energy-DPO ({arm})"
+
+
 def write_comparison(root):
-    """comparison_summary.txt / .json / .csv and comparison.png for a frozen-vs-fine-tuned sweep,
-    with the baselines of the same roles beside the two arms."""
+    """comparison_summary.txt / .json / .csv and comparison.png for a sweep of arms (frozen and
+    fine-tuned variants) over seeds, with the baselines of the same roles beside them."""
     root = Path(root)
     runs = collect_arm_runs(root)
-    seeds = sorted(runs["frozen"])
-    any_cfg = runs["finetuned"][seeds[0]][1]
-    weights, random_init = any_cfg["encoder_weights"], any_cfg["random_init_encoder"]
-    methods = {name: {s: runs[arm][s][0] for s in seeds} for arm, name in ARMS.items()}
+    arms = list(runs)
+    seeds = sorted(runs[REFERENCE_ARM])
+    ref_cfg = runs[REFERENCE_ARM][seeds[0]][1]
+    weights, random_init = ref_cfg["encoder_weights"], ref_cfg["random_init_encoder"]
+    methods = {_arm_label(arm): {s: runs[arm][s][0] for s in seeds} for arm in arms}
     baselines = sweep_baselines(root, runs, seeds)
     methods.update({f"baseline: {name}": per_seed for name, per_seed in baselines.items()})
     table = {name: {k: _mean_std([_value(per_seed[s], k) for s in seeds]) for k in COLUMNS}
              for name, per_seed in methods.items()}
-    diffs = {k: [_value(runs["finetuned"][s][0], k) - _value(runs["frozen"][s][0], k) for s in seeds] for k in COMPARED}
-    improvement = {k: _mean_std(d) for k, d in diffs.items()}
+    diffs = {arm: {k: [_value(runs[arm][s][0], k) - _value(runs[REFERENCE_ARM][s][0], k) for s in seeds]
+                   for k in COMPARED} for arm in arms[1:]}
+    improvement = {arm: {k: _mean_std(d) for k, d in per_key.items()} for arm, per_key in diffs.items()}
+    arm_info = {arm: {"flags": _arm_flags(runs[arm][seeds[0]][1]["args"]),
+                      "encoder_trainable_params": runs[arm][seeds[0]][1]["encoder_trainable_params"],
+                      "seconds_per_epoch": _mean_std([runs[arm][s][2] for s in seeds])[0]} for arm in arms}
     per_seed = [{"seed": s, "method": name, **{k: _value(rows[s], k) for k in COLUMNS},
                  "best_epoch": rows[s].get("best_epoch", "")} for s in seeds for name, rows in methods.items()]
-    args = any_cfg["args"]
+    args = ref_cfg["args"]
     summary = {
         "dataset": args["dataset"], "data_file": args["data_file"], "seeds": seeds,
         "encoder_weights": weights, "random_init_encoder": random_init,
-        "ood_val_split": args.get("ood_val_split", "random"),
-        "finetuned_arm": {"freeze_layers": args["freeze_layers"], "encoder_lr": args["encoder_lr"], "lr": args["lr"],
-                          "encoder_trainable_params": any_cfg["encoder_trainable_params"],
-                          "encoder_total_params": any_cfg["encoder_total_params"]},
+        "ood_val_split": args.get("ood_val_split", "random"), "arms": arm_info,
         "sizes": {k: args[k] for k in ("train_size", "val_size", "test_size", "data_seed", "epochs")},
         "date": time.strftime("%Y-%m-%d %H:%M"), "per_seed": per_seed,
-        "table": table | {"Improvement": improvement}, "paired_differences": diffs,
+        "table": table | {f"Improvement ({arm})": imp for arm, imp in improvement.items()},
+        "paired_differences": diffs,
     }
     cell = lambda ms, sign="": "–" if np.isnan(ms[0]) else f"{ms[0]:{sign}.4f} ± {ms[1]:.4f}"  # noqa: E731
     weights_line = f"{RANDOM_INIT_LABEL}: {weights}" if random_init else f"pretrained Uni-Mol, {weights}"
-    width = 18
-    header = f"{'Method':<29}" + "".join(f" | {LABELS[k]:<{width}}" for k in COLUMNS)
-    lines = [f"Energy-DPO: frozen vs fine-tuned Uni-Mol on {args['dataset']}",
+    width, name_width = 18, max(29, *(len(f"Improvement ({arm})") + 1 for arm in arms))
+    lines = [f"Energy-DPO on {args['dataset']}: " + " vs ".join(arms),
              f"encoder weights: {weights_line}",
              f"seeds: {' '.join(map(str, seeds))}   data seed: {args['data_seed']}   date: {summary['date']}",
              f"sizes per side: train {args['train_size']}, val {args['val_size']}, test {args['test_size']}; "
              f"max epochs {args['epochs']}; model selection on validation AUROC; OOD val split: "
-             f"{summary['ood_val_split']}",
-             f"fine-tuned arm: --freeze_layers {args['freeze_layers']} --encoder_lr {args['encoder_lr']} "
-             f"--lr {args['lr']} ({any_cfg['encoder_trainable_params']:,} of {any_cfg['encoder_total_params']:,} "
-             f"encoder parameters train)", "",
-             f"{'seed':>6}  {'arm':<10} {'AUROC':>7} {'AUPR':>7} {'FPR95':>7} {'size-m.':>7} {'val':>7} {'best epoch':>10}"]
-    lines += [f"{r['seed']:>6}  {r['method'][12:-1]:<10} " + " ".join(
+             f"{summary['ood_val_split']}", ""]
+    lines += [f"{'arm':<{name_width - 2}} {'trainable encoder params':>24} {'s/epoch':>8}  flags"]
+    lines += [f"{arm:<{name_width - 2}} {info['encoder_trainable_params']:>24,} {info['seconds_per_epoch']:>8.1f}  "
+              f"{info['flags'] or '(frozen encoder)'}" for arm, info in arm_info.items()]
+    lines += ["", f"{'seed':>6}  {'arm':<{name_width - 8}} {'AUROC':>7} {'AUPR':>7} {'FPR95':>7} {'size-m.':>7} "
+                  f"{'val':>7} {'best epoch':>10}"]
+    lines += [f"{r['seed']:>6}  {r['method'][12:-1]:<{name_width - 8}} " + " ".join(
               f"{'–' if np.isnan(r[k]) else format(r[k], '.4f'):>7}" for k in COLUMNS) + f" {r['best_epoch']:>10}"
-              for r in per_seed if r["method"] in ARMS.values()]
-    lines += ["", header]
+              for r in per_seed if r["method"].startswith("Energy-DPO (")]
+    lines += ["", f"{'Method':<{name_width}}" + "".join(f" | {LABELS[k]:<{width}}" for k in COLUMNS)]
     for name in methods:
-        lines.append(f"{name:<29}" + "".join(f" | {cell(table[name][k]):<{width}}" for k in COLUMNS))
-        if name == ARMS["finetuned"]:
-            lines.append(f"{'Improvement':<29}" + "".join(f" | {cell(improvement[k], '+'):<{width}}" for k in COMPARED))
-            lines.append(f"{'(better when)':<29}" + "".join(
-                f" | {('> 0 (higher)' if BETTER[k] == 'higher' else '< 0 (lower)'):<{width}}" for k in COMPARED))
-    lines += ["", "mean ± sample std over seeds; Improvement = finetuned − frozen, mean ± std of the paired "
+        lines.append(f"{name:<{name_width}}" + "".join(f" | {cell(table[name][k]):<{width}}" for k in COLUMNS))
+    for arm, imp in improvement.items():
+        lines.append(f"{f'Improvement ({arm})':<{name_width}}" + "".join(f" | {cell(imp[k], '+'):<{width}}"
+                                                                         for k in COMPARED))
+    lines.append(f"{'(better when)':<{name_width}}" + "".join(
+        f" | {('> 0 (higher)' if BETTER[k] == 'higher' else '< 0 (lower)'):<{width}}" for k in COMPARED))
+    lines += ["", "mean ± sample std over seeds; Improvement (arm) = arm − frozen, mean ± std of the paired "
               "per-seed differences: positive is better for AUROC, AUPR and size-matched AUROC, negative is "
               "better for FPR95. Size-matched AUROC: over ID-OOD pairs of equal heavy-atom count (0.5 for a score "
               "that only counts atoms). Baselines are on the same test molecules (frozen features)."]
     if not baselines:
         lines.append("no baselines.json in these runs (made before baselines were computed): no baseline rows")
-    for arm, name in ARMS.items():
-        warning = validation_warning(table[name]["val_auroc"][0], table[name]["auroc"][0], summary["ood_val_split"])
+    for arm in arms:
+        warning = validation_warning(table[_arm_label(arm)]["val_auroc"][0], table[_arm_label(arm)]["auroc"][0],
+                                     summary["ood_val_split"])
         if warning:
-            lines.append(f"{name}: {warning}")
+            lines.append(f"{_arm_label(arm)}: {warning}")
     if random_init:
         lines.append(f"{RANDOM_INIT_LABEL}: these numbers do not measure pretrained Uni-Mol.")
     atomic_write_text(root / "comparison_summary.txt", "\n".join(lines) + "\n")
@@ -339,6 +368,19 @@ def write_comparison(root):
     return summary, "\n".join(lines)
 
 
+def _arm_flags(args):
+    """The fine-tuning flags of an arm, as a user would type them."""
+    if not args.get("finetune_encoder"):
+        return ""
+    flags = [f"--finetune_strategy {args.get('finetune_strategy', 'layers')}", f"--freeze_layers {args['freeze_layers']}",
+             f"--encoder_lr {args['encoder_lr']:g}"]
+    if args.get("warmup_epochs"):
+        flags.append(f"--warmup_epochs {args['warmup_epochs']}")
+    if args.get("lr_schedule", "constant") != "constant":
+        flags.append(f"--lr_schedule {args['lr_schedule']}")
+    return " ".join(flags)
+
+
 def _json_safe(obj):
     """NaN (a metric that does not exist for a run) as null, which JSON can hold."""
     if isinstance(obj, dict):
@@ -349,21 +391,26 @@ def _json_safe(obj):
 
 
 def plot_comparison(path, runs, seeds, table, title):
-    fig, axes = _plt().subplots(1, len(COMPARED), figsize=(4 * len(COMPARED), 3.8))
+    arms = list(runs)
+    cols = len(COMPARED) if len(arms) <= 2 else 2  # many arms: a 2 × 2 grid of wider panels
+    rows = math.ceil(len(COMPARED) / cols)
+    panel = max(4.0, 1.0 * len(arms) + 1.0)
+    fig, axes = _plt().subplots(rows, cols, figsize=(panel * cols, 3.8 * rows), squeeze=False)
+    axes = axes.ravel()
     baselines = {name: ms for name, ms in table.items() if name.startswith("baseline: ")}
+    x = np.arange(len(arms))
     for ax, key in zip(axes, COMPARED):
         for i, s in enumerate(seeds):
-            ax.plot([0, 1], [_value(runs[arm][s][0], key) for arm in ARMS], color="grey", lw=0.8, marker="o",
+            ax.plot(x, [_value(runs[arm][s][0], key) for arm in arms], color="grey", lw=0.8, marker="o",
                     label="one seed (paired)" if i == 0 else None)
-        means = [table[name][key][0] for name in ARMS.values()]
-        ax.scatter([0, 1], means, s=300, marker="_", linewidths=2.5, color="C3", zorder=3,
-                   label=f"mean of {len(seeds)} seeds")
+        ax.scatter(x, [table[_arm_label(arm)][key][0] for arm in arms], s=300, marker="_", linewidths=2.5,
+                   color="C3", zorder=3, label=f"mean of {len(seeds)} seeds")
         ranked = sorted((ms[key][0], name) for name, ms in baselines.items() if not np.isnan(ms[key][0]))
         if ranked:
             value, name = ranked[0] if BETTER[key] == "lower" else ranked[-1]
             ax.axhline(value, color="C0", ls="--", lw=1, label=f"best baseline ({name[10:]})")
-        ax.set_xticks([0, 1], ["frozen", "fine-tuned"])
-        ax.set_xlim(-0.4, 1.4)
+        ax.set_xticks(x, arms, rotation=20 if len(arms) > 3 else 0)
+        ax.set_xlim(-0.4, len(arms) - 0.6)
         ax.set(ylabel=f"test {LABELS[key]}", title=f"{LABELS[key]} ({BETTER[key]} is better)")
         ax.legend(fontsize="small")
     fig.suptitle(title, y=1.03)

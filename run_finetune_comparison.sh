@@ -13,10 +13,14 @@ usage() {
   cat <<'USAGE'
 usage: run_finetune_comparison.sh [--demo] [--force] [--help]
 
-Runs two arms per dataset and seed with the same --data_seed:
-  frozen     Energy-DPO on frozen Uni-Mol features
+Runs the arms in ARMS (default: frozen finetuned) per dataset and seed with the same --data_seed:
+  frozen     Energy-DPO on frozen Uni-Mol features (the reference every other arm is compared with)
   finetuned  --finetune_encoder, with main.py's --freeze_layers (0-12) and --encoder_lr (5e-6)
-then writes comparison_summary.{txt,json,csv} and comparison.png in OUTPUT_ROOT/<dataset>/.
+  attention, ffn, lora   --finetune_encoder --finetune_strategy attention / ffn / lora
+  <name>     any arm defined as ARM_<name>="main.py flags"
+ENCODER_LRS="1e-6 5e-6 2e-5" and FREEZE_SPECS="0-12 0-10 none" expand each fine-tuned arm into one
+arm per value (e.g. finetuned_lr1e-6_freeze0-10). Then writes comparison_summary.{txt,json,csv}
+and comparison.png in OUTPUT_ROOT/<dataset>/.
 Runs whose test_metrics.json exists are skipped; an interrupted run is resumed.
 
   --demo    the same sweep on the shipped demo scaffold benchmark, small sizes (CPU-friendly)
@@ -121,17 +125,58 @@ add_flag common --ood_val_split OOD_VAL_SPLIT
 add_flag finetune --freeze_layers FREEZE_LAYERS
 add_flag finetune --encoder_lr ENCODER_LR
 
-# EXTRA_ARGS split with shell quoting rules (Python's shlex), never eval'd
-extra=()
-if [ -n "${EXTRA_ARGS:-}" ]; then
-  mapfile -d '' -t extra < <("$PYTHON" -c '
+split_words() {  # split_words ARRAY NAME TEXT: TEXT split with shell quoting rules (Python's shlex), never eval'd
+  local -n into=$1
+  into=()
+  if [ -n "$3" ]; then
+    mapfile -d '' -t into < <("$PYTHON" -c '
 import shlex, sys
 try:
-    words = shlex.split(sys.argv[1])
+    words = shlex.split(sys.argv[2])
 except ValueError as exc:
-    sys.exit(f"error: EXTRA_ARGS: {exc}: {sys.argv[1]}")
-sys.stdout.write("".join(word + "\0" for word in words))' "$EXTRA_ARGS")
-  wait "$!" || exit 2
+    sys.exit(f"error: {sys.argv[1]}: {exc}: {sys.argv[2]}")
+sys.stdout.write("".join(word + "\0" for word in words))' "$2" "$3")
+    wait "$!" || exit 2
+  fi
+}
+split_words extra EXTRA_ARGS "${EXTRA_ARGS:-}"
+
+# Arms: built-in ones, or ARM_<name>="flags". Fine-tuned arms (those with --finetune_encoder) are
+# expanded into one arm per ENCODER_LRS value and per FREEZE_SPECS value when those are set.
+declare -A builtin_arms=(
+  [frozen]="" [finetuned]="--finetune_encoder" [attention]="--finetune_encoder --finetune_strategy attention"
+  [ffn]="--finetune_encoder --finetune_strategy ffn" [lora]="--finetune_encoder --finetune_strategy lora")
+read -r -a arm_names <<< "${ARMS:-frozen finetuned}"
+read -r -a encoder_lrs <<< "${ENCODER_LRS:-}"
+read -r -a freeze_specs <<< "${FREEZE_SPECS:-}"
+[ "${#encoder_lrs[@]}" -gt 0 ] || encoder_lrs=("")
+[ "${#freeze_specs[@]}" -gt 0 ] || freeze_specs=("")
+arms=()
+declare -A arm_flags_of
+for name in "${arm_names[@]}"; do
+  if [[ ! $name =~ ^[A-Za-z0-9_]+$ ]]; then
+    echo "error: ARMS: '$name' is not a valid arm name (letters, digits, _)" >&2; exit 2
+  fi
+  custom="ARM_$name"
+  if [ -n "${!custom:-}" ]; then flags=${!custom}
+  elif [ -n "${builtin_arms[$name]+set}" ]; then flags=${builtin_arms[$name]}
+  else
+    echo "error: ARMS: unknown arm '$name'; built-in: ${!builtin_arms[*]}, or define ARM_$name=\"flags\"" >&2; exit 2
+  fi
+  if [[ " $flags " != *" --finetune_encoder "* ]]; then
+    arms+=("$name"); arm_flags_of[$name]=$flags; continue
+  fi
+  for lr in "${encoder_lrs[@]}"; do
+    for spec in "${freeze_specs[@]}"; do
+      arm=$name extra_flags=$flags
+      if [ -n "$lr" ]; then arm+="_lr$lr"; extra_flags+=" --encoder_lr $lr"; fi
+      if [ -n "$spec" ]; then arm+="_freeze$spec"; extra_flags+=" --freeze_layers $spec"; fi
+      arms+=("$arm"); arm_flags_of[$arm]=$extra_flags
+    done
+  done
+done
+if [[ " ${arms[*]} " != *" frozen "* ]]; then
+  echo "error: ARMS must include frozen, the arm every other arm is compared with" >&2; exit 2
 fi
 
 started=$(date +%s)
@@ -142,7 +187,7 @@ for dataset in "${datasets[@]}"; do
     exit 1
   fi
   for seed in "${seeds[@]}"; do
-    for arm in frozen finetuned; do
+    for arm in "${arms[@]}"; do
       run_dir="$OUTPUT_ROOT/$dataset/$arm/seed$seed"
       if [ -f "$run_dir/test_metrics.json" ] && [ "$force" = 0 ]; then
         echo "== $dataset $arm seed $seed: finished, skipping ($run_dir)"; continue
@@ -150,8 +195,9 @@ for dataset in "${datasets[@]}"; do
       mode_flag=()
       if [ "$force" = 1 ] || { [ -d "$run_dir" ] && [ ! -f "$run_dir/last.pt" ]; }; then mode_flag=(--overwrite)
       elif [ -f "$run_dir/last.pt" ]; then mode_flag=(--resume); fi
-      arm_flags=()
-      if [ "$arm" = finetuned ]; then arm_flags=(--finetune_encoder "${finetune[@]}"); fi
+      split_words arm_flags "ARM_$arm" "${arm_flags_of[$arm]}"
+      # FREEZE_LAYERS / ENCODER_LR first: an arm's own flags (and the expansions) come later and win
+      if [[ " ${arm_flags[*]} " == *" --finetune_encoder "* ]]; then arm_flags=("${finetune[@]}" "${arm_flags[@]}"); fi
       echo "== $dataset $arm seed $seed -> $run_dir"
       if ! "$PYTHON" "$MAIN" --mode train --dataset "$dataset" --data_file "$data_file" --seed "$seed" \
           --output_dir "$run_dir" "${common[@]}" "${arm_flags[@]}" "${mode_flag[@]}" "${extra[@]}"; then

@@ -52,7 +52,9 @@ def test_sweep_script_writes_a_well_formed_summary(tmp_path, small_benchmark, ra
             assert row["auroc_size_matched"] == metrics["auroc_size_matched"]
     diffs = [arm_rows[("Energy-DPO (finetuned)", s)]["auroc"] - arm_rows[("Energy-DPO (frozen)", s)]["auroc"]
              for s in (1, 2)]
-    assert summary["table"]["Improvement"]["auroc"][0] == pytest.approx(np.mean(diffs))
+    assert summary["table"]["Improvement (finetuned)"]["auroc"][0] == pytest.approx(np.mean(diffs))
+    assert summary["arms"]["finetuned"]["encoder_trainable_params"] == 6_305_792
+    assert summary["arms"]["frozen"]["encoder_trainable_params"] == 0
     # baseline rows: mean over seeds of the frozen arm's baselines.json
     baselines = [json.loads((root / "frozen" / f"seed{s}" / "baselines.json").read_text())["baselines"] for s in (1, 2)]
     for name in ("heavy_atoms", "logreg_oe", "knn_k1"):
@@ -65,7 +67,7 @@ def test_sweep_script_writes_a_well_formed_summary(tmp_path, small_benchmark, ra
                                                                 "> 0 (higher)"]
     with open(root / "comparison_summary.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 2 * (2 + len(summary["table"]) - 3)  # seeds × (arms + baselines)
+    assert len(rows) == 2 * (len(summary["table"]) - 1)  # seeds × (arms + baselines), no Improvement row
     assert {r["encoder_weights"] for r in rows} == {summary["encoder_weights"]}
     # a rerun skips finished runs
     again = run_sweep(env, timeout=300)
@@ -128,3 +130,27 @@ def test_sweep_rejects_unbalanced_extra_args_quotes(tmp_path, small_benchmark):
     proc = run_sweep(env, timeout=60)
     assert proc.returncode == 2 and "EXTRA_ARGS: No closing quotation" in proc.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_sweep_arms_strategies_custom_arms_and_expansions(tmp_path, small_benchmark, random_ckpt, cache_dir):
+    env = sweep_env(**TINY, DATASETS="tiny", DATA_FILE=str(small_benchmark), UNIMOL_WEIGHTS=str(random_ckpt),
+                    OUTPUT_ROOT=str(tmp_path / "sweep"), ARMS="frozen mine", ENCODER_LRS="1e-4 1e-3",
+                    ARM_mine="--finetune_encoder --finetune_strategy ffn --freeze_layers 0-13",
+                    EXTRA_ARGS=f"--cache_dir {cache_dir} --num_workers 1")
+    proc = run_sweep(env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    root = tmp_path / "sweep" / "tiny"
+    arms = ["frozen", "mine_lr1e-4", "mine_lr1e-3"]
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == sorted(arms)
+    summary = json.loads((root / "comparison_summary.json").read_text())
+    assert list(summary["arms"]) == ["frozen", "mine_lr1e-3", "mine_lr1e-4"]
+    assert summary["arms"]["mine_lr1e-4"]["encoder_trainable_params"] == 2_100_736 + 1024  # layer 14's FFN + final norm
+    assert "--encoder_lr 0.0001" in summary["arms"]["mine_lr1e-4"]["flags"]
+    assert {k for k in summary["table"] if k.startswith("Improvement")} == {f"Improvement ({a})" for a in arms[1:]}
+    assert all(summary["arms"][a]["seconds_per_epoch"] > 0 for a in arms)
+    text = (root / "comparison_summary.txt").read_text()
+    assert "Improvement (mine_lr1e-3)" in text and "2,101,760" in text
+    bad = run_sweep(dict(env, ARMS="finetuned"), timeout=60)
+    assert bad.returncode == 2 and "ARMS must include frozen" in bad.stderr
+    bad = run_sweep(dict(env, ARMS="frozen lora nosuch"), timeout=60)
+    assert bad.returncode == 2 and "unknown arm 'nosuch'" in bad.stderr
