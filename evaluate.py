@@ -127,38 +127,38 @@ def results_table(rows, skipped=None):
     return lines
 
 
-def _plt():
+def pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
 
 
-def _save(fig, path):
+def save_figure(fig, path):
     tmp = path.with_name(f".{path.name}.tmp.png")
     try:
         fig.savefig(tmp, dpi=120, bbox_inches="tight")
         normal_permissions(tmp)
         tmp.replace(path)
     finally:
-        _plt().close(fig)
+        pyplot().close(fig)
         tmp.unlink(missing_ok=True)
 
 
 def plot_roc(path, id_scores, ood_scores, auroc, title=""):
     fpr, tpr, _ = roc_curve(np.r_[np.zeros(len(id_scores)), np.ones(len(ood_scores))], np.r_[id_scores, ood_scores])
-    fig, ax = _plt().subplots(figsize=(4.5, 4.5))
+    fig, ax = pyplot().subplots(figsize=(4.5, 4.5))
     ax.plot(fpr, tpr, label=f"Energy-DPO (AUROC {auroc:.4f})")
     ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="chance")
     ax.axhline(0.95, color="grey", lw=0.6, ls=":", label="95% of OOD caught")
     ax.set(xlabel="false positive rate (ID flagged OOD)", ylabel="true positive rate (OOD caught)",
            title=title or "Test ROC", xlim=(0, 1), ylim=(0, 1.01))
     ax.legend(loc="lower right", fontsize="small")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_energy_hist(path, id_scores, ood_scores, threshold, title=""):
-    fig, ax = _plt().subplots(figsize=(6, 4))
+    fig, ax = pyplot().subplots(figsize=(6, 4))
     bins = np.histogram_bin_edges(np.r_[id_scores, ood_scores, threshold], bins=50)
     ax.hist(id_scores, bins=bins, alpha=0.6, label=f"ID test (n={len(id_scores)})", density=True)
     ax.hist(ood_scores, bins=bins, alpha=0.6, label=f"OOD test (n={len(ood_scores)})", density=True)
@@ -166,13 +166,13 @@ def plot_energy_hist(path, id_scores, ood_scores, threshold, title=""):
                label=f"predict threshold {threshold:.3f}\n(95% of validation ID below)")
     ax.set(xlabel="energy (higher = more OOD)", ylabel="density", title=title or "Test energies")
     ax.legend(fontsize="small")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_training_curves(path, history, best_epoch, title=""):
     from matplotlib.ticker import MaxNLocator
     epochs = [h["epoch"] for h in history]
-    fig, axes = _plt().subplots(1, 3, figsize=(13, 3.8))
+    fig, axes = pyplot().subplots(1, 3, figsize=(13, 3.8))
     axes[0].plot(epochs, [h["train_loss"] for h in history], marker=".", label="train")
     axes[0].plot(epochs, [h["val_loss"] for h in history], marker=".", label="validation")
     axes[0].set(ylabel="loss")
@@ -196,7 +196,7 @@ def plot_training_curves(path, history, best_epoch, title=""):
         ax.legend(handles, labels, fontsize="small")
     fig.suptitle(title)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 REFERENCE_ARM = "frozen"  # every other arm of a sweep is compared with it, seed by seed
@@ -395,7 +395,7 @@ def plot_comparison(path, runs, seeds, table, title):
     cols = len(COMPARED) if len(arms) <= 2 else 2  # many arms: a 2 × 2 grid of wider panels
     rows = math.ceil(len(COMPARED) / cols)
     panel = max(4.0, 1.0 * len(arms) + 1.0)
-    fig, axes = _plt().subplots(rows, cols, figsize=(panel * cols, 3.8 * rows), squeeze=False)
+    fig, axes = pyplot().subplots(rows, cols, figsize=(panel * cols, 3.8 * rows), squeeze=False)
     axes = axes.ravel()
     baselines = {name: ms for name, ms in table.items() if name.startswith("baseline: ")}
     x = np.arange(len(arms))
@@ -415,4 +415,4 @@ def plot_comparison(path, runs, seeds, table, title):
         ax.legend(fontsize="small")
     fig.suptitle(title, y=1.03)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)

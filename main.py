@@ -39,6 +39,7 @@ MODE_FLAGS = {
                 *MOLECULE_LIMITS},
     "featurize": {"mode", "unimol_weights", "amp", "input", "smiles", "output", "smiles_column", *MOLECULE_LIMITS},
     "compare": {"mode", "output_dir"},
+    "analyze": {"mode", "output_dir", "unimol_weights"},
 }
 CROSS_EVAL_FLAGS = {"dataset", "test_size", "data_seed"}  # eval honours them only with --data_file
 
@@ -46,9 +47,9 @@ CROSS_EVAL_FLAGS = {"dataset", "test_size", "data_seed"}  # eval honours them on
 def build_parser():
     p = argparse.ArgumentParser(description="Energy-DPO out-of-distribution detection on the Uni-Mol encoder.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--mode", choices=["train", "eval", "predict", "featurize", "compare"], default="train",
+    p.add_argument("--mode", choices=["train", "eval", "predict", "featurize", "compare", "analyze"], default="train",
                    help="eval: re-score a run's test split, or with --data_file another benchmark; "
-                        "compare: summarise a frozen-vs-fine-tuned sweep under --output_dir")
+                        "compare: summarise a sweep under --output_dir; analyze: what fine-tuning changed there")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", help=f"name used in outputs (default: the --data_file stem, else {DEFAULT_DATASET}); "
                                      f"without --data_file also picks data/raw/<dataset>.json")
@@ -191,8 +192,8 @@ def validate_args(args, given=None):
         return f"--device {args.device}: CUDA is not available on this machine (use --device cpu)"
     elif args.device != "cpu" and not args.device.startswith("cuda"):
         return f"--device {args.device}: expected auto, cpu, cuda or cuda:N"
-    if args.mode == "compare" and not args.output_dir:
-        return "--mode compare needs --output_dir SWEEP/<dataset> (holding frozen/seed*/ and finetuned/seed*/)"
+    if args.mode in ("compare", "analyze") and not args.output_dir:
+        return f"--mode {args.mode} needs --output_dir SWEEP/<dataset> (holding frozen/seed*/ and <arm>/seed*/)"
     if args.mode in ("eval", "predict") and not (args.output_dir or args.model_path):
         return f"--mode {args.mode} needs --output_dir RUN or --model_path RUN/best_model.pt"
     if args.mode in ("predict", "featurize"):
@@ -737,8 +738,90 @@ def run_compare(args, given):
     print(text)
 
 
+def _sweep_test_scores(run):
+    import csv  # noqa: PLC0415
+    path = run / "test_scores.csv"
+    if not path.is_file():
+        raise InputError(f"{path}: missing; the run did not finish (rerun the sweep)")
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [r["smiles"] for r in rows], [int(r["is_ood"]) for r in rows], [float(r["energy"]) for r in rows]
+
+
+def run_analyze(args, given):
+    """SWEEP/<dataset>/analysis/: per-molecule rank changes (with the molecules that moved most),
+    feature drift (linear CKA and PCA against the frozen features) and weight change per layer."""
+    import numpy as np  # noqa: PLC0415
+    import analyze  # noqa: PLC0415
+    from data import get_conformers  # noqa: PLC0415
+    from evaluate import REFERENCE_ARM, collect_arm_runs, weights_label  # noqa: PLC0415
+    from model import UniMolEncoder, encoded, load_model  # noqa: PLC0415
+    root = Path(args.output_dir)
+    runs = collect_arm_runs(root)
+    arms, seeds = list(runs), sorted(runs[REFERENCE_ARM])
+    tuned = [arm for arm in arms[1:] if runs[arm][seeds[0]][1]["args"].get("finetune_encoder")]
+    if not tuned:
+        raise InputError(f"{root}: no fine-tuned arm to analyse (arms: {', '.join(arms)})")
+    smiles, is_ood, _ = _sweep_test_scores(root / REFERENCE_ARM / f"seed{seeds[0]}")
+    ranks = {}
+    for arm in arms:
+        per_seed = []
+        for seed in seeds:
+            run_smiles, _, energy = _sweep_test_scores(root / arm / f"seed{seed}")
+            if run_smiles != smiles:
+                raise InputError(f"{root / arm / f'seed{seed}'}: other test molecules than {REFERENCE_ARM}; the arms "
+                                 f"must share --data_seed and sizes")
+            per_seed.append(analyze.energy_ranks(energy))
+        ranks[arm] = np.mean(per_seed, axis=0)
+    out = root / "analysis"
+    out.mkdir(exist_ok=True)
+    setup_logging(out / "analyze.log")
+    stored = runs[REFERENCE_ARM][seeds[0]][1]["args"]
+    weights_id = runs[REFERENCE_ARM][seeds[0]][1]["encoder_weights"]
+    title = f"{stored['dataset']} · {weights_label(weights_id)}"
+    changes = analyze.rank_changes(is_ood, ranks[REFERENCE_ARM], {a: ranks[a] for a in tuned})
+    analyze.write_molecule_changes(out / "molecule_changes.csv", smiles, is_ood, ranks[REFERENCE_ARM],
+                                   {a: ranks[a] for a in tuned}, changes, weights_id)
+    mean_improvement = np.mean([changes[a]["improvement"] for a in tuned], axis=0)
+    for name, worst in (("most_improved", False), ("most_worsened", True)):
+        analyze.molecule_grid(out / f"{name}.png", smiles, is_ood, mean_improvement,
+                              f"{title}\n{'away from' if worst else 'toward'} the correct side after fine-tuning "
+                              f"(rank fraction, mean over {', '.join(tuned)} and {len(seeds)} seeds)", worst=worst)
+    weights = load_run_weights(args, stored)
+    conf = conformer_settings(args, stored, given)
+    conformers, failures = get_conformers(smiles, conf)
+    if failures:
+        raise InputError(f"{len(failures)} test molecules have no conformer now (e.g. {next(iter(failures))}); "
+                         f"check --cache_dir and the molecule limits")
+    frozen_encoder = UniMolEncoder(weights, amp=stored.get("amp") == "bf16")
+    if frozen_encoder.weights_id != weights_id:
+        raise InputError(f"{weights}: not the sweep's encoder ({weights_id}); pass --unimol_weights")
+    frozen = frozen_features(frozen_encoder, smiles, conformers, conf.cache_dir, stored["encode_batch_size"],
+                             args.device)
+    base = {k: v.numpy() for k, v in frozen_encoder.unimol.state_dict().items()}
+    cka, weight_change, first_features = {}, {}, {}
+    for arm in tuned:
+        cka[arm], weight_change[arm] = {}, {}
+        for seed in seeds:
+            net, encoder, state = load_model(root / arm / f"seed{seed}" / "best_model.pt", weights)
+            inputs = model_inputs(encoder, {"test": smiles}, conformers, conf.cache_dir, stored["encode_batch_size"],
+                                  args.device)["test"]
+            feats = encoded(encoder.to(args.device), inputs, stored["eval_batch_size"], args.device).numpy()
+            cka[arm][str(seed)] = analyze.linear_cka(frozen, feats)
+            spec = net.spec
+            weight_change[arm][str(seed)] = analyze.relative_weight_change(
+                base, {k: v.numpy() for k, v in state["model"]["encoder_trainable"].items()},
+                spec.lora_alpha / spec.lora_rank)
+            first_features.setdefault(arm, feats)
+    analyze.write_drift(out, cka, weight_change, frozen, first_features, is_ood, title)
+    log.info("wrote %s: molecule_changes.csv, most_improved.png, most_worsened.png, feature_drift.json/.png", out)
+    for arm in tuned:
+        log.info("%s: linear CKA to frozen %s; mean rank move toward the correct side %+.4f", arm,
+                 ", ".join(f"seed {s} {v:.4f}" for s, v in cka[arm].items()), float(changes[arm]["improvement"].mean()))
+
+
 MODES = {"train": lambda args, given: run_train(args), "eval": run_eval, "predict": run_predict,
-         "featurize": run_featurize, "compare": run_compare}
+         "featurize": run_featurize, "compare": run_compare, "analyze": run_analyze}
 
 
 def main(argv=None):

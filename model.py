@@ -575,17 +575,29 @@ def load_checkpoint(path):
 
 
 @torch.no_grad()
-def energies(model, inputs, batch_size, device):
-    """Energies in fp32 for all of `inputs` in order, the model in eval mode (then restored)."""
-    was_training = model.training
-    model.eval()
+def _in_batches(module, forward, inputs, batch_size, device, width=()):
+    """forward(batch) over all of `inputs` in length-sorted batches, in input order, fp32, with
+    `module` in eval mode (then restored)."""
+    was_training = module.training
+    module.eval()
     order = torch.from_numpy(np.argsort(inputs.lengths(), kind="stable"))
-    out = torch.zeros(len(inputs))
+    out = torch.zeros(len(inputs), *width)
     for start in range(0, len(inputs), batch_size):
         idx = order[start:start + batch_size]
-        out[idx] = model(inputs.batch(idx, device)).float().cpu()
-    model.train(was_training)
+        out[idx] = forward(inputs.batch(idx, device)).float().cpu()
+    module.train(was_training)
     return out
+
+
+def energies(model, inputs, batch_size, device):
+    """Energies in fp32 for all of `inputs` in order."""
+    return _in_batches(model, model, inputs, batch_size, device)
+
+
+def encoded(encoder, inputs, batch_size, device):
+    """CLS features of a (fine-tuned) encoder for all of `inputs` (conformer or prefix batches), in order."""
+    return _in_batches(encoder, encoder.forward_chunks, inputs, batch_size, device,
+                       (encoder.unimol.args.encoder_embed_dim,))
 
 
 def load_model(path, weights, grad_checkpointing=False):
