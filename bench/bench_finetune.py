@@ -5,14 +5,12 @@ memory is its own. The last line prints the speed-up.
 """
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 import time
 
 import torch
 
-from common import demo_molecules, machine, peak_rss_mb
+from common import demo_molecules, isolated, machine, peak_rss_mb
 
 from data import ConformerSettings, get_conformers
 from main import model_inputs
@@ -20,14 +18,15 @@ from model import ConformerInputs, EnergyDPOModel, ModelSpec, build_encoder
 from train import EnergyDPOTrainer, TrainConfig
 
 
-def run_arm(arm, n, batch_size, epochs, device, cache_dir):
+def run_arm(arm, n, batch_size, epochs, device, cache_dir, strategy="layers"):
     torch.manual_seed(0)
     smiles_id, smiles_ood = demo_molecules(n, seed=1, split="train"), demo_molecules(n, seed=2, split="ood_val")
     conformers, _ = get_conformers(smiles_id + smiles_ood, ConformerSettings(cache_dir, num_workers=2))
     smiles_id = [s for s in smiles_id if s in conformers and s not in smiles_ood]
     smiles_ood = [s for s in smiles_ood if s in conformers]
-    encoder = build_encoder("random", finetune=True, freeze_layers="0-12")
-    net = EnergyDPOModel(ModelSpec(encoder.weights_id, finetune_encoder=True, freeze_layers="0-12"), encoder, seed=42)
+    encoder = build_encoder("random", finetune=True, freeze_layers="0-12", strategy=strategy)
+    net = EnergyDPOModel(ModelSpec(encoder.weights_id, finetune_encoder=True, freeze_layers="0-12",
+                                   finetune_strategy=strategy), encoder, seed=42)
     roles = {"id_train": smiles_id, "ood_train": smiles_ood}
     start = time.perf_counter()
     if arm == "cached":
@@ -42,7 +41,8 @@ def run_arm(arm, n, batch_size, epochs, device, cache_dir):
     losses = [trainer.train_epoch(e, inputs["id_train"], inputs["ood_train"])["train_loss"] for e in range(1, epochs + 1)]
     train_s = time.perf_counter() - start
     seen = epochs * 2 * max(len(smiles_id), len(smiles_ood))
-    return {"arm": arm, "molecules_per_s": seen / train_s, "train_s": train_s, "setup_s": setup, "losses": losses,
+    return {"arm": arm, "strategy": strategy, "molecules_per_s": seen / train_s, "train_s": train_s, "setup_s": setup,
+            "losses": losses, "trainable": sum(p.numel() for p in encoder.parameters() if p.requires_grad),
             "peak_rss_mb": peak_rss_mb(), "n_id": len(smiles_id), "n_ood": len(smiles_ood),
             "gpu_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None}
 
@@ -55,19 +55,19 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--arm", choices=["cached", "full"], help=argparse.SUPPRESS)
     p.add_argument("--cache_dir", help=argparse.SUPPRESS)
+    p.add_argument("--strategy", default="layers", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.arm:
-        print(json.dumps(run_arm(args.arm, args.n, args.batch_size, args.epochs, args.device, args.cache_dir)))
+        print(json.dumps(run_arm(args.arm, args.n, args.batch_size, args.epochs, args.device, args.cache_dir,
+                                 args.strategy)))
         return
     print(f"machine: {machine()}; {args.n} molecules per side, batch {args.batch_size} per side, "
           f"{args.epochs} epochs, device {args.device}")
     results = {}
     with tempfile.TemporaryDirectory() as cache:
         for arm in ("full", "cached"):  # conformers are made by the first arm and shared
-            out = subprocess.run([sys.executable, __file__, "--arm", arm, "--cache_dir", cache, "--n", str(args.n),
-                                  "--batch_size", str(args.batch_size), "--epochs", str(args.epochs),
-                                  "--device", args.device], check=True, capture_output=True, text=True)
-            results[arm] = json.loads(out.stdout.strip().splitlines()[-1])
+            results[arm] = isolated(__file__, arm=arm, cache_dir=cache, n=args.n, batch_size=args.batch_size,
+                                    epochs=args.epochs, device=args.device)
     for r in results.values():
         gpu = f", GPU peak {r['gpu_peak_mb']:.0f} MB" if r["gpu_peak_mb"] is not None else ""
         print(f"{r['arm']:<7} {r['molecules_per_s']:7.1f} mol/s  (train {r['train_s']:.1f} s, set-up {r['setup_s']:.1f} s, "

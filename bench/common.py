@@ -1,6 +1,7 @@
 """Shared set-up for the bench scripts: the repo on sys.path, demo molecules, random checkpoints."""
 import json
 import resource
+import subprocess
 import sys
 from pathlib import Path
 
@@ -43,3 +44,11 @@ def machine():
     import platform
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {gpu}"
+
+
+def isolated(script, **flags):
+    """Run `script --flag value ...` in a fresh interpreter, so that its peak memory is its own; its
+    last line of output is a JSON object."""
+    command = [sys.executable, str(script)] + [x for k, v in flags.items() for x in (f"--{k}", str(v))]
+    out = subprocess.run(command, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])

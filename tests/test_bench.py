@@ -24,3 +24,11 @@ def test_bench_finetune_compares_cached_prefix_with_full_forward():
     gap = float(re.search(r"max epoch-loss difference ([\d.e+-]+)", lines[-2])[1])
     assert gap < 1e-3
     assert re.fullmatch(r"ratio cached/full training throughput: [\d.]+x", lines[-1])
+
+
+def test_bench_strategies_compares_lora_with_layers():
+    lines = run_bench("bench_strategies.py", "--n", "6", "--batch_size", "3", "--epochs", "1", "--strategies",
+                      "layers,lora")
+    assert [line.split()[0] for line in lines[-3:-1]] == ["layers", "lora"]
+    assert lines[-2].split()[1] == "131,072"
+    assert re.fullmatch(r"ratio lora/layers training throughput: [\d.]+x", lines[-1])
