@@ -6,6 +6,7 @@ worker processes stay light. The Uni-Mol dictionary is only read for its set of 
 import csv
 import dataclasses
 import functools
+import gzip
 import hashlib
 import importlib.util
 import io
@@ -667,18 +668,23 @@ def read_table(path, smiles_column=None):
 
     .csv: every column kept; SMILES from `smiles_column` (default: a column named smiles, any case).
     .smi: the first whitespace-separated field is the SMILES and the rest of the line its name; an
-    optional `smiles` header line and # comments are skipped."""
+    optional `smiles` header line and # comments are skipped. Either may be gzipped (.csv.gz, .smi.gz)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: file not found")
+    gzipped = path.suffix.lower() == ".gz"
     try:
-        text = path.read_text(encoding="utf-8-sig")  # -sig: a CSV saved by Excel starts with a BOM
+        raw = gzip.decompress(path.read_bytes()) if gzipped else path.read_bytes()
+        text = raw.decode("utf-8-sig")  # -sig: a CSV saved by Excel starts with a BOM
+    except (OSError, EOFError) as exc:
+        raise InputError(f"{path}: not a readable gzip file ({exc})") from None
     except UnicodeDecodeError as exc:
         raise InputError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start}); "
                          f"save it as UTF-8 CSV or SMILES") from None
     if "\x00" in text:
         raise InputError(f"{path}: binary data (NUL bytes); expected a .csv or .smi text file")
-    if path.suffix.lower() == ".csv":
+    kind = Path(path.stem).suffix.lower() if gzipped else path.suffix.lower()
+    if kind == ".csv":
         table = list(csv.reader(text.splitlines()))
         if not table:
             raise InputError(f"{path}: empty CSV")

@@ -36,7 +36,7 @@ MODE_FLAGS = {
     "eval": {"mode", "output_dir", "model_path", "unimol_weights", "data_file", "dataset", "test_size", "data_seed",
              *MOLECULE_LIMITS},
     "predict": {"mode", "output_dir", "model_path", "unimol_weights", "input", "smiles", "output", "smiles_column",
-                *MOLECULE_LIMITS},
+                "shard", *MOLECULE_LIMITS},
     "featurize": {"mode", "unimol_weights", "amp", "input", "smiles", "output", "smiles_column", *MOLECULE_LIMITS},
     "compare": {"mode", "output_dir"},
     "analyze": {"mode", "output_dir", "unimol_weights"},
@@ -122,6 +122,9 @@ def build_parser():
     g.add_argument("--input", help=".smi (SMILES, then a name) or .csv (a 'smiles' column, all columns kept)")
     g.add_argument("--smiles_column", help="the SMILES column of a .csv --input (default: 'smiles', any case)")
     g.add_argument("--smiles", nargs="+", help="SMILES given on the command line")
+    g.add_argument("--shard", help="predict: I/N scores the I-th of N contiguous slices of the input (array jobs); "
+                                   "the shards' outputs, concatenated in shard order without their repeated "
+                                   "headers, equal the unsharded output")
     g.add_argument("--output", help="predict: CSV to write; featurize: .npy to write")
     return p
 
@@ -196,6 +199,10 @@ def validate_args(args, given=None):
         return f"--mode {args.mode} needs --output_dir SWEEP/<dataset> (holding frozen/seed*/ and <arm>/seed*/)"
     if args.mode in ("eval", "predict") and not (args.output_dir or args.model_path):
         return f"--mode {args.mode} needs --output_dir RUN or --model_path RUN/best_model.pt"
+    if args.shard is not None:
+        parts = args.shard.split("/")
+        if len(parts) != 2 or not all(p.isdigit() for p in parts) or not 1 <= int(parts[0]) <= int(parts[1]):
+            return f"--shard {args.shard}: expected I/N with 1 ≤ I ≤ N, e.g. 1/4"
     if args.mode in ("predict", "featurize"):
         if bool(args.input) == bool(args.smiles):
             return f"--mode {args.mode} needs exactly one of --input FILE or --smiles ..."
@@ -672,10 +679,16 @@ def run_predict(args, given):
     threshold = state["threshold_95_id_val"]
     columns, rows, smiles = (read_table(args.input, args.smiles_column) if args.input
                              else (["smiles"], [[s] for s in args.smiles], args.smiles))
+    if args.shard:
+        index, count = map(int, args.shard.split("/"))
+        total = len(rows)
+        start, stop = (index - 1) * total // count, index * total // count
+        rows, smiles = rows[start:stop], smiles[start:stop]
+        log.info("shard %s: input rows %d to %d of %d", args.shard, start + 1, stop, total)
     clash = [c for c in columns if c in PREDICT_COLUMNS]
     if clash:
         raise InputError(f"{args.input}: column {clash[0]!r} would be overwritten by the output; rename it")
-    if not smiles:
+    if not smiles and not args.shard:
         raise InputError(f"{args.input}: no SMILES found")
     written, conformers, failed = prepare_inputs(smiles, conf)
     energy = finite_scores(score_roles(net, encoder, {"input": list(written.values())}, conformers, conf, scoring,
