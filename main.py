@@ -571,12 +571,12 @@ def load_run(args, given):
     if "threshold_95_id_val" not in payload:
         raise InputError(f"{ckpt}: the run has not finished (no predict threshold yet); finish it with "
                          f"--mode train --resume (same flags) first")
-    weights = load_run_weights(args, stored) if "unimol_weights" in stored or args.unimol_weights else None
+    weights = load_run_weights(args, stored)
     if weights is None:
         raise InputError(f"{ckpt}: records no encoder weights path; pass --unimol_weights")
     if weights != "random" and not Path(weights).is_file():
         raise InputError(f"{missing_weights(weights)} (the run was trained on it)")
-    net, encoder, state = load_model(ckpt, weights, args.grad_checkpointing)
+    net, encoder, state = load_model(ckpt, weights, args.grad_checkpointing, state=payload)
     scoring = {k: (getattr(args, k) if k in given or k not in stored else stored[k])
                for k in ("eval_batch_size", "encode_batch_size")}
     net.to(args.device)
@@ -666,7 +666,8 @@ def run_role_smiles(run_dir):
 
 
 def load_run_weights(args, stored):
-    return args.unimol_weights or stored["unimol_weights"]
+    """The base Uni-Mol weights for a run: --unimol_weights if given, else the run's recorded path."""
+    return args.unimol_weights or stored.get("unimol_weights")
 
 
 PREDICT_COLUMNS = ["canonical_smiles", "energy", "is_ood", "warning", "error", "encoder_weights"]

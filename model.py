@@ -600,10 +600,11 @@ def encoded(encoder, inputs, batch_size, device):
                        (encoder.unimol.args.encoder_embed_dim,))
 
 
-def load_model(path, weights, grad_checkpointing=False):
+def load_model(path, weights, grad_checkpointing=False, state=None):
     """Rebuild the model a checkpoint describes, on the base Uni-Mol weights at `weights` (a path or
-    'random'); refuse weights other than those it was trained on. Returns (model, payload)."""
-    state = load_checkpoint(path)
+    'random'); refuse weights other than those it was trained on. `state`: the checkpoint's payload
+    when the caller has loaded it already. Returns (model, encoder, payload)."""
+    state = load_checkpoint(path) if state is None else state
     try:
         spec = ModelSpec(**state["model_spec"])
     except TypeError as exc:

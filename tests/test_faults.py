@@ -340,3 +340,13 @@ def test_unknown_elements_and_2d_fallbacks_are_warned_on_the_console(caplog):
         data.summarize_conformers(report, conformers, ["A", "B"])
     assert "1 molecules got 2D coordinates" in caplog.text
     assert "1 molecules hold elements outside the Uni-Mol dictionary, read as [UNK]: Pt ×2" in caplog.text
+
+
+def test_a_broken_gzip_input_and_a_missing_sweep_are_one_line_errors(finished_run, tmp_path, capsys):
+    (tmp_path / "mols.smi.gz").write_bytes(b"\x1f\x8b\x08\x00 cut short")
+    assert main(["--mode", "predict", "--output_dir", str(finished_run), "--input", str(tmp_path / "mols.smi.gz"),
+                 "--output", str(tmp_path / "p.csv")]) == 1
+    one_line_error(capsys, "mols.smi.gz: not a readable gzip file")
+    assert not (tmp_path / "p.csv").exists()
+    assert main(["--mode", "analyze", "--output_dir", str(tmp_path / "no_sweep")]) == 1
+    one_line_error(capsys, "no_sweep: no such sweep folder")

@@ -2,6 +2,7 @@
 import csv
 import json
 import math
+from contextlib import nullcontext
 
 import numpy as np
 import pytest
@@ -360,3 +361,17 @@ def test_encoder_learning_rate_schedule():
     cosine = factors(epochs=6, warmup_epochs=2, lr_schedule="cosine")
     assert cosine[:3] == [0.5, 1.0, 1.0] and cosine[3] == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
     assert cosine[5] == pytest.approx(0.5 * (1 + math.cos(3 * math.pi / 4))) and cosine[3] > cosine[4] > cosine[5]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--finetune_strategy", "lora", "--lora_rank", "0"], "--lora_rank must be at least 1"),
+    (["--finetune_strategy", "lora", "--lora_dropout", "1"], "--lora_dropout in [0, 1)"),
+    (["--warmup_epochs", "-1"], "--warmup_epochs ≥ 0"),
+    (["--finetune_strategy", "everything"], "invalid choice"),
+])
+def test_bad_strategy_values_are_one_line_errors(argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) if message == "invalid choice" else nullcontext():
+        code = main(["--unimol_weights", "random", "--data_file", str(DEMO), "--finetune_encoder",
+                     "--output_dir", str(tmp_path / "run"), *argv])
+        assert code == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "run").exists()
