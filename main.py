@@ -27,7 +27,7 @@ FINETUNE_BATCH_SIZE, FINETUNE_EVAL_BATCH_SIZE = 256, 512
 DEFAULT_DATASET = "lbap_general_ec50_scaffold"
 # Flags that change where and how fast, not what: they may differ on --resume, and eval / predict
 # take them from the command line (when given) instead of from the run.
-RUNTIME_FLAGS = {"device", "num_workers", "cache_dir", "resume", "overwrite", "force_recompute_cache",
+RUNTIME_FLAGS = {"device", "num_workers", "cache_dir", "resume", "auto_resume", "overwrite", "force_recompute_cache",
                  "eval_batch_size", "encode_batch_size", "grad_checkpointing", "output_dir"}
 MOLECULE_LIMITS = {"max_heavy_atoms", "conformer_timeout"}  # eval / predict: the run's unless given
 # What each mode reads from the command line besides the runtime flags; anything else is an error.
@@ -117,6 +117,9 @@ def build_parser():
     g.add_argument("--model_path", help="eval/predict: a best_model.pt (its folder is the run)")
     g.add_argument("--overwrite", action="store_true", help="replace a finished or started run / output file")
     g.add_argument("--resume", action="store_true", help="continue an interrupted run from its last.pt")
+    g.add_argument("--auto_resume", action="store_true",
+                   help="for schedulers: a finished run exits 0 untouched, an interrupted one resumes from its "
+                        "last.pt, anything else starts (replacing a started folder without last.pt)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     g = p.add_argument_group("predict / featurize")
     g.add_argument("--input", help=".smi (SMILES, then a name) or .csv (a 'smiles' column, all columns kept)")
@@ -143,7 +146,7 @@ def validate_args(args, given=None):
     `given`: the flags typed on the command line (None: none, as when the caller built `args`)."""
     given = set() if given is None else given
     if MODE_FLAGS[args.mode] is not None:
-        stray = sorted(given - MODE_FLAGS[args.mode] - (RUNTIME_FLAGS - {"resume"}))
+        stray = sorted(given - MODE_FLAGS[args.mode] - (RUNTIME_FLAGS - {"resume", "auto_resume"}))
         if args.mode == "eval" and not args.data_file and given & CROSS_EVAL_FLAGS:
             return (f"--mode eval re-scores the run's own test split with the run's data settings; "
                     f"{', '.join('--' + f for f in sorted(given & CROSS_EVAL_FLAGS))} apply only to another "
@@ -186,8 +189,8 @@ def validate_args(args, given=None):
         return "--data_seed cannot be negative"
     if args.max_heavy_atoms < 1 or not args.conformer_timeout > 0 or not math.isfinite(args.conformer_timeout):
         return "--max_heavy_atoms and --conformer_timeout must be positive"
-    if args.resume and args.overwrite:
-        return "--resume and --overwrite contradict each other"
+    if sum((args.resume, args.overwrite, args.auto_resume)) > 1:
+        return "--resume, --auto_resume and --overwrite contradict each other; pass one"
     import torch  # noqa: PLC0415
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -472,9 +475,15 @@ def run_train(args):
     from evaluate import RANDOM_INIT_LABEL, plot_training_curves, weights_label  # noqa: PLC0415
     from model import EnergyDPOModel, LoraSpec, build_encoder  # noqa: PLC0415
     from train import (EnergyDPOTrainer, check_run_dir, clear_run_dir, learning_warning,  # noqa: PLC0415
-                       remove_stale_temporaries)
+                       remove_stale_temporaries, run_state)
     started = time.monotonic()
     run_dir = Path(args.output_dir)
+    if args.auto_resume:
+        state = run_state(run_dir)
+        if state == "finished":
+            print(f"{run_dir}: finished (test_metrics.json exists); nothing to do")
+            return
+        args.resume, args.overwrite = state == "interrupted", state == "started"
     check_run_dir(run_dir, args.overwrite, args.resume)
     setup_logging(hold=True)  # the log file starts once the run folder is ready; nothing is lost
     encoder = build_encoder(args.unimol_weights, args.finetune_encoder, args.freeze_layers, args.amp == "bf16",

@@ -219,21 +219,29 @@ def learning_warning(history, batch_size):
             f"raise --epochs or lower --batch_size before reading these numbers as the encoder's")
 
 
+def run_state(run_dir):
+    """finished, interrupted (last.pt to resume from), started (config.json only) or new."""
+    if (run_dir / "test_metrics.json").exists():
+        return "finished"
+    if (run_dir / "last.pt").exists():
+        return "interrupted"
+    return "started" if (run_dir / "config.json").exists() else "new"
+
+
 def check_run_dir(run_dir, overwrite, resume):
     """Refuse to touch a run unless told: --resume continues it, --overwrite replaces it. Changes
     nothing: the old run is removed (clear_run_dir) only once every input of the new one checks out."""
     if run_dir.exists() and not run_dir.is_dir():
         raise InputError(f"{run_dir}: exists and is not a folder; choose another --output_dir")
-    finished = (run_dir / "test_metrics.json").exists()
-    started = (run_dir / "last.pt").exists() or (run_dir / "config.json").exists()
+    state = run_state(run_dir)
     if resume:
-        if finished:
+        if state == "finished":
             raise InputError(f"{run_dir}: this run has finished (test_metrics.json exists); nothing to resume")
-        if not (run_dir / "last.pt").exists():
+        if state != "interrupted":
             raise InputError(f"{run_dir}: no last.pt to resume from; start it again with --overwrite")
-    elif (finished or started) and not overwrite:
-        raise InputError(f"{run_dir}: holds a {'finished' if finished else 'started'} run; pass --resume to "
-                         f"continue it, --overwrite to replace it, or choose another --output_dir")
+    elif state != "new" and not overwrite:
+        raise InputError(f"{run_dir}: holds a {'finished' if state == 'finished' else 'started'} run; pass --resume "
+                         f"to continue it, --overwrite to replace it, or choose another --output_dir")
 
 
 def clear_run_dir(run_dir):

@@ -173,7 +173,11 @@ def test_interrupted_run_resumes_to_the_same_result(finished_run, base_args, tmp
     monkeypatch.setattr(train, "save_checkpoint", real_save)
     assert not (run / "test_metrics.json").exists()
     assert main(["--mode", "train", *base_args, "--output_dir", str(run)]) == 1  # neither resume nor overwrite
-    assert main(["--mode", "train", *base_args, "--output_dir", str(run), "--resume"]) == 0
+    # --auto_resume (what the sweep's printed commands carry) resumes it, then leaves it alone
+    assert main(["--mode", "train", *base_args, "--output_dir", str(run), "--auto_resume"]) == 0
+    stamp = (run / "test_metrics.json").stat().st_mtime_ns
+    assert main(["--mode", "train", *base_args, "--output_dir", str(run), "--auto_resume"]) == 0
+    assert (run / "test_metrics.json").stat().st_mtime_ns == stamp
     full, resumed = read_csv(finished_run / "history.csv"), read_csv(run / "history.csv")
     assert [(h["epoch"], h["train_loss"], h["val_auroc"]) for h in resumed] == \
         [(h["epoch"], h["train_loss"], h["val_auroc"]) for h in full]
@@ -269,6 +273,7 @@ def test_featurize_writes_rows_in_input_order(tmp_path, random_ckpt, cache_dir):
     (["--mode", "predict", "--output_dir", "x", "--output", "y.csv"], "exactly one of --input"),
     (["--device", "cuda"], "CUDA is not available"),
     (["--resume", "--overwrite"], "contradict"),
+    (["--auto_resume", "--resume"], "contradict"),
     (["--lr", "nan"], "--lr must be a finite number"),
     (["--dpo_beta", "inf"], "--dpo_beta must be a finite number"),
     (["--data_seed", "-1"], "--data_seed cannot be negative"),
