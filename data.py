@@ -30,6 +30,8 @@ from rdkit import Chem, RDLogger
 from rdkit.Chem import AllChem, rdDistGeom
 from tqdm import tqdm
 
+import distributed
+
 RDLogger.DisableLog("rdApp.*")
 log = logging.getLogger("energy_dpo.data")
 
@@ -345,16 +347,30 @@ def store_put(directory, entries):
 
 def cached_entries(keys, directory, meta, compute, force=False):
     """Entries for `keys`: stored ones are read, the rest come from `compute(missing)`, which
-    returns ({key: entry}, {key: failure reason}), and are stored. Failures are not stored."""
-    directory = open_store(directory, meta, force)
+    returns ({key: entry}, {key: failure reason}), and are stored. Failures are not stored.
+
+    Under torchrun every rank calls this with the same keys: each computes and stores its share of
+    the missing entries, then all read the complete store (and learn every rank's failures)."""
+    team = distributed.current()
+    if team.leader:  # only the leader may clear the store (--force_recompute_cache, changed meta)
+        directory = open_store(directory, meta, force)
+    team.barrier()
+    if not team.leader:
+        directory = open_store(directory, meta)
     found = store_get(directory, keys)
     missing = [k for k in dict.fromkeys(keys) if k not in found]
-    failures = {}
-    if missing:
-        new, failures = compute(missing)
-        if new:
-            store_put(directory, new)
-        found.update(new)
+    if not missing:
+        return found, {}
+    team.barrier()  # every rank has listed what is missing before any rank adds to the store
+    mine = missing[team.share(len(missing))]
+    new, failures = compute(mine) if mine else ({}, {})
+    if new:
+        store_put(directory, new)
+    if team.size > 1:
+        team.barrier()
+        failures = {k: v for part in team.gather_objects(failures) for k, v in part.items()}
+        new = store_get(directory, missing)
+    found.update(new)
     return found, failures
 
 
@@ -426,8 +442,9 @@ def load_drugood(path, splits=SPLITS):
 
 
 def progress(iterable, **kwargs):
-    """A tqdm bar on a terminal only: a redirected log stays readable."""
-    return tqdm(iterable, disable=not sys.stderr.isatty(), **kwargs)
+    """A tqdm bar on a terminal only, and from one process of a torchrun team: a redirected log
+    stays readable."""
+    return tqdm(iterable, disable=not (sys.stderr.isatty() and distributed.current().leader), **kwargs)
 
 
 def canonical(smiles):
@@ -664,7 +681,15 @@ def load_benchmark(data_file, sizes, data_seed, settings=ConformerSettings(), oo
 # ----------------------------------------------------------------------------- other benchmarks, user files
 
 def read_table(path, smiles_column=None):
-    """A molecule file as (columns, rows, SMILES per row), in file order.
+    """A molecule file as (columns, rows, SMILES per row), in file order (see iter_table)."""
+    columns, rows = iter_table(path, smiles_column)
+    rows = list(rows)
+    return columns, [fields for fields, _ in rows], [smiles for _, smiles in rows]
+
+
+def iter_table(path, smiles_column=None):
+    """A molecule file as (columns, rows), rows a generator of (fields, SMILES) in file order that
+    reads the file as it goes: memory does not grow with the file.
 
     .csv: every column kept; SMILES from `smiles_column` (default: a column named smiles, any case).
     .smi: the first whitespace-separated field is the SMILES and the rest of the line its name; an
@@ -673,36 +698,57 @@ def read_table(path, smiles_column=None):
     if not path.is_file():
         raise InputError(f"{path}: file not found")
     gzipped = path.suffix.lower() == ".gz"
-    try:
-        raw = gzip.decompress(path.read_bytes()) if gzipped else path.read_bytes()
-        text = raw.decode("utf-8-sig")  # -sig: a CSV saved by Excel starts with a BOM
-    except (OSError, EOFError) as exc:
-        raise InputError(f"{path}: not a readable gzip file ({exc})") from None
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start}); "
-                         f"save it as UTF-8 CSV or SMILES") from None
-    if "\x00" in text:
-        raise InputError(f"{path}: binary data (NUL bytes); expected a .csv or .smi text file")
     kind = Path(path.stem).suffix.lower() if gzipped else path.suffix.lower()
+    lines = _text_lines(path, gzipped)
     if kind == ".csv":
-        table = list(csv.reader(text.splitlines()))
-        if not table:
+        table = (r for r in csv.reader(lines) if r)
+        columns = next(table, None)
+        if columns is None:
             raise InputError(f"{path}: empty CSV")
-        columns, rows = table[0], [r + [""] * (len(table[0]) - len(r)) for r in table[1:] if r]
         wanted = smiles_column or "smiles"
         matches = [i for i, c in enumerate(columns) if c.strip().lower() == wanted.strip().lower()]
         if not matches:
             raise InputError(f"{path}: no '{wanted}' column (columns: {', '.join(columns)}); "
                              f"name the SMILES column with --smiles_column")
-        return columns, rows, [r[matches[0]] for r in rows]
+        padded = (r + [""] * (len(columns) - len(r)) for r in table)
+        return columns, ((r, r[matches[0]]) for r in padded)
     if smiles_column:
         raise InputError(f"{path}: --smiles_column applies to .csv files; a .smi file has the SMILES first")
-    rows = [line.strip().split(maxsplit=1) for line in text.splitlines()
-            if line.strip() and not line.lstrip().startswith("#")]
-    if rows and rows[0][0].lower() == "smiles":
-        rows = rows[1:]
-    rows = [r + [""] * (2 - len(r)) for r in rows]
-    return ["smiles", "name"], rows, [r[0] for r in rows]
+
+    def smi_rows():
+        first = True
+        for line in lines:
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            fields = line.strip().split(maxsplit=1)
+            if first and fields[0].lower() == "smiles":  # a header line
+                first = False
+                continue
+            first = False
+            fields += [""] * (2 - len(fields))
+            yield fields, fields[0]
+    return ["smiles", "name"], smi_rows()
+
+
+def _text_lines(path, gzipped):
+    """Lines of a UTF-8 (optionally gzipped) text file, read as they are needed; bad bytes are a
+    one-line error naming the line."""
+    number = 0
+    try:
+        # -sig: a CSV saved by Excel starts with a BOM; newline="": the csv module sees quoted newlines
+        with (gzip.open(path, "rt", encoding="utf-8-sig", newline="") if gzipped
+              else open(path, encoding="utf-8-sig", newline="")) as f:
+            for number, line in enumerate(f, 1):
+                if "\x00" in line:
+                    raise InputError(f"{path}: binary data (NUL bytes) on line {number}; "
+                                     f"expected a .csv or .smi text file")
+                yield line
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not a UTF-8 text file ({exc.reason} after line {number}); "
+                         f"save it as UTF-8 CSV or SMILES") from None
+    except (OSError, EOFError) as exc:
+        what = "a readable gzip file" if gzipped else "readable"
+        raise InputError(f"{path}: not {what} ({exc})") from None
 
 
 def prepare_inputs(smiles, settings=ConformerSettings()):

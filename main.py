@@ -12,13 +12,16 @@ The argparse Namespace stays in this file: the modules below take explicit argum
 configs (ModelSpec, TrainConfig). torch, scikit-learn and matplotlib load only when a mode runs.
 """
 import argparse
+import csv
 import json
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
 
+import distributed
 from data import EMBED_TIMEOUT_S, MAX_HEAVY_ATOMS, InputError, default_weights_path, read_json
 
 log = logging.getLogger("energy_dpo.main")
@@ -36,11 +39,12 @@ MODE_FLAGS = {
     "eval": {"mode", "output_dir", "model_path", "unimol_weights", "data_file", "dataset", "test_size", "data_seed",
              *MOLECULE_LIMITS},
     "predict": {"mode", "output_dir", "model_path", "unimol_weights", "input", "smiles", "output", "smiles_column",
-                "shard", *MOLECULE_LIMITS},
+                "shard", "resume", *MOLECULE_LIMITS},
     "featurize": {"mode", "unimol_weights", "amp", "input", "smiles", "output", "smiles_column", *MOLECULE_LIMITS},
     "compare": {"mode", "output_dir"},
     "analyze": {"mode", "output_dir", "unimol_weights"},
 }
+TEAM_MODES = ("train", "featurize", "predict")  # the modes that run under torchrun
 CROSS_EVAL_FLAGS = {"dataset", "test_size", "data_seed"}  # eval honours them only with --data_file
 
 
@@ -96,6 +100,7 @@ def build_parser():
     g.add_argument("--grad_checkpointing", action="store_true", help="recompute trainable layers in backward")
     g = p.add_argument_group("energy head and loss")
     g.add_argument("--hidden_dim", type=int, default=256)
+    g.add_argument("--head_dropout", type=float, default=0.1, help="dropout in the energy head")
     g.add_argument("--loss_type", choices=["dpo", "bce", "mse", "hinge"], default="dpo")
     g.add_argument("--dpo_beta", type=float, default=0.1)
     g.add_argument("--lambda_reg", type=float, default=0.01, help="weight of the energy-magnitude penalty")
@@ -116,7 +121,8 @@ def build_parser():
     g.add_argument("--output_dir", help="run directory (default: outputs/<dataset>/unimol_<loss>_seed<seed>)")
     g.add_argument("--model_path", help="eval/predict: a best_model.pt (its folder is the run)")
     g.add_argument("--overwrite", action="store_true", help="replace a finished or started run / output file")
-    g.add_argument("--resume", action="store_true", help="continue an interrupted run from its last.pt")
+    g.add_argument("--resume", action="store_true", help="continue an interrupted run from its last.pt, or an interrupted predict "
+                                                             "after its last complete chunk")
     g.add_argument("--auto_resume", action="store_true",
                    help="for schedulers: a finished run exits 0 untouched, an interrupted one resumes from its "
                         "last.pt, anything else starts (replacing a started folder without last.pt)")
@@ -183,6 +189,8 @@ def validate_args(args, given=None):
         return f"{', '.join('--' + f for f in lora_only)} apply to --finetune_strategy lora only"
     if args.lora_rank < 1 or not args.lora_alpha > 0 or not 0 <= args.lora_dropout < 1 or args.warmup_epochs < 0:
         return "--lora_rank must be at least 1, --lora_alpha positive, --lora_dropout in [0, 1), --warmup_epochs ≥ 0"
+    if not 0 <= args.head_dropout < 1:
+        return "--head_dropout must be in [0, 1)"
     if args.lambda_reg < 0 or args.weight_decay < 0 or args.patience < 0 or args.num_workers < 0:
         return "--lambda_reg, --weight_decay, --patience and --num_workers cannot be negative"
     if args.data_seed < 0:
@@ -198,6 +206,11 @@ def validate_args(args, given=None):
         return f"--device {args.device}: CUDA is not available on this machine (use --device cpu)"
     elif args.device != "cpu" and not args.device.startswith("cuda"):
         return f"--device {args.device}: expected auto, cpu, cuda or cuda:N"
+    if distributed.launched_by_torchrun():
+        if args.mode not in TEAM_MODES:
+            return f"--mode {args.mode} runs in one process; start it with python, not torchrun"
+        if args.device not in ("cpu", "cuda"):
+            return f"--device {args.device}: under torchrun each process takes cuda:LOCAL_RANK; pass --device cuda"
     if args.mode in ("compare", "analyze") and not args.output_dir:
         return f"--mode {args.mode} needs --output_dir SWEEP/<dataset> (holding frozen/seed*/ and <arm>/seed*/)"
     if args.mode in ("eval", "predict") and not (args.output_dir or args.model_path):
@@ -257,6 +270,13 @@ def setup_logging(log_file=None, hold=False):
     for handler in list(root.handlers):
         handler.close()
         root.removeHandler(handler)
+    team = distributed.current()
+    if not team.leader:  # the leader logs for the team; the others speak only of errors
+        root.setLevel(logging.ERROR)
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(f"%(asctime)s rank {team.rank} %(levelname)s %(message)s", "%H:%M:%S"))
+        root.addHandler(handler)
+        return
     handlers = [logging.StreamHandler(sys.stderr)]
     if log_file:
         handlers.append(logging.FileHandler(log_file))
@@ -371,7 +391,8 @@ def run_config(args, encoder):
             "random_init_encoder": encoder.is_random_init,
             "encoder_trainable_params": sum(p.numel() for p in params if p.requires_grad),
             "encoder_total_params": sum(p.numel() for p in params),
-            "packages": package_versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            "packages": package_versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "torchrun_processes": distributed.current().size}
 
 
 def check_resumable(run_dir, config):
@@ -388,7 +409,8 @@ def check_resumable(run_dir, config):
 
 def model_spec(args, encoder_weights):
     from model import ModelSpec  # noqa: PLC0415
-    return ModelSpec(encoder_weights=encoder_weights, hidden_dim=args.hidden_dim, loss_type=args.loss_type,
+    return ModelSpec(encoder_weights=encoder_weights, hidden_dim=args.hidden_dim, head_dropout=args.head_dropout,
+                     loss_type=args.loss_type,
                      dpo_beta=args.dpo_beta, lambda_reg=args.lambda_reg, hinge_margin=args.hinge_margin,
                      finetune_encoder=args.finetune_encoder, freeze_layers=args.freeze_layers,
                      finetune_strategy=args.finetune_strategy, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
@@ -477,6 +499,7 @@ def run_train(args):
     from train import (EnergyDPOTrainer, check_run_dir, clear_run_dir, learning_warning,  # noqa: PLC0415
                        remove_stale_temporaries, run_state)
     started = time.monotonic()
+    team = distributed.current()
     run_dir = Path(args.output_dir)
     if args.auto_resume:
         state = run_state(run_dir)
@@ -499,19 +522,20 @@ def run_train(args):
         log.warning("%s: numbers from this run are not Uni-Mol results", RANDOM_INIT_LABEL)
     if args.resume:
         check_resumable(run_dir, config)
+    team.barrier()  # every rank has looked at the run folder before the leader changes it
     conformers_from = conformer_settings(args)
     roles, conformers, report = load_benchmark(args.data_file, (args.train_size, args.val_size, args.test_size),
                                                args.data_seed, conformers_from, args.ood_val_split)
-    # every input has checked out: only now may an earlier run in this folder go
-    if args.overwrite:
-        clear_run_dir(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(run_dir)
-    attach_log_file(run_dir / "training.log")
-    if not args.resume:
-        atomic_write_json(run_dir / "config.json", config)
-    atomic_write_json(run_dir / "data_report.json", report)
-    write_roles(run_dir / "roles.csv", roles)
+    if team.leader:  # every input has checked out: only now may an earlier run in this folder go
+        if args.overwrite:
+            clear_run_dir(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(run_dir)
+        attach_log_file(run_dir / "training.log")
+        if not args.resume:
+            atomic_write_json(run_dir / "config.json", config)
+        atomic_write_json(run_dir / "data_report.json", report)
+        write_roles(run_dir / "roles.csv", roles)
     log.info("roles: %s; %d items skipped (listed in data_report.json)",
              ", ".join(f"{r} {len(m)}" for r, m in roles.items()), len(report["skipped"]))
     inputs = model_inputs(encoder, roles, conformers, conformers_from.cache_dir, args.encode_batch_size, args.device,
@@ -522,6 +546,9 @@ def run_train(args):
     if args.resume:
         trainer.resume(run_dir / "last.pt")
     history = trainer.fit(inputs)
+    distributed.stop()  # the leader finishes the run alone
+    if not team.leader:
+        return
     title = f"{args.dataset}\n{weights_label(encoder.weights_id)}"
     plot_training_curves(run_dir / "training_curves.png", history, trainer.best_epoch, title)
     labels = {"dataset": args.dataset, "title": title, "ood_val_split": args.ood_val_split}
@@ -593,9 +620,9 @@ def load_run(args, given):
 
 
 def score_roles(net, encoder, roles, conformers, conf, scoring, device):
-    from model import energies  # noqa: PLC0415
+    from train import team_energies  # noqa: PLC0415
     inputs = model_inputs(encoder, roles, conformers, conf.cache_dir, scoring["encode_batch_size"], device, conf.force)
-    return {r: energies(net, inputs[r], scoring["eval_batch_size"], device).numpy() for r in roles}
+    return {r: team_energies(net, inputs[r], scoring["eval_batch_size"], device).numpy() for r in roles}
 
 
 def run_eval(args, given):
@@ -680,46 +707,147 @@ def load_run_weights(args, stored):
 
 
 PREDICT_COLUMNS = ["canonical_smiles", "energy", "is_ood", "warning", "error", "encoder_weights"]
+PREDICT_CHUNK = 2000  # input rows read, scored and written at a time: bounds memory; the unit of --resume
 
 
-def run_predict(args, given):
-    from data import atomic_write_csv, canonical, fragment_warning, prepare_inputs, read_table  # noqa: PLC0415
-    from evaluate import weights_label  # noqa: PLC0415
-    run_dir, net, encoder, state, stored, conf, scoring = load_run(args, given)
-    threshold = state["threshold_95_id_val"]
-    columns, rows, smiles = (read_table(args.input, args.smiles_column) if args.input
-                             else (["smiles"], [[s] for s in args.smiles], args.smiles))
-    if args.shard:
-        index, count = map(int, args.shard.split("/"))
-        total = len(rows)
-        start, stop = (index - 1) * total // count, index * total // count
-        rows, smiles = rows[start:stop], smiles[start:stop]
-        log.info("shard %s: input rows %d to %d of %d", args.shard, start + 1, stop, total)
+def predict_rows(args):
+    """(columns, rows): rows a generator of (fields, SMILES), limited to --shard's slice."""
+    import itertools  # noqa: PLC0415
+    from data import iter_table  # noqa: PLC0415
+    def rows():
+        return (iter_table(args.input, args.smiles_column) if args.input
+                else (["smiles"], (([s], s) for s in args.smiles)))
+    columns, stream = rows()
     clash = [c for c in columns if c in PREDICT_COLUMNS]
     if clash:
         raise InputError(f"{args.input}: column {clash[0]!r} would be overwritten by the output; rename it")
-    if not smiles and not args.shard:
-        raise InputError(f"{args.input}: no SMILES found")
-    written, conformers, failed = prepare_inputs(smiles, conf)
+    if args.shard:
+        index, count = map(int, args.shard.split("/"))
+        total = sum(1 for _ in rows()[1])  # a counting pass: the input is never held in memory
+        start, stop = (index - 1) * total // count, index * total // count
+        stream = itertools.islice(stream, start, stop)
+        log.info("shard %s: input rows %d to %d of %d", args.shard, start + 1, stop, total)
+    return columns, stream
+
+
+class PredictOutput:
+    """predict's output, written chunk by chunk into a hidden partial file beside it; a progress file
+    records how many input rows are complete, so that --resume continues after the last complete
+    chunk. The finished file is renamed into place: --output only ever holds a complete result."""
+
+    def __init__(self, path, job):
+        self.path, self.job = path, job
+        self.partial = path.with_name(f".{path.name}.partial")
+        self.progress = path.with_name(f".{path.name}.progress.json")
+
+    def start(self, columns, resume, overwrite):
+        """Rows already done (0 for a fresh start)."""
+        from data import atomic_write_json, normal_permissions, read_json  # noqa: PLC0415
+        if resume:
+            if not self.progress.exists():
+                raise InputError(f"{self.path}: no interrupted predict to resume (no {self.progress.name}); "
+                                 f"run it without --resume")
+            state = read_json(self.progress, "start again with --overwrite")
+            if state.get("job") != self.job:
+                raise InputError(f"{self.progress}: the interrupted predict had other inputs or settings "
+                                 f"({state.get('job')}); start again with --overwrite")
+            with open(self.partial, "r+b") as f:  # drop a chunk that was being written
+                f.truncate(state["bytes"])
+            self.state = state
+            log.info("resuming %s after %d complete input rows", self.path, state["rows"])
+            return state["rows"]
+        if self.progress.exists() and not overwrite:
+            raise InputError(f"{self.path}: an interrupted predict left {self.progress.name}; pass --resume to "
+                             f"continue it or --overwrite to start again")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.partial, "w", newline="") as f:
+            csv.writer(f, lineterminator="\n").writerow(columns + PREDICT_COLUMNS)
+        normal_permissions(self.partial)
+        self.state = {"job": self.job, "rows": 0, "bytes": self.partial.stat().st_size,
+                      "scored": 0, "flagged": 0, "failed": 0, "fragments": 0}
+        atomic_write_json(self.progress, self.state)
+        return 0
+
+    def append(self, out, counts):
+        from data import atomic_write_json  # noqa: PLC0415
+        with open(self.partial, "a", newline="") as f:
+            csv.writer(f, lineterminator="\n").writerows(out)
+            f.flush()
+            os.fsync(f.fileno())
+        self.state = {**self.state, "rows": self.state["rows"] + len(out), "bytes": self.partial.stat().st_size,
+                      **{k: self.state[k] + v for k, v in counts.items()}}
+        atomic_write_json(self.progress, self.state)
+
+    def finish(self):
+        os.replace(self.partial, self.path)
+        self.progress.unlink()
+        return self.state
+
+
+def score_chunk(chunk, net, encoder, conf, scoring, device, threshold, source):
+    """Output rows and counts for a chunk of (fields, SMILES) input rows."""
+    from data import canonical, fragment_warning, prepare_inputs  # noqa: PLC0415
+    written, conformers, failed = prepare_inputs([s for _, s in chunk], conf)
     energy = finite_scores(score_roles(net, encoder, {"input": list(written.values())}, conformers, conf, scoring,
-                                       args.device), run_dir / "best_model.pt", "the input")["input"] if written else []
+                                       device), source, "the input")["input"] if written else []
     scores = dict(zip(written, energy))
-    out = []
-    for i, row in enumerate(rows):
+    out, counts = [], {"scored": len(scores), "flagged": 0, "failed": len(failed), "fragments": 0}
+    for i, (fields, _) in enumerate(chunk):
         if i in scores:
-            out.append(row + [canonical(written[i]), f"{scores[i]:.6f}", int(scores[i] > threshold),
-                              fragment_warning(written[i]), "", encoder.weights_id])
+            warning = fragment_warning(written[i])
+            flagged = int(scores[i] > threshold)
+            counts["flagged"] += flagged
+            counts["fragments"] += bool(warning)
+            out.append(fields + [canonical(written[i]), f"{scores[i]:.6f}", flagged, warning, "", encoder.weights_id])
         else:
-            out.append(row + ["", "", "", "", failed[i], encoder.weights_id])
-    atomic_write_csv(Path(args.output), out, columns + PREDICT_COLUMNS)
-    n_frag = sum(1 for r in out if r[-3])
-    if failed:
-        log.warning("%d of %d molecules could not be featurised (reasons in the error column)", len(failed), len(rows))
-    if n_frag:
+            out.append(fields + ["", "", "", "", failed[i], encoder.weights_id])
+    return out, counts
+
+
+def run_predict(args, given):
+    import dataclasses  # noqa: PLC0415
+    import itertools  # noqa: PLC0415
+    import distributed  # noqa: PLC0415
+    from data import file_sha256, progress  # noqa: PLC0415
+    from evaluate import weights_label  # noqa: PLC0415
+    run_dir, net, encoder, state, stored, conf, scoring = load_run(args, given)
+    team = distributed.current()
+    threshold = state["threshold_95_id_val"]
+    columns, rows = predict_rows(args)
+    source = Path(args.input).resolve() if args.input else None
+    job = {"input": str(source) if source else args.smiles, "shard": args.shard, "chunk_rows": PREDICT_CHUNK,
+           "input_bytes": source.stat().st_size if source else None, "smiles_column": args.smiles_column,
+           "model_sha256": file_sha256(run_dir / "best_model.pt" if not args.model_path else args.model_path)}
+    output = PredictOutput(Path(args.output), job)
+    done = output.start(columns, args.resume, args.overwrite) if team.leader else 0
+    done = team.gather_objects(done)[0]  # every rank skips what the leader's output already holds
+    rows = itertools.islice(rows, done, None)
+    for number in progress(itertools.count(), desc="predict chunks", unit="chunk"):
+        chunk = list(itertools.islice(rows, PREDICT_CHUNK))
+        if not chunk:
+            break
+        out, counts = score_chunk(chunk, net, encoder, conf, scoring, args.device, threshold,
+                                  run_dir / "best_model.pt")
+        conf = dataclasses.replace(conf, force=False)  # --force_recompute_cache clears the caches once
+        if team.leader:
+            output.append(out, counts)
+            if output.state["rows"] >= 10 * PREDICT_CHUNK and number % 10 == 9:
+                log.info("predict: %d input rows done", output.state["rows"])
+    if not team.leader:
+        return
+    if not output.state["rows"] and not args.shard:
+        output.partial.unlink()
+        output.progress.unlink()
+        raise InputError(f"{args.input}: no SMILES found")
+    totals = output.finish()
+    if totals["failed"]:
+        log.warning("%d of %d molecules could not be featurised (reasons in the error column)", totals["failed"],
+                    totals["rows"])
+    if totals["fragments"]:
         log.warning("%d inputs have several fragments (salts, mixtures): scored as one molecule, see the warning "
-                    "column", n_frag)
-    print(f"wrote {args.output}: {len(scores)} scored ({sum(1 for r in out if r[-4] == 1)} flagged OOD at energy > "
-          f"{threshold:.4f}, the 95th percentile of validation ID), {len(failed)} failed; encoder "
+                    "column", totals["fragments"])
+    print(f"wrote {args.output}: {totals['scored']} scored ({totals['flagged']} flagged OOD at energy > "
+          f"{threshold:.4f}, the 95th percentile of validation ID), {totals['failed']} failed; encoder "
           f"{weights_label(encoder.weights_id)}")
 
 
@@ -736,6 +864,8 @@ def run_featurize(args, given):
         log.warning("%d of %d molecules could not be featurised (listed in the .failed.csv)", len(failed), len(smiles))
     feats = frozen_features(encoder, list(written.values()), conformers, conf.cache_dir, args.encode_batch_size,
                             args.device, conf.force).astype(np.float32)
+    if not distributed.current().leader:
+        return
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp.npy")
@@ -855,6 +985,8 @@ def main(argv=None):
     if error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if distributed.launched_by_torchrun():
+        args.device = distributed.start(args.device)
     setup_logging()
     try:
         MODES[args.mode](args, given)
@@ -865,6 +997,8 @@ def main(argv=None):
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"error: {where}{exc.strerror or exc} (nothing was left half-written)", file=sys.stderr)
         return 1
+    finally:
+        distributed.stop()
     return 0
 
 

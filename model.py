@@ -472,6 +472,7 @@ class ModelSpec:
     """Everything that rebuilds a trained model; every checkpoint carries it."""
     encoder_weights: str  # "sha256:<hex>" of the base Uni-Mol checkpoint, or "random-init(seed=0)"
     hidden_dim: int = 256
+    head_dropout: float = 0.1
     loss_type: str = "dpo"
     dpo_beta: float = 0.1
     lambda_reg: float = 0.01
@@ -517,7 +518,7 @@ class EnergyDPOModel(nn.Module):
         self.spec = spec
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # the head's initial weights depend on the training seed only
-            self.head = EnergyHead(spec.in_dim, spec.hidden_dim)
+            self.head = EnergyHead(spec.in_dim, spec.hidden_dim, spec.head_dropout)
         self.encoder = encoder
         self.loss_kwargs = dict(loss_type=spec.loss_type, beta=spec.dpo_beta, lambda_reg=spec.lambda_reg,
                                 margin=spec.hinge_margin)
@@ -572,6 +573,22 @@ def load_checkpoint(path):
         raise InputError(f"{path}: not a checkpoint of this tool (no model_spec / model entries); "
                          f"it may predate self-describing checkpoints: retrain the run")
     return state
+
+
+class Subset:
+    """Some of a role's inputs (FeatureInputs, ConformerInputs, PrefixInputs), by position."""
+
+    def __init__(self, inputs, positions):
+        self.inputs, self.positions = inputs, torch.as_tensor(positions)
+
+    def __len__(self):
+        return len(self.positions)
+
+    def lengths(self):
+        return self.inputs.lengths()[self.positions.numpy()]
+
+    def batch(self, idx, device):
+        return self.inputs.batch(self.positions[idx], device)
 
 
 @torch.no_grad()

@@ -9,10 +9,12 @@ import shutil
 import time
 
 import torch
+import torch.distributed as dist
 
+import distributed
 from data import InputError, atomic_write_text, progress
 from evaluate import ood_metrics
-from model import energies, load_checkpoint, pair_diagnostics, save_checkpoint
+from model import Subset, energies, load_checkpoint, pair_diagnostics, save_checkpoint
 
 log = logging.getLogger("energy_dpo.train")
 
@@ -38,6 +40,55 @@ class TrainConfig:
     device: str = "cpu"
 
 
+class _Gather(torch.autograd.Function):
+    """All ranks' shares of n rows, joined in order, on every rank. Backward: a rank's rows get the
+    sum over ranks of the gradient each rank's loss gives them."""
+
+    @staticmethod
+    def forward(ctx, local, n):
+        team = distributed.current()
+        ctx.n = n
+        sizes = [len(range(n)[team.share(n, rank)]) for rank in range(team.size)]
+        padded = local.new_zeros((max(sizes), *local.shape[1:]))  # all_gather wants equal shapes
+        padded[:len(local)] = local
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded)
+        return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[distributed.current().share(ctx.n)], None
+
+
+def gather_rows(local, n):
+    """Differentiable: every rank's shares of n rows, in order (the rows themselves in one process)."""
+    return local if distributed.current().size == 1 else _Gather.apply(local, n)
+
+
+def team_energies(model, inputs, batch_size, device):
+    """Energies of all of `inputs`, each rank of a torchrun team scoring its share."""
+    team = distributed.current()
+    if team.size == 1:
+        return energies(model, inputs, batch_size, device)
+    mine = torch.arange(len(inputs))[team.share(len(inputs))]
+    local = energies(model, Subset(inputs, mine), batch_size, device).to(device)
+    return gather_rows(local, len(inputs)).cpu()
+
+
+class PairForward(torch.nn.Module):
+    """Energies of an ID and an OOD batch in one forward call: DistributedDataParallel expects one
+    forward per backward."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch_id, batch_ood):
+        return self.model(batch_id), self.model(batch_ood)
+
+
 def encoder_lr_factor(epoch, cfg):
     """The share of --encoder_lr used in `epoch` (1-based): linear warm-up, then constant or cosine."""
     if epoch <= cfg.warmup_epochs:
@@ -56,10 +107,21 @@ class EnergyDPOTrainer:
     loss over all pairs; the optimizer steps every `grad_accum_steps` micro-batches. Shuffling and
     dropout are seeded from (seed, epoch), so a resumed run continues exactly as the uninterrupted
     one would have.
+
+    Under torchrun (DistributedDataParallel) every rank draws the same micro-batches and encodes its
+    share of each; the energies are gathered with their gradients so that every rank's loss covers
+    all ID × OOD pairs of the step, as one process's would. Only the leader writes files.
     """
 
     def __init__(self, model, cfg, run_dir, checkpoint_extra=None):
         self.model = model.to(cfg.device)
+        self.team = distributed.current()
+        self.pairs = PairForward(self.model)
+        if self.team.size > 1:
+            # Every rank's loss is the whole step's: its gradient reaches each rank's share `size`
+            # times (the gather's backward sums over ranks), and DDP's average divides that back out.
+            self.pairs = torch.nn.parallel.DistributedDataParallel(
+                self.pairs, device_ids=[self.team.local_rank] if cfg.device.startswith("cuda") else None)
         self.cfg = cfg
         self.run_dir = run_dir
         self.device = cfg.device
@@ -116,17 +178,28 @@ class EnergyDPOTrainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
+    def _share(self, idx):
+        """This rank's part of a micro-batch's indices. A rank left without molecules (a last
+        micro-batch smaller than the team) still runs one, with no weight in the loss, because DDP
+        needs a forward and backward from every rank."""
+        mine = idx[self.team.share(len(idx))]
+        return (mine, len(mine)) if len(mine) else (idx[:1], 0)
+
+    def _step_energies(self, x_id, x_ood, i_id, i_ood):
+        (m_id, k_id), (m_ood, k_ood) = self._share(i_id), self._share(i_ood)
+        e_id, e_ood = self.pairs(x_id.batch(m_id, self.device), x_ood.batch(m_ood, self.device))
+        return gather_rows(e_id[:k_id], len(i_id)), gather_rows(e_ood[:k_ood], len(i_ood))
+
     def train_epoch(self, epoch, x_id, x_ood):
         cfg = self.cfg
-        torch.manual_seed(self._epoch_seed(epoch))
+        torch.manual_seed(self._epoch_seed(epoch) + 1_000_003 * self.team.rank)  # own dropout masks per rank
         generator = torch.Generator().manual_seed(self._epoch_seed(epoch))
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         sums, n, steps = {"train_loss": 0.0, "misranked": 0.0, "margin": 0.0, "e_id": 0.0, "e_ood": 0.0}, 0, 0
         batches = list(self._batches(len(x_id), len(x_ood), generator))
         for i_id, i_ood in progress(batches, desc=f"epoch {epoch}", leave=False):
-            e_id = self.model(x_id.batch(i_id, self.device))
-            e_ood = self.model(x_ood.batch(i_ood, self.device))
+            e_id, e_ood = self._step_energies(x_id, x_ood, i_id, i_ood)
             loss = self.model.loss(e_id, e_ood)
             if not torch.isfinite(loss):
                 raise InputError(f"non-finite training loss ({loss.item()}) at epoch {epoch}, step {n + 1}: stopped "
@@ -159,16 +232,19 @@ class EnergyDPOTrainer:
             self.history.append(row)
             if row["val_auroc"] > self.best_auroc:
                 self.best_auroc, self.best_epoch, stale = row["val_auroc"], epoch, 0
-                save_checkpoint(self.run_dir / "best_model.pt", self._checkpoint(epoch) | {"val_auroc": row["val_auroc"]})
+                if self.team.leader:
+                    save_checkpoint(self.run_dir / "best_model.pt",
+                                    self._checkpoint(epoch) | {"val_auroc": row["val_auroc"]})
             else:
                 stale += 1
             log.info("epoch %3d  loss %.4f  misranked %.3f  margin %+.3f  E(id) %+.3f  E(ood) %+.3f  "
                      "val AUROC %.4f%s", epoch, row["train_loss"], row["misranked"], row["margin"], row["e_id"],
                      row["e_ood"], row["val_auroc"], "  *" if stale == 0 else "")
-            self._write_history()
-            save_checkpoint(self.run_dir / "last.pt", self._checkpoint(epoch) | {
-                "optimizer": self.optimizer.state_dict(), "history": self.history,
-                "best_auroc": self.best_auroc, "best_epoch": self.best_epoch})
+            if self.team.leader:
+                self._write_history()
+                save_checkpoint(self.run_dir / "last.pt", self._checkpoint(epoch) | {
+                    "optimizer": self.optimizer.state_dict(), "history": self.history,
+                    "best_auroc": self.best_auroc, "best_epoch": self.best_epoch})
         if cfg.patience and stale >= cfg.patience:
             log.info("early stop: no validation improvement for %d epochs (best epoch %d)", stale, self.best_epoch)
         return self.history
@@ -180,8 +256,8 @@ class EnergyDPOTrainer:
                 f"fixed, or lower --lr / --encoder_lr and start again with --overwrite")
 
     def validate(self, v_id, v_ood, epoch):
-        e_id = energies(self.model, v_id, self.cfg.eval_batch_size, self.device)
-        e_ood = energies(self.model, v_ood, self.cfg.eval_batch_size, self.device)
+        e_id = team_energies(self.model, v_id, self.cfg.eval_batch_size, self.device)
+        e_ood = team_energies(self.model, v_ood, self.cfg.eval_batch_size, self.device)
         if not (torch.isfinite(e_id).all() and torch.isfinite(e_ood).all()):
             raise InputError(f"non-finite validation energies after epoch {epoch}. {self._resume_hint(epoch)}")
         metrics = ood_metrics(e_id.numpy(), e_ood.numpy())

@@ -32,3 +32,9 @@ def test_bench_strategies_compares_lora_with_layers():
     assert [line.split()[0] for line in lines[-3:-1]] == ["layers", "lora"]
     assert lines[-2].split()[1] == "131,072"
     assert re.fullmatch(r"ratio lora/layers training throughput: [\d.]+x", lines[-1])
+
+
+def test_bench_scaling_compares_torchrun_with_one_process():
+    lines = run_bench("bench_scaling.py", "--n", "6", "--predict_n", "3", "--predict_chunk", "2")
+    assert re.fullmatch(r"ratio 2 processes/1 featurisation throughput: [\d.]+x; predict peak RSS \d+ MB "
+                        r"\(3 molecules\) vs \d+ MB \(12\)", lines[-1])

@@ -187,8 +187,9 @@ def test_finetuned_run_scores_with_its_own_encoder(finetuned_run, random_ckpt, c
     before = json.loads((finetuned_run / "test_metrics.json").read_text())
     batch_sizes = []
     real_energies = model.energies
-    monkeypatch.setattr(model, "energies", lambda net, inputs, batch_size, device: batch_sizes.append(batch_size) or
-                        real_energies(net, inputs, batch_size, device))
+    for module in (model, train):
+        monkeypatch.setattr(module, "energies", lambda net, inputs, batch_size, device: batch_sizes.append(
+            batch_size) or real_energies(net, inputs, batch_size, device))
     assert main(["--mode", "eval", "--output_dir", str(finetuned_run), "--cache_dir", str(cache_dir)]) == 0
     assert set(batch_sizes) == {512}
     after = json.loads((finetuned_run / "test_metrics.json").read_text())

@@ -1,0 +1,109 @@
+"""Beyond one process: torchrun training (gloo on CPU) against one process, featurize / predict
+split across ranks, and predict streaming in chunks that --resume continues."""
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import main as main_module
+from conftest import ROOT
+from main import main
+
+TORCHRUN = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2"]
+MAIN = str(ROOT / "main.py")
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def torchrun(*args, timeout=300):
+    """The README's command: torchrun --standalone --nproc_per_node 2 main.py ..."""
+    proc = subprocess.run([*TORCHRUN, MAIN, *args], capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def head_state(run):
+    return torch.load(run / "last.pt", weights_only=True)["model"]["head"]
+
+
+def test_two_processes_train_like_one(base_args, tmp_path):
+    # 12 molecules per side at batch 11: the last micro-batch holds one molecule, so one rank has none
+    args = ["--mode", "train", *base_args, "--epochs", "3", "--batch_size", "11", "--head_dropout", "0"]
+    assert main([*args, "--output_dir", str(tmp_path / "one")]) == 0
+    torchrun(*args, "--output_dir", str(tmp_path / "two"))
+    one, two = tmp_path / "one", tmp_path / "two"
+    for a, b in zip(read_csv(one / "history.csv"), read_csv(two / "history.csv"), strict=True):
+        assert a["steps"] == b["steps"] == str(2 * int(a["epoch"]))
+        for key in ("train_loss", "misranked", "val_loss", "val_auroc"):
+            assert float(a[key]) == pytest.approx(float(b[key]), abs=1e-5), key
+    heads_one, heads_two = head_state(one), head_state(two)
+    assert heads_one.keys() == heads_two.keys() and heads_one
+    for key in heads_one:
+        assert torch.allclose(heads_one[key], heads_two[key], atol=1e-5), key
+    # the test energies, and one writer: the leader's log holds each epoch once
+    assert [float(r["energy"]) for r in read_csv(two / "test_scores.csv")] == pytest.approx(
+        [float(r["energy"]) for r in read_csv(one / "test_scores.csv")], abs=1e-5)
+    assert (two / "training.log").read_text().count("epoch   2 ") == 1
+    assert json.loads((two / "config.json").read_text())["torchrun_processes"] == 2
+
+
+def test_two_processes_split_featurize_and_predict(finished_run, random_ckpt, tmp_path):
+    smiles = ["c1ccccc1O", "CCO", "xx((", "CC(=O)Nc1ccc(O)cc1", "C1CCNCC1", "OC(=O)c1ccccc1", "CCN(CC)CC",
+              "c1ccncc1", "CC(C)Cc1ccc(cc1)C(C)C(O)=O"]
+    (tmp_path / "in.smi").write_text("".join(f"{s} m{i}\n" for i, s in enumerate(smiles)))
+    feat = ["--mode", "featurize", "--input", str(tmp_path / "in.smi"), "--unimol_weights", str(random_ckpt)]
+    torchrun(*feat, "--output", str(tmp_path / "two.npy"), "--cache_dir", str(tmp_path / "cache2"))
+    assert main([*feat, "--output", str(tmp_path / "one.npy"), "--cache_dir", str(tmp_path / "cache1")]) == 0
+    # each rank computed and stored its own share of the conformers and features
+    for store in ("conformers-v2", "features-*"):
+        assert len(list((tmp_path / "cache2").glob(f"{store}/shard-*"))) == 2, store
+        assert len(list((tmp_path / "cache1").glob(f"{store}/shard-*"))) == 1, store
+    assert np.abs(np.load(tmp_path / "two.npy") - np.load(tmp_path / "one.npy")).max() < 1e-5
+    assert read_csv(tmp_path / "two.rows.csv") == read_csv(tmp_path / "one.rows.csv")
+    pred = ["--mode", "predict", "--output_dir", str(finished_run), "--input", str(tmp_path / "in.smi")]
+    torchrun(*pred, "--output", str(tmp_path / "two.csv"), "--cache_dir", str(tmp_path / "cache2"))
+    assert main([*pred, "--output", str(tmp_path / "one.csv")]) == 0
+    one, two = read_csv(tmp_path / "one.csv"), read_csv(tmp_path / "two.csv")
+    assert [r["name"] for r in two] == [f"m{i}" for i in range(len(smiles))]
+    assert [{k: v for k, v in r.items() if k != "energy"} for r in two] == \
+        [{k: v for k, v in r.items() if k != "energy"} for r in one]
+    assert [float(r["energy"] or "nan") for r in two] == pytest.approx(
+        [float(r["energy"] or "nan") for r in one], abs=1e-5, nan_ok=True)
+
+
+def test_interrupted_predict_resumes_after_its_last_complete_chunk(finished_run, tmp_path, monkeypatch, capsys):
+    rows = read_csv(finished_run / "test_scores.csv")
+    (tmp_path / "in.csv").write_text("id,smiles\n" + "".join(f"m{i},{r['smiles']}\n" for i, r in enumerate(rows)))
+    args = ["--mode", "predict", "--output_dir", str(finished_run), "--input", str(tmp_path / "in.csv")]
+    monkeypatch.setattr(main_module, "PREDICT_CHUNK", 5)
+    assert main([*args, "--output", str(tmp_path / "whole.csv")]) == 0
+    real_append = main_module.PredictOutput.append
+
+    def die_in_third_chunk(self, out, counts):
+        if self.state["rows"] == 10:
+            with open(self.partial, "a") as f:
+                f.write("m10,half a row")  # the process dies while writing
+            raise KeyboardInterrupt
+        real_append(self, out, counts)
+
+    out = tmp_path / "pred.csv"
+    monkeypatch.setattr(main_module.PredictOutput, "append", die_in_third_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        main([*args, "--output", str(out)])
+    monkeypatch.setattr(main_module.PredictOutput, "append", real_append)
+    assert not out.exists()  # --output only ever holds a complete result
+    assert main([*args, "--output", str(out)]) == 1
+    assert "--resume" in capsys.readouterr().err
+    assert main([*args, "--output", str(out), "--resume"]) == 0
+    assert out.read_text() == (tmp_path / "whole.csv").read_text()
+    assert not list(tmp_path.glob(".pred.csv.*"))
+    assert main([*args, "--output", str(tmp_path / "new.csv"), "--resume"]) == 1
+    assert "no interrupted predict" in capsys.readouterr().err
