@@ -55,6 +55,7 @@ def main():
     p.add_argument("--n", type=int, default=300, help="molecules to featurise")
     p.add_argument("--predict_n", type=int, default=600, help="the smaller predict input (the larger is 4x)")
     p.add_argument("--predict_chunk", type=int, default=200, help="predict's chunk for this bench")
+    p.add_argument("--run", help="a finished run to predict with (default: a tiny frozen run trained here)")
     args = p.parse_args()
     print(machine())
     with tempfile.TemporaryDirectory() as tmp:
@@ -70,12 +71,12 @@ def main():
         two = featurize(work, weights, featurize_in, args.n, "torchrun 2 processes",
                         [TORCHRUN, "--standalone", "--nproc_per_node", "2"], 1)
 
-        # a finished (tiny) frozen run to predict with
-        run = work / "run"
-        timed([PYTHON, MAIN, "--mode", "train", "--data_file", str(ROOT / "data/demo/demo_ec50_scaffold.json"),
-               "--unimol_weights", str(weights), "--cache_dir", str(work / "cache-run"), "--epochs", "1",
-               "--train_size", "20", "--val_size", "10", "--test_size", "10", "--max_heavy_atoms", str(DRUG_SIZED),
-               "--output_dir", str(run)])
+        run = Path(args.run) if args.run else work / "run"
+        if not args.run:  # a finished (tiny) frozen run to predict with
+            timed([PYTHON, MAIN, "--mode", "train", "--data_file", str(ROOT / "data/demo/demo_ec50_scaffold.json"),
+                   "--unimol_weights", str(weights), "--cache_dir", str(work / "cache-run"), "--epochs", "1",
+                   "--train_size", "20", "--val_size", "10", "--test_size", "10", "--max_heavy_atoms",
+                   str(DRUG_SIZED), "--output_dir", str(run)])
         rss = {}
         pool = smiles[args.n:]
         for n in (args.predict_n, 4 * args.predict_n):

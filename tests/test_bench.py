@@ -34,7 +34,8 @@ def test_bench_strategies_compares_lora_with_layers():
     assert re.fullmatch(r"ratio lora/layers training throughput: [\d.]+x", lines[-1])
 
 
-def test_bench_scaling_compares_torchrun_with_one_process():
-    lines = run_bench("bench_scaling.py", "--n", "6", "--predict_n", "3", "--predict_chunk", "2")
+def test_bench_scaling_compares_torchrun_with_one_process(finished_run):
+    lines = run_bench("bench_scaling.py", "--n", "4", "--predict_n", "3", "--predict_chunk", "2", "--run",
+                      str(finished_run))
     assert re.fullmatch(r"ratio 2 processes/1 featurisation throughput: [\d.]+x; predict peak RSS \d+ MB "
                         r"\(3 molecules\) vs \d+ MB \(12\)", lines[-1])

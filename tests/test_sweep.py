@@ -2,6 +2,8 @@
 import csv
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -10,11 +12,12 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
+from main import RUNTIME_FLAGS
 
 SCRIPT = ROOT / "run_finetune_comparison.sh"
 SWEEP_VARS = ("SEEDS", "DATASETS", "DATA_FILE", "EPOCHS", "TRAIN_SIZE", "VAL_SIZE", "TEST_SIZE", "DATA_SEED",
               "OOD_VAL_SPLIT", "UNIMOL_WEIGHTS", "UNIMOL_WEIGHT_DIR", "OUTPUT_ROOT", "DEVICE", "FREEZE_LAYERS", "ENCODER_LR",
-              "EXTRA_ARGS", "PYTHON")
+              "EXTRA_ARGS", "PYTHON", "ARMS", "ENCODER_LRS", "FREEZE_SPECS", "JOB_GPUS")
 TINY = dict(SEEDS="1", EPOCHS="1", TRAIN_SIZE="8", VAL_SIZE="6", TEST_SIZE="6", DEVICE="cpu")
 
 
@@ -97,13 +100,13 @@ def caller_sweep(tmp_path_factory, small_benchmark, random_ckpt):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     configs = {arm: json.loads((cwd / "out" / "foo" / arm / "seed1" / "config.json").read_text())
                for arm in ("frozen", "finetuned")}
-    return cwd, weight_dir, spaced, configs
+    return cwd, weight_dir, spaced, configs, env
 
 
 def test_sweep_takes_main_defaults_and_resolves_paths_from_the_caller(caller_sweep):
     """No UNIMOL_WEIGHTS: main.py's default, $UNIMOL_WEIGHT_DIR/mol_pre_no_h_220816.pt; no DATASETS: the name is
     DATA_FILE's stem; relative DATA_FILE and OUTPUT_ROOT are the caller's, not the script's folder's."""
-    cwd, weight_dir, _, configs = caller_sweep
+    cwd, weight_dir, _, configs, _ = caller_sweep
     assert sorted(p.name for p in (cwd / "out").iterdir()) == ["foo"]
     assert (cwd / "out" / "foo" / "comparison_summary.json").is_file()
     for config in configs.values():
@@ -118,7 +121,7 @@ def test_sweep_takes_main_defaults_and_resolves_paths_from_the_caller(caller_swe
 
 
 def test_sweep_extra_args_survive_quoting(caller_sweep):
-    cwd, _, spaced, configs = caller_sweep
+    cwd, _, spaced, configs, _ = caller_sweep
     assert spaced.is_dir() and any(spaced.rglob("*"))
     assert not (cwd / "cache").exists() and not (cwd / "dir").exists()
     for config in configs.values():
@@ -133,15 +136,23 @@ def test_sweep_rejects_unbalanced_extra_args_quotes(tmp_path, small_benchmark):
 
 
 def test_sweep_arms_strategies_custom_arms_and_expansions(tmp_path, small_benchmark, random_ckpt, cache_dir):
+    """Run with --jobs 2 (its three runs two at a time): the results must not depend on it."""
     env = sweep_env(**TINY, DATASETS="tiny", DATA_FILE=str(small_benchmark), UNIMOL_WEIGHTS=str(random_ckpt),
                     OUTPUT_ROOT=str(tmp_path / "sweep"), ARMS="frozen mine", ENCODER_LRS="1e-4 1e-3",
                     ARM_mine="--finetune_encoder --finetune_strategy ffn --freeze_layers 0-13",
                     EXTRA_ARGS=f"--cache_dir {cache_dir} --num_workers 1")
-    proc = run_sweep(env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_sweep(env, "--jobs", "2")
     root = tmp_path / "sweep" / "tiny"
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + "".join(
+        log.read_text()[-2000:] for log in root.glob("*/seed1/sweep_console.log"))
     arms = ["frozen", "mine_lr1e-4", "mine_lr1e-3"]
     assert sorted(p.name for p in root.iterdir() if p.is_dir()) == sorted(arms)
+    # --jobs 2: a line when each run starts and ends, its output in RUN/sweep_console.log, the summary last
+    for arm in arms:
+        assert f"== tiny {arm} seed 1 -> " in proc.stdout and f"== tiny {arm} seed 1: finished in " in proc.stdout
+        assert "roles:" in (root / arm / "seed1" / "sweep_console.log").read_text()
+    assert proc.stdout.index("== tiny: all runs finished; writing the summary") > max(
+        proc.stdout.index(f"== tiny {arm} seed 1: finished in ") for arm in arms)
     summary = json.loads((root / "comparison_summary.json").read_text())
     assert list(summary["arms"]) == ["frozen", "mine_lr1e-3", "mine_lr1e-4"]
     assert summary["arms"]["mine_lr1e-4"]["encoder_trainable_params"] == 2_100_736 + 1024  # layer 14's FFN + final norm
@@ -154,3 +165,141 @@ def test_sweep_arms_strategies_custom_arms_and_expansions(tmp_path, small_benchm
     assert bad.returncode == 2 and "ARMS must include frozen" in bad.stderr
     bad = run_sweep(dict(env, ARMS="frozen lora nosuch"), timeout=60)
     assert bad.returncode == 2 and "unknown arm 'nosuch'" in bad.stderr
+
+
+def words_of(line):
+    return shlex.split(line)
+
+
+def flag(words, name):
+    return words[words.index(name) + 1]
+
+
+def test_sweep_prints_one_line_per_run_then_the_summaries(tmp_path, small_benchmark):
+    """Datasets, seeds, arms in the sweep's order, then the compare line; --force prints --overwrite, --demo
+    its defaults; nothing is created and the progress notes go to stderr."""
+    env = sweep_env(SEEDS="1 2 3", DATASETS="tiny", DATA_FILE=str(small_benchmark), OUTPUT_ROOT="out",
+                    ARMS="frozen finetuned lora", ENCODER_LRS="1e-5 1e-4", UNIMOL_WEIGHTS="random")
+    proc = run_sweep(env, "--print-commands", "--print-compare-commands", cwd=tmp_path, timeout=60)
+    assert proc.returncode == 0 and not proc.stderr, proc.stderr
+    lines = [words_of(line) for line in proc.stdout.splitlines()]
+    arms = ["frozen", "finetuned_lr1e-5", "finetuned_lr1e-4", "lora_lr1e-5", "lora_lr1e-4"]
+    assert len(lines) == 3 * len(arms) + 1
+    for words in lines:
+        assert words[:5] == ["cd", "--", str(tmp_path), "&&", sys.executable] and words[5] == str(ROOT / "main.py")
+    assert [flag(w, "--output_dir") for w in lines[:-1]] == [f"out/tiny/{a}/seed{s}" for s in (1, 2, 3) for a in arms]
+    assert all("--auto_resume" in w and "--overwrite" not in w and flag(w, "--data_file") == str(small_benchmark)
+               for w in lines[:-1])
+    assert lines[-1][6:] == ["--mode", "compare", "--output_dir", "out/tiny"]
+    forced = run_sweep(env, "--force", "--print-commands", cwd=tmp_path, timeout=60)
+    assert forced.returncode == 0 and len(forced.stdout.splitlines()) == 3 * len(arms)
+    assert all("--overwrite" in words_of(line) and "--auto_resume" not in line for line in forced.stdout.splitlines())
+    demo = run_sweep(sweep_env(), "--demo", "--print-commands", cwd=tmp_path, timeout=60)
+    assert demo.returncode == 0 and demo.stderr.startswith("== demo: ")
+    demo_lines = [words_of(line) for line in demo.stdout.splitlines()]
+    assert len(demo_lines) == 3 * 2 and all(flag(w, "--epochs") == "5" and flag(w, "--train_size") == "200"
+                                            and flag(w, "--unimol_weights") for w in demo_lines)
+    assert flag(demo_lines[-1], "--output_dir") == "./outputs/finetune_comparison_demo/demo_ec50_scaffold/finetuned/seed44"
+    assert not any(tmp_path.iterdir())
+
+
+def test_sweep_printed_commands_run_anywhere_and_rerun_safely(caller_sweep, tmp_path):
+    """caller_sweep's runs printed (creating nothing), then run as the README says, with xargs -P 2 from
+    another folder in a shell without the sweep's settings (no UNIMOL_WEIGHT_DIR): the same folders,
+    settings and numbers as the sweep's own. A line run again, as a requeued SLURM array task runs it,
+    exits 0 and leaves the finished run untouched."""
+    cwd, _, spaced, _, env = caller_sweep
+    env = dict(env, OUTPUT_ROOT="printed")
+    before = sorted(cwd.rglob("*"))
+    runs = run_sweep(env, "--print-commands", cwd=cwd, timeout=60)
+    compare = run_sweep(env, "--print-compare-commands", cwd=cwd, timeout=60)
+    assert runs.returncode == 0 and compare.returncode == 0, runs.stderr + compare.stderr
+    assert sorted(cwd.rglob("*")) == before
+    assert len(runs.stdout.splitlines()) == 2 and len(compare.stdout.splitlines()) == 1
+    assert all(flag(words_of(line), "--cache_dir") == str(spaced) for line in runs.stdout.splitlines())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "runs.txt").write_text(runs.stdout)
+    (elsewhere / "compare.txt").write_text(compare.stdout)
+    bare = sweep_env()
+    proc = subprocess.run(["bash", "-c", r"xargs -d '\n' -n 1 -P 2 bash -c < runs.txt && bash compare.txt"],
+                          cwd=elsewhere, env=bare, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    ours, theirs = cwd / "printed" / "foo", cwd / "out" / "foo"
+    files = sorted(str(p.relative_to(ours)) for p in ours.rglob("*"))
+    assert files == sorted(str(p.relative_to(theirs)) for p in theirs.rglob("*"))
+    assert "comparison_summary.json" in files and sorted(os.listdir(elsewhere)) == ["compare.txt", "runs.txt"]
+    for arm in ("frozen", "finetuned"):
+        config, reference = (json.loads((root / arm / "seed1" / "config.json").read_text())["args"]
+                             for root in (ours, theirs))
+        assert config["auto_resume"] and not reference["overwrite"]
+        assert {k: v for k, v in config.items() if k not in RUNTIME_FLAGS} == \
+            {k: v for k, v in reference.items() if k not in RUNTIME_FLAGS}
+        metrics, reference = (json.loads((root / arm / "seed1" / "test_metrics.json").read_text())
+                              for root in (ours, theirs))
+        for name in ("auroc", "aupr", "fpr95", "auroc_size_matched", "val_auroc"):
+            assert metrics[name] == pytest.approx(reference[name], abs=1e-6), name
+    run = ours / "frozen" / "seed1"
+    stamps = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    again = subprocess.run(["bash", "-c", 'sed -n "${SLURM_ARRAY_TASK_ID}p" runs.txt | bash'], cwd=elsewhere,
+                           env=dict(bare, SLURM_ARRAY_TASK_ID="1"), capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "frozen/seed1" in again.stdout + again.stderr
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == stamps
+
+
+def test_sweep_jobs_stop_at_a_failed_run_and_give_each_slot_its_gpu(tmp_path, small_benchmark):
+    """--jobs 2 with JOB_GPUS="7 9": slot 0's run sees CUDA_VISIBLE_DEVICES=7, slot 1's 9. A failed run (main.py
+    refusing a flag) stops the launching: the running one is waited for, the failure named, exit 1, no summary.
+    The interpreter is a wrapper that records each call; for frozen seed 1 it stands in for main.py and ends
+    only after the failed run has, so that it is still running when the failure is seen."""
+    out = tmp_path / "sweep"
+    calls = tmp_path / "calls.log"
+    python = tmp_path / "python"
+    python.write_text(f"""#!/bin/sh
+echo "${{CUDA_VISIBLE_DEVICES-unset}} $*" >> "{calls}"
+case "$*" in *"/frozen/seed1 "*)
+  for i in $(seq 600); do grep -q no_such_flag "{out}/tiny/bad/seed1/sweep_console.log" 2>/dev/null && break; sleep 0.1; done
+  sleep 1; echo "stand-in run"; exit 0 ;;
+esac
+exec "{sys.executable}" "$@"
+""")
+    python.chmod(0o755)
+    env = dict(sweep_env(**dict(TINY, SEEDS="1 2"), DATASETS="tiny", DATA_FILE=str(small_benchmark),
+                         OUTPUT_ROOT=str(out), ARMS="frozen bad", ARM_bad="--no_such_flag", JOB_GPUS="7 9"),
+               PYTHON=str(python))
+    proc = run_sweep(env, "--jobs", "2", timeout=120)
+    root = out / "tiny"
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "run failed (exit 2): tiny bad seed 1" in proc.stderr
+    assert "no_such_flag" in (root / "bad" / "seed1" / "sweep_console.log").read_text()
+    assert "a run failed: launching no more; waiting for the 1 running run(s)" in proc.stderr
+    assert "== tiny frozen seed 1: finished in " in proc.stdout
+    assert "stand-in run" in (root / "frozen" / "seed1" / "sweep_console.log").read_text()
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: sweep stopped; failed: tiny bad seed 1 (")
+    assert sorted(str(p.relative_to(root)) for p in root.iterdir()) == ["bad", "frozen"]
+    assert sorted(str(p.relative_to(root)) for p in root.glob("*/*")) == ["bad/seed1", "frozen/seed1"]
+    trained = dict(re.match(r"(\S+) .*--output_dir \S+/(\w+/seed\d)", line).group(2, 1)
+                   for line in calls.read_text().splitlines() if "--mode train" in line)
+    assert trained == {"frozen/seed1": "7", "bad/seed1": "9"}
+
+
+@pytest.mark.parametrize("args, settings, message", [
+    (["--jobs", "0"], {}, "--jobs takes the number of runs at once, 1 or more, not '0'"),
+    (["--jobs=two"], {}, "not 'two'"),
+    (["--jobs"], {}, "--jobs needs the number of runs at once"),
+    (["--print-commands", "--jobs", "2"], {}, "--jobs runs the sweep on this machine"),
+    (["--print-compare-commands"], {"JOB_GPUS": "0 1"}, "JOB_GPUS assigns GPUs to --jobs slots"),
+    (["--jobs", "2"], {"JOB_GPUS": " "}, "JOB_GPUS names no GPU"),
+    (["--print-commands"], {"PYTHON": "no-such-python"}, "PYTHON: 'no-such-python' is not an executable"),
+    (["--jobs", "2"], {"SEEDS": "1 2 1"}, "SEEDS gives seed 1 twice"),
+    (["--print-commands"], {"ENCODER_LRS": "1e-5 1e-5"}, "ARMS gives arm finetuned_lr1e-5 twice"),
+    (["--jobs", "2"], {"EXTRA_ARGS": "--force_recompute_cache"}, "would delete caches other runs are reading"),
+], ids=["jobs-0", "jobs-word", "jobs-no-value", "print-with-jobs", "print-with-job-gpus", "blank-job-gpus",
+        "print-no-python", "seed-twice", "arm-twice", "force-cache-with-jobs"])
+def test_sweep_rejects_bad_jobs_and_print_settings(tmp_path, small_benchmark, args, settings, message):
+    """One-line errors, exit 2, nothing created; a seed or arm given twice would be one run folder twice."""
+    env = dict(sweep_env(DATA_FILE=str(small_benchmark), OUTPUT_ROOT=str(tmp_path / "out")), **settings)
+    proc = run_sweep(env, *args, cwd=tmp_path, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and message in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1 and not proc.stdout and not any(tmp_path.iterdir())
