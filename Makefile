@@ -21,7 +21,7 @@ test: install
 
 # Speed and memory figures (minutes on 2 CPU cores); see README "Performance".
 bench: install
-	cd bench && ../$(PY) bench_featurize.py && ../$(PY) bench_finetune.py && ../$(PY) bench_strategies.py && ../$(PY) bench_sweep.py
+	cd bench && ../$(PY) bench_featurize.py && ../$(PY) bench_finetune.py && ../$(PY) bench_strategies.py && ../$(PY) bench_sweep.py && ../$(PY) bench_scaling.py
 
 clean:
 	rm -rf outputs cache .pytest_cache
