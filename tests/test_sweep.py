@@ -37,7 +37,7 @@ def test_sweep_script_writes_a_well_formed_summary(tmp_path, small_benchmark, ra
                     TRAIN_SIZE="8", VAL_SIZE="6", TEST_SIZE="6", UNIMOL_WEIGHTS=str(random_ckpt),
                     OUTPUT_ROOT=str(tmp_path / "sweep"), DEVICE="cpu",
                     EXTRA_ARGS=f"--cache_dir {cache_dir} --num_workers 1")
-    proc = run_sweep(env)
+    proc = run_sweep(env, "--jobs", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     root = tmp_path / "sweep" / "tiny"
     text = (root / "comparison_summary.txt").read_text()
