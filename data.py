@@ -141,7 +141,7 @@ def atomic_write_json(path, obj):
 
 # ----------------------------------------------------------------------------- molecules
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=None)  # streaming callers empty it per chunk: forget_parsed()
 def canonicalize(smiles):
     """Canonical SMILES, or (None, reason) for molecules the encoder cannot take."""
     if not smiles.strip():
@@ -308,17 +308,20 @@ def _read_shard(shard):
 
 def store_get(directory, keys):
     """{key: {field: array}} for the wanted keys present in the store. A corrupt shard is deleted
-    with a warning, so that its entries are recomputed."""
+    with a warning, so that its entries are recomputed (another process may be deleting it too).
+    Only shards holding a wanted key are loaded and checked."""
     wanted, found = set(keys), {}
     for shard in sorted(Path(directory).glob("shard-*")):
         try:
+            if wanted.isdisjoint(np.load(shard / "keys.npy", allow_pickle=False).tolist()):
+                continue
             shard_keys, arrays, offsets = _read_shard(shard)
         except (OSError, ValueError, KeyError, EOFError, json.JSONDecodeError) as exc:
             log.warning("corrupt cache shard %s (%s): deleting it; its entries will be recomputed", shard, exc)
             if shard.is_dir():
-                shutil.rmtree(shard)
+                shutil.rmtree(shard, ignore_errors=True)
             else:
-                shard.unlink()
+                shard.unlink(missing_ok=True)
             continue
         for i, key in enumerate(shard_keys.tolist()):
             if key in wanted:
@@ -359,19 +362,47 @@ def cached_entries(keys, directory, meta, compute, force=False):
         directory = open_store(directory, meta)
     found = store_get(directory, keys)
     missing = [k for k in dict.fromkeys(keys) if k not in found]
+    if team.size > 1:
+        # The leader's view decides (another job sharing the cache may add shards while the ranks
+        # look), so that every rank takes the same steps; what the leader found is in the store.
+        missing = team.gather_objects(missing)[0]
+        absent = set(missing)
+        lacking = [k for k in dict.fromkeys(keys) if k not in found and k not in absent]
+        found.update(store_get(directory, lacking))
     if not missing:
         return found, {}
-    team.barrier()  # every rank has listed what is missing before any rank adds to the store
     mine = missing[team.share(len(missing))]
-    new, failures = compute(mine) if mine else ({}, {})
-    if new:
-        store_put(directory, new)
+    try:
+        new, failures = compute(mine) if mine else ({}, {})
+        if new:
+            store_put(directory, new)
+        trouble = None
+    except Exception as exc:
+        if team.size == 1:
+            raise
+        trouble = exc
     if team.size > 1:
-        team.barrier()
+        # every rank stops on one rank's error, with that error, rather than waiting for it forever
+        troubles = team.gather_objects(None if trouble is None else str(trouble) or type(trouble).__name__)
+        if trouble is not None:
+            raise trouble
+        rank, words = next(((r, t) for r, t in enumerate(troubles) if t is not None), (None, None))
+        if words is not None:
+            raise InputError(f"torchrun rank {rank} stopped: {words}")
         failures = {k: v for part in team.gather_objects(failures) for k, v in part.items()}
         new = store_get(directory, missing)
+        lost = [k for k in missing if k not in new and k not in failures]
+        if lost:
+            raise InputError(f"{directory}: {len(lost)} entries written by this torchrun team are gone (e.g. "
+                             f"{lost[0]}): is another job clearing this cache? Run again")
     found.update(new)
     return found, failures
+
+
+def forget_parsed():
+    """Empty the parsed-molecule cache: a caller streaming millions of molecules calls it per chunk,
+    so that memory does not grow with the input."""
+    canonicalize.cache_clear()
 
 
 def conformer_store_dir(cache_dir):

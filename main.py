@@ -353,15 +353,16 @@ def prefix_inputs(encoder, smiles, conformers, cache_dir, batch_size=64, device=
     return PrefixInputs([entries[s] for s in smiles], encoder.unimol.args.encoder_attention_heads)
 
 
-def model_inputs(encoder, roles, conformers, cache_dir, batch_size=64, device="cpu", force=False):
+def model_inputs(encoder, roles, conformers, cache_dir, batch_size=64, device="cpu", force=False, cache_prefix=True):
     """Per role, what the model consumes: frozen features (one cached encoder pass for all roles);
-    when fine-tuning, the cached output of the frozen prefix, or conformers when layer 0 trains."""
+    when fine-tuning, the cached output of the frozen prefix, or conformers when layer 0 trains or
+    `cache_prefix` is off (molecules scored once: prefix states take ~160 KB per molecule on disk)."""
     from model import ConformerInputs, FeatureInputs, FinetunableUniMolEncoder, PrefixInputs  # noqa: PLC0415
     everything = [s for mols in roles.values() for s in mols]
     if not isinstance(encoder, FinetunableUniMolEncoder):
         rows = frozen_features(encoder, everything, conformers, cache_dir, batch_size, device, force)
         make = lambda part: FeatureInputs(rows[part])  # noqa: E731
-    elif encoder.frozen_prefix:
+    elif encoder.frozen_prefix and cache_prefix:
         cached = prefix_inputs(encoder, everything, conformers, cache_dir, batch_size, device, force)
         make = lambda part: PrefixInputs(cached.entries[part], cached.heads)  # noqa: E731
     else:
@@ -400,8 +401,9 @@ def check_resumable(run_dir, config):
     if not isinstance(stored, dict) or not isinstance(stored.get("args"), dict) or "encoder_weights" not in stored:
         raise InputError(f"{run_dir / 'config.json'}: incomplete (no args / encoder_weights); the run cannot be "
                          f"resumed: start it again with --overwrite")
+    defaults = vars(build_parser().parse_args([]))  # a flag newer than the run had its default then
     changed = sorted(k for k in set(stored["args"]) | set(config["args"])
-                     if k not in RUNTIME_FLAGS and stored["args"].get(k) != config["args"].get(k))
+                     if k not in RUNTIME_FLAGS and stored["args"].get(k, defaults.get(k)) != config["args"].get(k))
     if changed or stored["encoder_weights"] != config["encoder_weights"]:
         raise InputError(f"{run_dir}: cannot resume with different settings: "
                          f"{', '.join(changed) or 'encoder weights'}; rerun with the original flags")
@@ -504,7 +506,8 @@ def run_train(args):
     if args.auto_resume:
         state = run_state(run_dir)
         if state == "finished":
-            print(f"{run_dir}: finished (test_metrics.json exists); nothing to do")
+            if team.leader:
+                print(f"{run_dir}: finished (test_metrics.json exists); nothing to do")
             return
         args.resume, args.overwrite = state == "interrupted", state == "started"
     check_run_dir(run_dir, args.overwrite, args.resume)
@@ -619,9 +622,10 @@ def load_run(args, given):
     return ckpt.parent, net, encoder, state, stored, conformer_settings(args, stored, given), scoring
 
 
-def score_roles(net, encoder, roles, conformers, conf, scoring, device):
+def score_roles(net, encoder, roles, conformers, conf, scoring, device, cache_prefix=True):
     from train import team_energies  # noqa: PLC0415
-    inputs = model_inputs(encoder, roles, conformers, conf.cache_dir, scoring["encode_batch_size"], device, conf.force)
+    inputs = model_inputs(encoder, roles, conformers, conf.cache_dir, scoring["encode_batch_size"], device, conf.force,
+                          cache_prefix)
     return {r: team_energies(net, inputs[r], scoring["eval_batch_size"], device).numpy() for r in roles}
 
 
@@ -740,25 +744,35 @@ class PredictOutput:
         self.partial = path.with_name(f".{path.name}.partial")
         self.progress = path.with_name(f".{path.name}.progress.json")
 
-    def start(self, columns, resume, overwrite):
-        """Rows already done (0 for a fresh start)."""
-        from data import atomic_write_json, normal_permissions, read_json  # noqa: PLC0415
-        if resume:
-            if not self.progress.exists():
-                raise InputError(f"{self.path}: no interrupted predict to resume (no {self.progress.name}); "
-                                 f"run it without --resume")
-            state = read_json(self.progress, "start again with --overwrite")
-            if state.get("job") != self.job:
-                raise InputError(f"{self.progress}: the interrupted predict had other inputs or settings "
-                                 f"({state.get('job')}); start again with --overwrite")
+    def check(self, resume, overwrite):
+        """Rows already done (0 for a fresh start); reads only (every rank of a team calls it)."""
+        from data import read_json  # noqa: PLC0415
+        if not resume:
+            if self.progress.exists() and not overwrite:
+                raise InputError(f"{self.path}: an interrupted predict left {self.progress.name}; pass --resume to "
+                                 f"continue it or --overwrite to start again")
+            return 0
+        if not self.progress.exists():
+            raise InputError(f"{self.path}: no interrupted predict to resume (no {self.progress.name}); "
+                             f"run it without --resume")
+        state = read_json(self.progress, "start again with --overwrite")
+        if not isinstance(state, dict) or state.get("job") != self.job:
+            raise InputError(f"{self.progress}: the interrupted predict had other inputs or settings "
+                             f"({state.get('job') if isinstance(state, dict) else state}); start again with --overwrite")
+        if not self.partial.exists() or self.partial.stat().st_size < state["bytes"]:
+            raise InputError(f"{self.partial}: missing or shorter than its progress file says; start again with "
+                             f"--overwrite")
+        self.state = state
+        return state["rows"]
+
+    def start(self, columns, done):
+        """Resume after `done` rows, or create the partial file (the leader only)."""
+        from data import atomic_write_json, normal_permissions  # noqa: PLC0415
+        if done:
             with open(self.partial, "r+b") as f:  # drop a chunk that was being written
-                f.truncate(state["bytes"])
-            self.state = state
-            log.info("resuming %s after %d complete input rows", self.path, state["rows"])
-            return state["rows"]
-        if self.progress.exists() and not overwrite:
-            raise InputError(f"{self.path}: an interrupted predict left {self.progress.name}; pass --resume to "
-                             f"continue it or --overwrite to start again")
+                f.truncate(self.state["bytes"])
+            log.info("resuming %s after %d complete input rows", self.path, done)
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.partial, "w", newline="") as f:
             csv.writer(f, lineterminator="\n").writerow(columns + PREDICT_COLUMNS)
@@ -766,7 +780,6 @@ class PredictOutput:
         self.state = {"job": self.job, "rows": 0, "bytes": self.partial.stat().st_size,
                       "scored": 0, "flagged": 0, "failed": 0, "fragments": 0}
         atomic_write_json(self.progress, self.state)
-        return 0
 
     def append(self, out, counts):
         from data import atomic_write_json  # noqa: PLC0415
@@ -786,10 +799,10 @@ class PredictOutput:
 
 def score_chunk(chunk, net, encoder, conf, scoring, device, threshold, source):
     """Output rows and counts for a chunk of (fields, SMILES) input rows."""
-    from data import canonical, fragment_warning, prepare_inputs  # noqa: PLC0415
+    from data import canonical, forget_parsed, fragment_warning, prepare_inputs  # noqa: PLC0415
     written, conformers, failed = prepare_inputs([s for _, s in chunk], conf)
     energy = finite_scores(score_roles(net, encoder, {"input": list(written.values())}, conformers, conf, scoring,
-                                       device), source, "the input")["input"] if written else []
+                                       device, cache_prefix=False), source, "the input")["input"] if written else []
     scores = dict(zip(written, energy))
     out, counts = [], {"scored": len(scores), "flagged": 0, "failed": len(failed), "fragments": 0}
     for i, (fields, _) in enumerate(chunk):
@@ -801,6 +814,7 @@ def score_chunk(chunk, net, encoder, conf, scoring, device, threshold, source):
             out.append(fields + [canonical(written[i]), f"{scores[i]:.6f}", flagged, warning, "", encoder.weights_id])
         else:
             out.append(fields + ["", "", "", "", failed[i], encoder.weights_id])
+    forget_parsed()
     return out, counts
 
 
@@ -817,10 +831,14 @@ def run_predict(args, given):
     source = Path(args.input).resolve() if args.input else None
     job = {"input": str(source) if source else args.smiles, "shard": args.shard, "chunk_rows": PREDICT_CHUNK,
            "input_bytes": source.stat().st_size if source else None, "smiles_column": args.smiles_column,
+           "input_mtime_ns": source.stat().st_mtime_ns if source else None,
+           "max_heavy_atoms": conf.max_heavy_atoms, "conformer_timeout": conf.timeout_s,
            "model_sha256": file_sha256(run_dir / "best_model.pt" if not args.model_path else args.model_path)}
     output = PredictOutput(Path(args.output), job)
-    done = output.start(columns, args.resume, args.overwrite) if team.leader else 0
-    done = team.gather_objects(done)[0]  # every rank skips what the leader's output already holds
+    done = output.check(args.resume, args.overwrite)  # every rank: the same answer, or the same error
+    team.barrier()
+    if team.leader:
+        output.start(columns, done)
     rows = itertools.islice(rows, done, None)
     for number in progress(itertools.count(), desc="predict chunks", unit="chunk"):
         chunk = list(itertools.islice(rows, PREDICT_CHUNK))
@@ -991,7 +1009,8 @@ def main(argv=None):
     try:
         MODES[args.mode](args, given)
     except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if distributed.current().leader:  # a torchrun team stops together; one of them says why
+            print(f"error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:  # a full disk, a read-only folder, a path that is a file...: one line, no traceback
         where = f"{exc.filename}: " if exc.filename else ""

@@ -2,6 +2,7 @@
 split across ranks, and predict streaming in chunks that --resume continues."""
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import data
 import main as main_module
 from conftest import ROOT
 from main import main
@@ -104,6 +106,21 @@ def test_interrupted_predict_resumes_after_its_last_complete_chunk(finished_run,
     assert "--resume" in capsys.readouterr().err
     assert main([*args, "--output", str(out), "--resume"]) == 0
     assert out.read_text() == (tmp_path / "whole.csv").read_text()
+    assert data.canonicalize.cache_info().currsize == 0  # each chunk's parsed molecules are let go
     assert not list(tmp_path.glob(".pred.csv.*"))
     assert main([*args, "--output", str(tmp_path / "new.csv"), "--resume"]) == 1
     assert "no interrupted predict" in capsys.readouterr().err
+
+
+def test_a_run_from_before_a_new_flag_still_resumes(finished_run, base_args, tmp_path):
+    """config.json of a run started before --head_dropout existed: the flag had its default then."""
+    run = tmp_path / "old"
+    shutil.copytree(finished_run, run)
+    (run / "test_metrics.json").unlink()  # interrupted after its last epoch
+    config = json.loads((run / "config.json").read_text())
+    del config["args"]["head_dropout"]
+    (run / "config.json").write_text(json.dumps(config))
+    assert main(["--mode", "train", *base_args, "--output_dir", str(run), "--auto_resume", "--head_dropout",
+                 "0.2"]) == 1  # not the default it had
+    assert main(["--mode", "train", *base_args, "--output_dir", str(run), "--auto_resume"]) == 0
+    assert (run / "test_metrics.json").exists()
