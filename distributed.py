@@ -68,7 +68,6 @@ def start(device):
     if device.startswith("cuda"):
         device = f"cuda:{team.local_rank}"
         torch.cuda.set_device(device)
-    if device.startswith("cuda"):
         dist.init_process_group("nccl", timeout=COLLECTIVE_TIMEOUT, device_id=torch.device(device))
     else:
         dist.init_process_group("gloo", timeout=COLLECTIVE_TIMEOUT)

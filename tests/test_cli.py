@@ -274,6 +274,7 @@ def test_featurize_writes_rows_in_input_order(tmp_path, random_ckpt, cache_dir):
     (["--device", "cuda"], "CUDA is not available"),
     (["--resume", "--overwrite"], "contradict"),
     (["--auto_resume", "--resume"], "contradict"),
+    (["--head_dropout", "1"], "--head_dropout must be in [0, 1)"),
     (["--lr", "nan"], "--lr must be a finite number"),
     (["--dpo_beta", "inf"], "--dpo_beta must be a finite number"),
     (["--data_seed", "-1"], "--data_seed cannot be negative"),

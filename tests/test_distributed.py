@@ -110,6 +110,26 @@ def test_interrupted_predict_resumes_after_its_last_complete_chunk(finished_run,
     assert not list(tmp_path.glob(".pred.csv.*"))
     assert main([*args, "--output", str(tmp_path / "new.csv"), "--resume"]) == 1
     assert "no interrupted predict" in capsys.readouterr().err
+    # an interrupted predict of an input changed since is not continued, and is kept as it was
+    with pytest.raises(KeyboardInterrupt):
+        monkeypatch.setattr(main_module.PredictOutput, "append", die_in_third_chunk)
+        main([*args, "--output", str(tmp_path / "again.csv")])
+    monkeypatch.setattr(main_module.PredictOutput, "append", real_append)
+    partial = (tmp_path / ".again.csv.partial").read_bytes()
+    with open(tmp_path / "in.csv", "a") as f:
+        f.write("m99,CCO\n")
+    assert main([*args, "--output", str(tmp_path / "again.csv"), "--resume"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "other inputs or settings" in err and len(err.splitlines()) == 1
+    assert (tmp_path / ".again.csv.partial").read_bytes() == partial
+
+
+@pytest.mark.parametrize("mode", ["eval", "compare"])
+def test_modes_of_one_process_refuse_torchrun(mode, monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["--mode", mode, "--output_dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "runs in one process" in err and len(err.splitlines()) == 1
 
 
 def test_a_run_from_before_a_new_flag_still_resumes(finished_run, base_args, tmp_path):
