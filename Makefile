@@ -2,7 +2,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-fast docs bench clean
 
 install: $(VENV)/.installed
 
@@ -16,10 +16,19 @@ $(VENV)/.installed: requirements.txt
 demo: install
 	PYTHON=$(PY) ./run_finetune_comparison.sh --demo
 
+# Everything, in two worker processes; test-fast: the quick tier for day-to-day work (no tests
+# marked slow: torchrun, the sweep script, the bench smoke tests, whole fine-tuned runs).
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup tests
 
-# Speed and memory figures (minutes on 2 CPU cores); see README "Performance".
+test-fast: install
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow" tests
+
+# docs/cli.md's flag table, from the parser (a test checks that it is current)
+docs: install
+	$(PY) -c "import main; main.write_flag_table('docs/cli.md')"
+
+# Speed and memory figures (minutes on 2 CPU cores); see docs/performance.md.
 bench: install
 	cd bench && ../$(PY) bench_featurize.py && ../$(PY) bench_finetune.py && ../$(PY) bench_strategies.py && ../$(PY) bench_sweep.py && ../$(PY) bench_scaling.py
 

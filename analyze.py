@@ -1,11 +1,12 @@
 """What fine-tuning changes: per-molecule rank shifts, feature drift (linear CKA, PCA) and weight
-change per layer. Arrays in, tables and pictures out; main.py gathers the runs and the features."""
+change per layer. Arrays in, tables and pictures out; pipeline.py gathers the runs and the features."""
 import numpy as np
 from rdkit import Chem
 from rdkit.Chem import Draw
+from sklearn.decomposition import PCA
 
-from data import atomic_write_csv, atomic_write_json
 from evaluate import pyplot, save_figure
+from utils import atomic_write_csv, atomic_write_json
 
 
 def energy_ranks(energies):
@@ -89,7 +90,6 @@ def _layer_of(name):
 def plot_feature_drift(path, frozen, tuned, is_ood, cka, weight_change, title):
     """PCA of the test features (fitted on the frozen ones), frozen beside each fine-tuned arm, and
     the relative weight change of each trained layer."""
-    from sklearn.decomposition import PCA  # noqa: PLC0415
     pca = PCA(n_components=2).fit(frozen)
     panels = {"frozen": frozen, **tuned}
     fig, axes = pyplot().subplots(1, len(panels) + 1, figsize=(4.2 * (len(panels) + 1), 4), squeeze=False)

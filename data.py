@@ -1,36 +1,31 @@
-"""DrugOOD loading, ID/OOD roles, Uni-Mol conformers and the on-disk caches.
+"""DrugOOD loading, ID/OOD roles, data reports, Uni-Mol conformers and molecule tables.
 
 Everything here is chemistry and bookkeeping; nothing imports torch or unimol_tools, so conformer
 worker processes stay light. The Uni-Mol dictionary is only read for its set of element symbols.
 """
 import csv
-import dataclasses
 import functools
 import gzip
 import hashlib
 import importlib.util
-import io
 import json
 import logging
+import math
 import multiprocessing
 import re
-import os
-import math
-import shutil
-import socket
 import sys
-import tempfile
 import time
-import uuid
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 from rdkit import Chem, RDLogger
 from rdkit.Chem import AllChem, rdDistGeom
-from tqdm import tqdm
 
 import distributed
+from settings import ConformerSettings, DataSpec
+from store import cached_entries
+from utils import InputError, file_sha256, progress
 
 RDLogger.DisableLog("rdApp.*")
 log = logging.getLogger("energy_dpo.data")
@@ -42,32 +37,6 @@ CONFORMER_SEED = 42  # the seed unimol_tools embeds with; the pretrained weights
 # Bump when anything that changes model inputs changes (conformer recipe, crop, centring, cache keys).
 # 2: conformers are made from the SMILES as written (as unimol_tools does), not the canonical form.
 PREPROCESS_VERSION = 2
-# Guards against molecules that would exhaust the machine during 3D embedding (a 10,000-character
-# SMILES grew to 24 GB; a 300-carbon chain takes minutes). Every shipped demo molecule (at most 316
-# heavy atoms, 25 s to embed on one core) passes both.
-MAX_HEAVY_ATOMS = 350
-EMBED_TIMEOUT_S = 120
-
-
-@dataclasses.dataclass(frozen=True)
-class ConformerSettings:
-    """Where conformers are cached, how they are made, and which molecules are too big to try."""
-    cache_dir: str = "./cache"
-    num_workers: int = 1
-    force: bool = False  # rebuild the caches used
-    max_heavy_atoms: int = MAX_HEAVY_ATOMS
-    timeout_s: float = EMBED_TIMEOUT_S  # per molecule, for the ETKDG embedding
-WEIGHTS_FILE = "mol_pre_no_h_220816.pt"  # the Uni-Mol authors' no-H v1 checkpoint
-
-
-def default_weights_path():
-    """$UNIMOL_WEIGHT_DIR/<checkpoint> when set (where unimol_tools users keep it), else ./weights/."""
-    weight_dir = os.environ.get("UNIMOL_WEIGHT_DIR")
-    return str(Path(weight_dir) / WEIGHTS_FILE) if weight_dir else f"./weights/{WEIGHTS_FILE}"
-
-
-class InputError(Exception):
-    """A problem with user-supplied data, reported as one line without a traceback."""
 
 
 def unimol_dict_path():
@@ -81,62 +50,6 @@ def unimol_dict_path():
 def unimol_elements():
     symbols = {line.split()[0] for line in unimol_dict_path().read_text().splitlines() if line.strip()}
     return {s for s in symbols if not s.startswith("[")}
-
-
-def file_sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _process_umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def normal_permissions(path):
-    """Give a file made by mkstemp (always 0600) the permissions open() would give it, so that
-    collaborators on a shared file system can read results."""
-    os.chmod(path, 0o666 & ~_process_umask())
-
-
-def atomic_write_text(path, text):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        normal_permissions(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_csv(path, rows, columns):
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(columns)
-    writer.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
-
-
-def read_json(path, what):
-    """A JSON file the tool wrote; a damaged one is a one-line error naming it."""
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise InputError(f"{path}: missing; {what}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise InputError(f"{path}: damaged ({str(exc)[:80]}); {what}") from None
-
-
-def atomic_write_json(path, obj):
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 # ----------------------------------------------------------------------------- molecules
@@ -159,7 +72,7 @@ def _crop_rng(smiles):
     return np.random.default_rng(int.from_bytes(hashlib.sha256(smiles.encode()).digest()[:8], "little"))
 
 
-def make_conformer(smiles, max_heavy_atoms=MAX_HEAVY_ATOMS, timeout_s=EMBED_TIMEOUT_S):
+def make_conformer(smiles, max_heavy_atoms=ConformerSettings.max_heavy_atoms, timeout_s=ConformerSettings.timeout_s):
     """Heavy atoms and centred coordinates exactly as unimol_tools prepares them for the no-H model,
     from the SMILES string as given (its atom order seeds the embedding).
 
@@ -238,167 +151,6 @@ def _generate_conformers(smiles_list, settings):
     return [done[s] for s in smiles_list]
 
 
-# ----------------------------------------------------------------------------- caches
-# A store is a directory with meta.json (what its entries depend on) and immutable shard folders
-# of .npy files: no pickle, memory-mapped on read. Entries are keyed by SMILES as written; each
-# field of an entry is an array whose first axis may differ between entries (atoms, tokens, ...).
-
-def _tmp_name():
-    # host and pid in the name: a later run can tell a dead writer's leftovers from a live one's
-    return f".tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex}"
-
-
-def _remove_stale_tmp(directory):
-    """Delete temporary shard folders whose writer (a process on this host) no longer runs."""
-    host = socket.gethostname()
-    for tmp in Path(directory).glob(".tmp-*"):
-        parts = tmp.name[len(".tmp-"):].rsplit("-", 2)
-        if len(parts) != 3 or parts[0] != host or not parts[1].isdigit():
-            continue
-        try:
-            os.kill(int(parts[1]), 0)
-        except ProcessLookupError:
-            log.info("removing %s, left by a process that ended", tmp)
-            shutil.rmtree(tmp, ignore_errors=True)
-        except PermissionError:
-            pass  # alive, another user's
-
-
-def open_store(directory, meta, force=False):
-    directory = Path(directory)
-    if force and directory.exists():
-        log.info("--force_recompute_cache: clearing %s", directory)
-        shutil.rmtree(directory)
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"{directory}: cannot create the cache folder ({exc.strerror}); "
-                         f"pass a writable --cache_dir") from None
-    if not os.access(directory, os.W_OK):
-        raise InputError(f"{directory}: the cache folder is not writable; pass a writable --cache_dir")
-    _remove_stale_tmp(directory)
-    meta_path = directory / "meta.json"
-    if meta_path.exists():
-        try:
-            on_disk = json.loads(meta_path.read_text())
-        except json.JSONDecodeError:
-            on_disk = None
-        if on_disk != meta:
-            log.warning("cache %s was made for %s, not %s: clearing it", directory, on_disk, meta)
-            shutil.rmtree(directory)
-            directory.mkdir(parents=True)
-    if not meta_path.exists():
-        atomic_write_json(meta_path, meta)
-    return directory
-
-
-def _read_shard(shard):
-    fields = json.loads((shard / "fields.json").read_text())
-    keys = np.load(shard / "keys.npy", allow_pickle=False)
-    arrays, offsets = {}, {}
-    for field in fields:
-        arrays[field] = np.load(shard / f"{field}.npy", mmap_mode="r", allow_pickle=False)
-        offsets[field] = np.load(shard / f"{field}.offsets.npy", allow_pickle=False)
-        if len(offsets[field]) != len(keys) + 1 or offsets[field][-1] != len(arrays[field]):
-            raise ValueError(f"{field} offsets do not match the data")
-        if arrays[field].dtype.kind == "f" and not np.isfinite(arrays[field]).all():
-            raise ValueError(f"{field} holds non-finite values")
-    return keys, arrays, offsets
-
-
-def store_get(directory, keys):
-    """{key: {field: array}} for the wanted keys present in the store. A corrupt shard is deleted
-    with a warning, so that its entries are recomputed (another process may be deleting it too).
-    Only shards holding a wanted key are loaded and checked."""
-    wanted, found = set(keys), {}
-    for shard in sorted(Path(directory).glob("shard-*")):
-        try:
-            if wanted.isdisjoint(np.load(shard / "keys.npy", allow_pickle=False).tolist()):
-                continue
-            shard_keys, arrays, offsets = _read_shard(shard)
-        except (OSError, ValueError, KeyError, EOFError, json.JSONDecodeError) as exc:
-            log.warning("corrupt cache shard %s (%s): deleting it; its entries will be recomputed", shard, exc)
-            if shard.is_dir():
-                shutil.rmtree(shard, ignore_errors=True)
-            else:
-                shard.unlink(missing_ok=True)
-            continue
-        for i, key in enumerate(shard_keys.tolist()):
-            if key in wanted:
-                found[key] = {f: a[offsets[f][i]:offsets[f][i + 1]] for f, a in arrays.items()}
-    return found
-
-
-def store_put(directory, entries):
-    """Write {key: {field: array}} as a new shard (a temporary folder renamed into place)."""
-    directory = Path(directory)
-    tmp = directory / _tmp_name()
-    try:
-        tmp.mkdir()
-        fields = list(next(iter(entries.values())))
-        np.save(tmp / "keys.npy", np.array(list(entries), dtype=str))
-        for field in fields:
-            parts = [np.asarray(entry[field]) for entry in entries.values()]
-            np.save(tmp / f"{field}.npy", np.concatenate(parts))
-            np.save(tmp / f"{field}.offsets.npy", np.cumsum([0] + [len(p) for p in parts]))
-        atomic_write_json(tmp / "fields.json", fields)
-        os.replace(tmp, directory / f"shard-{uuid.uuid4().hex}")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def cached_entries(keys, directory, meta, compute, force=False):
-    """Entries for `keys`: stored ones are read, the rest come from `compute(missing)`, which
-    returns ({key: entry}, {key: failure reason}), and are stored. Failures are not stored.
-
-    Under torchrun every rank calls this with the same keys: each computes and stores its share of
-    the missing entries, then all read the complete store (and learn every rank's failures)."""
-    team = distributed.current()
-    if team.leader:  # only the leader may clear the store (--force_recompute_cache, changed meta)
-        directory = open_store(directory, meta, force)
-    team.barrier()
-    if not team.leader:
-        directory = open_store(directory, meta)
-    found = store_get(directory, keys)
-    missing = [k for k in dict.fromkeys(keys) if k not in found]
-    if team.size > 1:
-        # The leader's view decides (another job sharing the cache may add shards while the ranks
-        # look), so that every rank takes the same steps; what the leader found is in the store.
-        missing = team.gather_objects(missing)[0]
-        absent = set(missing)
-        lacking = [k for k in dict.fromkeys(keys) if k not in found and k not in absent]
-        found.update(store_get(directory, lacking))
-    if not missing:
-        return found, {}
-    mine = missing[team.share(len(missing))]
-    try:
-        new, failures = compute(mine) if mine else ({}, {})
-        if new:
-            store_put(directory, new)
-        trouble = None
-    except Exception as exc:
-        if team.size == 1:
-            raise
-        trouble = exc
-    if team.size > 1:
-        # every rank stops on one rank's error, with that error, rather than waiting for it forever
-        troubles = team.gather_objects(None if trouble is None else str(trouble) or type(trouble).__name__)
-        if trouble is not None:
-            raise trouble
-        rank, words = next(((r, t) for r, t in enumerate(troubles) if t is not None), (None, None))
-        if words is not None:
-            raise InputError(f"torchrun rank {rank} stopped: {words}")
-        failures = {k: v for part in team.gather_objects(failures) for k, v in part.items()}
-        new = store_get(directory, missing)
-        lost = [k for k in missing if k not in new and k not in failures]
-        if lost:
-            raise InputError(f"{directory}: {len(lost)} entries written by this torchrun team are gone (e.g. "
-                             f"{lost[0]}): is another job clearing this cache? Run again")
-    found.update(new)
-    return found, failures
-
-
 def forget_parsed():
     """Empty the parsed-molecule cache: a caller streaming millions of molecules calls it per chunk,
     so that memory does not grow with the input."""
@@ -427,17 +179,9 @@ def get_conformers(smiles_list, settings=ConformerSettings()):
     meta = {"kind": "unimol-no-h-conformers", "preprocess_version": PREPROCESS_VERSION,
             "conformer_seed": CONFORMER_SEED, "max_atoms": MAX_ATOMS}
     entries, failures = cached_entries(smiles_list, conformer_store_dir(settings.cache_dir), meta,
-                                       lambda missing: _compute_conformers(missing, settings), settings.force)
+                                       lambda missing: _compute_conformers(missing, settings), distributed.current(),
+                                       settings.force)
     return {s: (e["atoms"], e["coords"], bool(e["is_2d"][0])) for s, e in entries.items()}, failures
-
-
-def cached_features(smiles_list, store_dir, meta, compute, force=False):
-    """Rows of a dense per-molecule array, computing (via `compute(missing)` → rows) what is not stored."""
-    def compute_entries(missing):
-        log.info("encoding %d molecules into %s", len(missing), store_dir)
-        return {s: {"features": row[None]} for s, row in zip(missing, compute(missing))}, {}
-    entries, _ = cached_entries(smiles_list, store_dir, meta, compute_entries, force)
-    return np.stack([entries[s]["features"][0] for s in smiles_list]) if smiles_list else np.zeros((0, 0), np.float32)
 
 
 # ----------------------------------------------------------------------------- DrugOOD
@@ -447,7 +191,7 @@ def cached_features(smiles_list, store_dir, meta, compute, force=False):
 
 def missing_data_file(path):
     return (f"{path}: file not found; pass --data_file with a DrugOOD JSON "
-            f"(e.g. data/raw/lbap_general_ec50_scaffold.json, see README 'Data')")
+            f"(e.g. data/raw/lbap_general_ec50_scaffold.json, see docs/method.md, 'Data')")
 
 
 def load_drugood(path, splits=SPLITS):
@@ -470,12 +214,6 @@ def load_drugood(path, splits=SPLITS):
         if not isinstance(doc["split"][name], list):
             raise InputError(f"{path}: split '{name}' is a {type(doc['split'][name]).__name__}, not a list of items")
     return {name: doc["split"][name] for name in splits}
-
-
-def progress(iterable, **kwargs):
-    """A tqdm bar on a terminal only, and from one process of a torchrun team: a redirected log
-    stays readable."""
-    return tqdm(iterable, disable=not (sys.stderr.isatty() and distributed.current().leader), **kwargs)
 
 
 def canonical(smiles):
@@ -573,7 +311,7 @@ def _split_ood_val_by_domain(path, pool, domain_of, train_n, val_n, data_seed):
             _sample(val_pool, val_n, _role_rng(data_seed, "ood_val")))
 
 
-def build_roles(path, sizes, data_seed, report, ood_val_split="random"):
+def build_roles(path, sizes, data_seed, report, ood_val_split=DataSpec.ood_val_split):
     """ID/OOD roles from a DrugOOD file: train→ID train, iid_val→ID val, iid_test→ID test,
     ood_val→disjoint OOD train + OOD val, ood_test→OOD test. `sizes` = (train, val, test) per side.
     ood_val_split: 'random' (disjoint molecules of the same domains, the reference protocol) or
@@ -701,7 +439,7 @@ def finalize_report(report):
     return report
 
 
-def load_benchmark(data_file, sizes, data_seed, settings=ConformerSettings(), ood_val_split="random"):
+def load_benchmark(data_file, sizes, data_seed, settings=ConformerSettings(), ood_val_split=DataSpec.ood_val_split):
     """Roles, their conformers and the data report for one DrugOOD file."""
     report = {}
     roles = build_roles(data_file, sizes, data_seed, report, ood_val_split)

@@ -1,9 +1,7 @@
 """Uni-Mol encoder (frozen or partly trainable), the MLP energy head, the Energy-DPO losses and
 self-describing checkpoints."""
 import contextlib
-import dataclasses
 import logging
-import re
 import sys
 import tempfile
 import types
@@ -16,12 +14,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from data import WEIGHTS_FILE, InputError, file_sha256, progress, unimol_dict_path
+from data import unimol_dict_path
+from settings import (RANDOM_INIT_SEED, STRATEGIES, WEIGHTS_FILE, EncoderId, EncoderSettings, ModelSpec,
+                      missing_weights, parse_freeze_spec)
+from utils import InputError, atomic_path, file_sha256, progress
 
-WEIGHTS_SOURCE = ("the Uni-Mol authors' release: GitHub dptech-corp/Uni-Mol, release v0.1 "
-                  "(weights/mol_pre_no_h_220816.pt), or the Hugging Face repo dptech/Uni-Mol-Models")
-RANDOM_INIT_SEED = 0
-UNIMOL_LAYERS = 15
 # Checkpoint entries that belong to Uni-Mol's pretraining objectives, not to the encoder.
 PRETRAINING_HEADS = ("lm_head.", "pair2coord_proj.", "dist_head.", "encoder.final_head_layer_norm.",
                      "classification_head.")
@@ -55,12 +52,6 @@ def build_unimol(init_seed=RANDOM_INIT_SEED):
                              pretrained_model_path=str(empty), pretrained_dict_path=str(unimol_dict_path()))
     del unimol.classification_head
     return unimol
-
-
-def missing_weights(path):
-    return (f"Uni-Mol weights not found at {path}: download {WEIGHTS_FILE} from {WEIGHTS_SOURCE} into "
-            f"weights/ (or set UNIMOL_WEIGHT_DIR), or pass --unimol_weights random for a randomly "
-            f"initialised encoder")
 
 
 def load_unimol_weights(unimol, path):
@@ -141,12 +132,11 @@ class UniMolEncoder(nn.Module):
         super().__init__()
         self.unimol = build_unimol()
         if weights == "random":
-            self.weights_id = f"random-init(seed={RANDOM_INIT_SEED})"
-            self.weights_sha256 = None
+            self.identity = EncoderId("unimol", random_init_seed=RANDOM_INIT_SEED)
         else:
             load_unimol_weights(self.unimol, weights)
-            self.weights_sha256 = file_sha256(weights)
-            self.weights_id = f"sha256:{self.weights_sha256}"
+            self.identity = EncoderId("unimol", sha256=file_sha256(weights))
+        self.weights_id = self.identity.text
         self.dictionary = self.unimol.dictionary
         self.amp = amp  # bf16 autocast of the transformer
         self.n_layers = len(self.unimol.encoder.layers)
@@ -159,7 +149,7 @@ class UniMolEncoder(nn.Module):
 
     @property
     def is_random_init(self):
-        return self.weights_sha256 is None
+        return self.identity.is_random_init
 
     def frozen_modules(self):
         m, enc = self.unimol, self.unimol.encoder
@@ -228,7 +218,7 @@ class UniMolEncoder(nn.Module):
         return torch.autocast(like.device.type, dtype=torch.bfloat16, enabled=self.amp)
 
     @torch.inference_mode()
-    def encode(self, conformers, batch_size=64, device="cpu", desc="encoding"):
+    def encode(self, conformers, batch_size=EncoderSettings.encode_batch_size, device="cpu", desc="encoding"):
         """CLS features for a list of (atoms, coords), in input order, in length-sorted batches."""
         out = np.zeros((len(conformers), self.unimol.args.encoder_embed_dim), dtype=np.float32)
         was_training = self.training
@@ -239,7 +229,7 @@ class UniMolEncoder(nn.Module):
         return out
 
     @torch.inference_mode()
-    def prefix_states(self, conformers, batch_size=64, device="cpu"):
+    def prefix_states(self, conformers, batch_size=EncoderSettings.encode_batch_size, device="cpu"):
         """Per molecule, the atom states and pair bias after the frozen prefix, cropped to the
         molecule, in fp16: {"x": (n, 512), "bias": (heads·n·n,)}, in input order."""
         self.to(device)
@@ -258,38 +248,10 @@ class UniMolEncoder(nn.Module):
         return out
 
 
-def parse_freeze_spec(spec, n_layers=UNIMOL_LAYERS):
-    """'0-12', '0-5,7,9-12', 'none' or 'all' → sorted frozen layer indices; ValueError if unreadable."""
-    text = spec.strip().lower()
-    if text in ("none", "all"):
-        return [] if text == "none" else list(range(n_layers))
-    frozen = set()
-    for part in text.split(","):
-        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
-        if not match:
-            raise ValueError(f"--freeze_layers {spec!r}: cannot read {part!r}; use ranges and lists such as "
-                             f"0-12 or 0-5,7,9-12, or none / all")
-        lo, hi = int(match[1]), int(match[2] or match[1])
-        if lo > hi:
-            raise ValueError(f"--freeze_layers {spec!r}: {part!r} runs backwards; write the lower layer first")
-        if hi >= n_layers:
-            raise ValueError(f"--freeze_layers {spec!r}: {part!r} is outside layers 0-{n_layers - 1}")
-        frozen.update(range(lo, hi + 1))
-    return sorted(frozen)
-
-
-STRATEGIES = ("layers", "attention", "ffn", "lora")
 # What trains inside each trainable layer, per strategy (LoRA: adapters on these linear maps).
 STRATEGY_PARTS = {"attention": ("self_attn.", "self_attn_layer_norm."),
                   "ffn": ("fc1.", "fc2.", "final_layer_norm."),
                   "lora": ("self_attn.in_proj", "self_attn.out_proj", "fc1", "fc2")}
-
-
-@dataclasses.dataclass(frozen=True)
-class LoraSpec:
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
 
 
 class FinetunableUniMolEncoder(UniMolEncoder):
@@ -307,7 +269,7 @@ class FinetunableUniMolEncoder(UniMolEncoder):
     """
 
     def __init__(self, weights, frozen_layers, amp=False, grad_checkpointing=False, strategy="layers",
-                 lora=LoraSpec()):
+                 lora=None):
         super().__init__(weights, amp)
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown fine-tuning strategy {strategy!r}")
@@ -467,40 +429,15 @@ def pair_diagnostics(e_id, e_ood):
             "e_id": e_id.mean().item(), "e_ood": e_ood.mean().item()}
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelSpec:
-    """Everything that rebuilds a trained model; every checkpoint carries it."""
-    encoder_weights: str  # "sha256:<hex>" of the base Uni-Mol checkpoint, or "random-init(seed=0)"
-    hidden_dim: int = 256
-    head_dropout: float = 0.1
-    loss_type: str = "dpo"
-    dpo_beta: float = 0.1
-    lambda_reg: float = 0.01
-    hinge_margin: float = 1.0
-    finetune_encoder: bool = False
-    freeze_layers: str = "0-12"  # used when finetune_encoder
-    finetune_strategy: str = "layers"
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.05
-    amp: bool = False  # bf16 autocast of the Uni-Mol forward
-    in_dim: int = 512
-
-
-def build_encoder(weights, finetune=False, freeze_layers="0-12", amp=False, grad_checkpointing=False,
-                  strategy="layers", lora=LoraSpec()):
-    """The frozen encoder, or with `finetune` its own Uni-Mol instance in which `strategy` trains
-    part of the layers not named by `freeze_layers`."""
-    if not finetune:
-        return UniMolEncoder(weights, amp=amp)
-    return FinetunableUniMolEncoder(weights, parse_freeze_spec(freeze_layers), amp=amp,
-                                    grad_checkpointing=grad_checkpointing, strategy=strategy, lora=lora)
-
-
 def spec_encoder(spec, weights, grad_checkpointing=False):
-    """The encoder a ModelSpec describes, on the base weights at `weights`."""
-    return build_encoder(weights, spec.finetune_encoder, spec.freeze_layers, spec.amp, grad_checkpointing,
-                         spec.finetune_strategy, LoraSpec(spec.lora_rank, spec.lora_alpha, spec.lora_dropout))
+    """The encoder a ModelSpec describes, on the base weights at `weights` (a path or 'random'):
+    frozen, or with spec.finetune_encoder its own Uni-Mol instance in which the strategy trains
+    part of the layers not named by spec.freeze_layers."""
+    if not spec.finetune_encoder:
+        return UniMolEncoder(weights, amp=spec.amp)
+    return FinetunableUniMolEncoder(weights, parse_freeze_spec(spec.freeze_layers), amp=spec.amp,
+                                    grad_checkpointing=grad_checkpointing, strategy=spec.finetune_strategy,
+                                    lora=spec.lora)
 
 
 class EnergyDPOModel(nn.Module):
@@ -550,14 +487,9 @@ class EnergyDPOModel(nn.Module):
 
 
 def save_checkpoint(path, payload):
-    """torch.save to a temp file, then rename: a crash never leaves half a checkpoint."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    """torch.save through the atomic write: a crash or a full disk never leaves half a checkpoint."""
+    with atomic_path(path) as tmp:
         torch.save(payload, tmp)
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def load_checkpoint(path):

@@ -15,7 +15,7 @@ usage: run_finetune_comparison.sh [--demo] [--force] [--jobs K] [--print-command
 
 Runs the arms in ARMS (default: frozen finetuned) per dataset and seed with the same --data_seed:
   frozen     Energy-DPO on frozen Uni-Mol features (the reference every other arm is compared with)
-  finetuned  --finetune_encoder, with main.py's --freeze_layers (0-12) and --encoder_lr (5e-6)
+  finetuned  --finetune_encoder, with main.py's --freeze_layers and --encoder_lr defaults
   attention, ffn, lora   --finetune_encoder --finetune_strategy attention / ffn / lora
   <name>     any arm defined as ARM_<name>="main.py flags"
 ENCODER_LRS="1e-6 5e-6 2e-5" and FREEZE_SPECS="0-12 0-10 none" expand each fine-tuned arm into one
@@ -53,32 +53,32 @@ main.py's --auto_resume: finished -> exits 0 untouched, last.pt -> resumes, else
   lines need this directory, the interpreter and the data at the same paths where they run.
 
 Environment overrides. The sweep has no defaults of its own for main.py's settings: a variable
-that is unset (or empty) passes no flag, so main.py's default applies (shown as main.py: ...).
+that is unset (or empty) passes no flag, so main.py's default applies (shown as [main.py's]; `python
+main.py --help` and docs/cli.md list them).
 Relative paths resolve against the current directory; --demo changes the marked defaults.
   SEEDS           training seeds                       [42 43 44]
   DATASETS        dataset names                        [DATA_FILE's stem if set, else lbap_general_ec50_scaffold]
                                                        (demo: demo_ec50_scaffold)
   DATA_FILE       data file, one dataset only          [./data/raw/<dataset>.json]
                                                        (demo: the shipped data/demo/demo_ec50_scaffold.json)
-  EPOCHS          max epochs, --epochs                 [main.py: 100]  (demo: 5)
-  TRAIN_SIZE      training molecules per side          [main.py: 2000] (demo: 200)
-  VAL_SIZE        validation molecules per side        [main.py: 600]  (demo: 100)
-  TEST_SIZE       test molecules per side              [main.py: 1000] (demo: 200)
-  DATA_SEED       subsampling seed, shared by the arms [main.py: 42]
-  UNIMOL_WEIGHTS  checkpoint or 'random'               [main.py: $UNIMOL_WEIGHT_DIR/mol_pre_no_h_220816.pt
-                                                        if UNIMOL_WEIGHT_DIR is set, else ./weights/mol_pre_no_h_220816.pt]
-                                                       (demo: that file if present, else random)
-  DEVICE          auto, cpu, cuda, cuda:N              [main.py: auto]
-  OOD_VAL_SPLIT   random or domain (honest validation) [main.py: random]
-  FREEZE_LAYERS   frozen layers of the fine-tuned arm  [main.py: 0-12]
-  ENCODER_LR      encoder learning rate (fine-tuned)   [main.py: 5e-6]
+  EPOCHS          max epochs, --epochs                 [main.py's] (demo: 5)
+  TRAIN_SIZE      training molecules per side          [main.py's] (demo: 200)
+  VAL_SIZE        validation molecules per side        [main.py's] (demo: 100)
+  TEST_SIZE       test molecules per side              [main.py's] (demo: 200)
+  DATA_SEED       subsampling seed, shared by the arms [main.py's]
+  UNIMOL_WEIGHTS  checkpoint or 'random'               [main.py's]
+                                                       (demo: main.py's default file if present, else random)
+  DEVICE          auto, cpu, cuda, cuda:N              [main.py's]
+  OOD_VAL_SPLIT   random or domain (honest validation) [main.py's]
+  FREEZE_LAYERS   frozen layers of the fine-tuned arm  [main.py's]
+  ENCODER_LR      encoder learning rate (fine-tuned)   [main.py's]
   OUTPUT_ROOT     where runs and summaries go          [./outputs/finetune_comparison]
                                                        (demo: ./outputs/finetune_comparison_demo)
   EXTRA_ARGS      more main.py flags for every run, split with shell quoting rules
                   (e.g. EXTRA_ARGS='--cache_dir "/data/my cache" --num_workers 4')      []
   PYTHON          interpreter                          [.venv/bin/python next to this script if present, else python3]
   JOB_GPUS        GPUs for the --jobs slots, e.g. "0 1 2 3" (see --jobs)             []
-The head learning rate is main.py's --lr (1e-4); change it with EXTRA_ARGS='--lr ...'.
+The head learning rate is main.py's --lr; change it with EXTRA_ARGS='--lr ...'.
 USAGE
 }
 
@@ -132,7 +132,7 @@ if [ "$printing" = 1 ]; then  # printed lines name the interpreter by absolute p
 fi
 
 main_default_weights() {  # main.py's own default checkpoint (it honours UNIMOL_WEIGHT_DIR), asked rather than repeated here
-  "$PYTHON" -c 'import sys; sys.path.insert(0, sys.argv[1]); from data import default_weights_path; print(default_weights_path())' "$SCRIPT_DIR"
+  "$PYTHON" -c 'import sys; sys.path.insert(0, sys.argv[1]); from settings import default_weights_path; print(default_weights_path())' "$SCRIPT_DIR"
 }
 
 weights_default=
@@ -281,8 +281,19 @@ done
 # from last.pt, anything else starts), or --overwrite with --force: the same in this script's loop and
 # in printed lines, so a line run twice, or a requeued array task, does the right thing.
 if [ "$force" = 1 ]; then mode_flag=(--overwrite); else mode_flag=(--auto_resume); fi
+run_folder() {  # run_folder DATASET ARM SEED: sets run_dir (sweep.py reads the same layout)
+  run_dir="$OUTPUT_ROOT/$1/$2/seed$3"
+}
+skip_finished() {  # skip_finished DATASET ARM SEED: sets run_dir; true (and says so) for a finished run to skip
+  run_folder "$1" "$2" "$3"
+  # finished = main.py's test_metrics.json exists (runs.FINISHED: written last)
+  if [ -f "$run_dir/test_metrics.json" ] && [ "$force" = 0 ]; then
+    echo "== $1 $2 seed $3: finished, skipping ($run_dir)"; return 0
+  fi
+  return 1
+}
 build_run() {  # build_run DATASET DATA_FILE ARM SEED: sets run_dir and run_args (main.py's arguments)
-  run_dir="$OUTPUT_ROOT/$1/$3/seed$4"  # the loops' skip check spells it the same way
+  run_folder "$1" "$3" "$4"
   split_words arm_flags "ARM_$3" "${arm_flags_of[$3]}"
   # FREEZE_LAYERS / ENCODER_LR first: an arm's own flags (and the expansions) come later and win
   if [[ " ${arm_flags[*]} " == *" --finetune_encoder "* ]]; then arm_flags=("${finetune[@]}" "${arm_flags[@]}"); fi
@@ -326,10 +337,7 @@ if [ "$jobs" = 1 ]; then
     dataset=${datasets[$i]}
     for seed in "${seeds[@]}"; do
       for arm in "${arms[@]}"; do
-        run_dir="$OUTPUT_ROOT/$dataset/$arm/seed$seed"
-        if [ -f "$run_dir/test_metrics.json" ] && [ "$force" = 0 ]; then
-          echo "== $dataset $arm seed $seed: finished, skipping ($run_dir)"; continue
-        fi
+        if skip_finished "$dataset" "$arm" "$seed"; then continue; fi
         build_run "$dataset" "${data_files[$i]}" "$arm" "$seed"
         echo "== $dataset $arm seed $seed -> $run_dir$gpu_note"
         if ! "${gpu_env[@]}" "$PYTHON" "$MAIN" "${run_args[@]}"; then
@@ -417,10 +425,7 @@ for i in "${!datasets[@]}"; do
   for seed in "${seeds[@]}"; do
     for arm in "${arms[@]}"; do
       if [ "${#failed[@]}" -gt 0 ]; then break 3; fi
-      run_dir="$OUTPUT_ROOT/$dataset/$arm/seed$seed"
-      if [ -f "$run_dir/test_metrics.json" ] && [ "$force" = 0 ]; then
-        echo "== $dataset $arm seed $seed: finished, skipping ($run_dir)"; continue
-      fi
+      if skip_finished "$dataset" "$arm" "$seed"; then continue; fi
       build_run "$dataset" "${data_files[$i]}" "$arm" "$seed"
       while [ "${#free_slots[@]}" -eq 0 ]; do reap; done
       if [ "${#failed[@]}" -gt 0 ]; then break 3; fi

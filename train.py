@@ -5,39 +5,20 @@ import dataclasses
 import io
 import logging
 import math
-import shutil
 import time
 
 import torch
 import torch.distributed as dist
 
 import distributed
-from data import InputError, atomic_write_text, progress
 from evaluate import ood_metrics
 from model import Subset, energies, load_checkpoint, pair_diagnostics, save_checkpoint
+from utils import InputError, atomic_write_text, progress
 
 log = logging.getLogger("energy_dpo.train")
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "misranked", "margin", "e_id", "e_ood",
                    "val_loss", "val_auroc", "val_misranked", "lr", "encoder_lr", "steps", "seconds", "encoder_weights"]
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """How to train (the model's own settings live in its ModelSpec)."""
-    epochs: int = 100
-    batch_size: int = 4096  # molecules per side per micro-batch
-    eval_batch_size: int = 2048
-    lr: float = 1e-4  # the head
-    encoder_lr: float = 5e-6  # trainable encoder layers, when fine-tuning
-    weight_decay: float = 1e-5
-    grad_clip: float = 1.0
-    patience: int = 20  # epochs without a better validation AUROC; 0 = never stop early
-    seed: int = 42
-    grad_accum_steps: int = 1
-    warmup_epochs: int = 0  # linear warm-up of the encoder learning rate
-    lr_schedule: str = "constant"  # of the encoder learning rate after warm-up: constant or cosine
-    device: str = "cpu"
 
 
 class _Gather(torch.autograd.Function):
@@ -90,7 +71,12 @@ class PairForward(torch.nn.Module):
 
 
 def encoder_lr_factor(epoch, cfg):
-    """The share of --encoder_lr used in `epoch` (1-based): linear warm-up, then constant or cosine."""
+    """The share of --encoder_lr used in `epoch` (1-based): linear warm-up, then constant or cosine.
+
+    Cosine over the E − W epochs after W warm-up epochs: ½(1 + cos(π·(e − W − 1)/(E − W))), the
+    full rate in the first epoch after warm-up and a small one in the last, reaching 0 where
+    training ends (torch's CosineAnnealingLR with T_max = E − W, Hugging Face's cosine schedule):
+    no epoch is spent at rate 0."""
     if epoch <= cfg.warmup_epochs:
         return epoch / cfg.warmup_epochs
     if cfg.lr_schedule == "cosine":
@@ -274,11 +260,6 @@ class EnergyDPOTrainer:
         atomic_write_text(self.run_dir / "history.csv", buf.getvalue())
 
 
-RUN_FILES = ("config.json", "training.log", "history.csv", "best_model.pt", "last.pt", "test_metrics.json",
-             "test_scores.csv", "data_report.json", "roc_curve.png", "energy_histogram.png",
-             "training_curves.png", "eval.log", "roles.csv", "baselines.json")
-
-
 def learning_warning(history, batch_size):
     """Words for an energy head that did not learn, or None: the training loss within 1% of its
     first epoch's, or ID–OOD pairs still mis-ranked about half the time. A user then knows the head
@@ -293,42 +274,3 @@ def learning_warning(history, batch_size):
             f"--batch_size {batch_size} per side) the training loss went {first['train_loss']:.4f} -> "
             f"{last['train_loss']:.4f} and {last['misranked']:.0%} of ID-OOD training pairs are still mis-ranked; "
             f"raise --epochs or lower --batch_size before reading these numbers as the encoder's")
-
-
-def run_state(run_dir):
-    """finished, interrupted (last.pt to resume from), started (config.json only) or new."""
-    if (run_dir / "test_metrics.json").exists():
-        return "finished"
-    if (run_dir / "last.pt").exists():
-        return "interrupted"
-    return "started" if (run_dir / "config.json").exists() else "new"
-
-
-def check_run_dir(run_dir, overwrite, resume):
-    """Refuse to touch a run unless told: --resume continues it, --overwrite replaces it. Changes
-    nothing: the old run is removed (clear_run_dir) only once every input of the new one checks out."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise InputError(f"{run_dir}: exists and is not a folder; choose another --output_dir")
-    state = run_state(run_dir)
-    if resume:
-        if state == "finished":
-            raise InputError(f"{run_dir}: this run has finished (test_metrics.json exists); nothing to resume")
-        if state != "interrupted":
-            raise InputError(f"{run_dir}: no last.pt to resume from; start it again with --overwrite")
-    elif state != "new" and not overwrite:
-        raise InputError(f"{run_dir}: holds a {'finished' if state == 'finished' else 'started'} run; pass --resume "
-                         f"to continue it, --overwrite to replace it, or choose another --output_dir")
-
-
-def clear_run_dir(run_dir):
-    """Remove a previous run's files (and its evaluations, which scored the old model)."""
-    for name in RUN_FILES:
-        (run_dir / name).unlink(missing_ok=True)
-    shutil.rmtree(run_dir / "eval", ignore_errors=True)
-
-
-def remove_stale_temporaries(run_dir):
-    """Temporary files of an atomic write that a killed process left in its run folder."""
-    for tmp in run_dir.glob(".*.tmp*"):
-        if tmp.is_file():
-            tmp.unlink()

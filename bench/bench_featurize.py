@@ -19,8 +19,9 @@ import torch
 
 from common import demo_molecules, machine, random_checkpoint
 
-from data import MAX_ATOMS, ConformerSettings, prepare_inputs, unimol_dict_path
-from main import frozen_features
+from data import MAX_ATOMS, prepare_inputs, unimol_dict_path
+from features import frozen_features
+from settings import ConformerSettings
 from model import UniMolEncoder, _import_unimol_model
 
 

@@ -4,6 +4,7 @@ step, on the same molecules, batches and seed. Each arm runs in its own process 
 memory is its own. The last line prints the speed-up.
 """
 import argparse
+import dataclasses
 import json
 import tempfile
 import time
@@ -12,21 +13,22 @@ import torch
 
 from common import demo_molecules, isolated, machine, peak_rss_mb
 
-from data import ConformerSettings, get_conformers
-from main import model_inputs
-from model import ConformerInputs, EnergyDPOModel, ModelSpec, build_encoder
-from train import EnergyDPOTrainer, TrainConfig
+from data import get_conformers
+from features import model_inputs
+from model import ConformerInputs, EnergyDPOModel, spec_encoder
+from settings import ConformerSettings, ModelSpec, TrainConfig
+from train import EnergyDPOTrainer
 
 
-def run_arm(arm, n, batch_size, epochs, device, cache_dir, strategy="layers"):
+def run_arm(arm, n, batch_size, epochs, device, cache_dir, strategy="layers", lora_dropout=ModelSpec.lora_dropout):
     torch.manual_seed(0)
     smiles_id, smiles_ood = demo_molecules(n, seed=1, split="train"), demo_molecules(n, seed=2, split="ood_val")
     conformers, _ = get_conformers(smiles_id + smiles_ood, ConformerSettings(cache_dir, num_workers=2))
     smiles_id = [s for s in smiles_id if s in conformers and s not in smiles_ood]
     smiles_ood = [s for s in smiles_ood if s in conformers]
-    encoder = build_encoder("random", finetune=True, freeze_layers="0-12", strategy=strategy)
-    net = EnergyDPOModel(ModelSpec(encoder.weights_id, finetune_encoder=True, freeze_layers="0-12",
-                                   finetune_strategy=strategy), encoder, seed=42)
+    spec = ModelSpec(finetune_encoder=True, freeze_layers="0-12", finetune_strategy=strategy, lora_dropout=lora_dropout)
+    encoder = spec_encoder(spec, "random")
+    net = EnergyDPOModel(dataclasses.replace(spec, encoder_weights=encoder.weights_id), encoder, seed=42)
     roles = {"id_train": smiles_id, "ood_train": smiles_ood}
     start = time.perf_counter()
     if arm == "cached":
@@ -56,10 +58,11 @@ def main():
     p.add_argument("--arm", choices=["cached", "full"], help=argparse.SUPPRESS)
     p.add_argument("--cache_dir", help=argparse.SUPPRESS)
     p.add_argument("--strategy", default="layers", help=argparse.SUPPRESS)
+    p.add_argument("--lora_dropout", type=float, default=ModelSpec.lora_dropout, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.arm:
         print(json.dumps(run_arm(args.arm, args.n, args.batch_size, args.epochs, args.device, args.cache_dir,
-                                 args.strategy)))
+                                 args.strategy, args.lora_dropout)))
         return
     print(f"machine: {machine()}; {args.n} molecules per side, batch {args.batch_size} per side, "
           f"{args.epochs} epochs, device {args.device}")

@@ -26,11 +26,12 @@ DRUG_SIZED = 50  # heavy atoms: the demo's few macrocycles would dominate a smal
 PYTHON = sys.executable
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 MAIN = str(ROOT / "main.py")
-# predict with a smaller chunk than main.PREDICT_CHUNK, so that both sizes span several chunks
-PREDICT_WITH_CHUNK = ("import resource, sys; sys.path.insert(0, sys.argv[1]); import main; "
-                      "main.PREDICT_CHUNK = int(sys.argv[2]); code = main.main(sys.argv[3:]); "
-                      "print('peak_rss_mb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024); "
-                      "sys.exit(code)")
+# predict, reporting its peak RSS (with a smaller --chunk_rows than the default, so that both sizes
+# span several chunks)
+PREDICT_WITH_RSS = ("import resource, sys; sys.path.insert(0, sys.argv[1]); import main; "
+                    "code = main.main(sys.argv[2:]); "
+                    "print('peak_rss_mb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024); "
+                    "sys.exit(code)")
 
 
 def timed(command):
@@ -81,7 +82,7 @@ def main():
         pool = smiles[args.n:]
         for n in (args.predict_n, 4 * args.predict_n):
             (work / f"predict{n}.smi").write_text("".join(f"{s} m{i}\n" for i, s in enumerate(pool[:n])))
-            seconds, out = timed([PYTHON, "-c", PREDICT_WITH_CHUNK, str(ROOT), str(args.predict_chunk),
+            seconds, out = timed([PYTHON, "-c", PREDICT_WITH_RSS, str(ROOT), "--chunk_rows", str(args.predict_chunk),
                                   "--mode", "predict", "--output_dir", str(run), "--input",
                                   str(work / f"predict{n}.smi"), "--cache_dir", str(work / f"cache-predict{n}"),
                                   "--output", str(work / f"predict{n}.csv")])

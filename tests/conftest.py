@@ -13,6 +13,11 @@ from main import main
 from model import _import_unimol_model, build_unimol
 
 _import_unimol_model()  # before any test module imports unimol_tools, which would write ./logs/
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one worker per core: one thread each (and in the commands they start), so
+    # that the workers do not fight over the cores; the tests' tensors are too small to gain from more.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "data" / "demo" / "demo_ec50_scaffold.json"
@@ -107,3 +112,35 @@ def rewritten(smiles, seed=0):
         if other not in (smiles, Chem.MolToSmiles(mol)):
             return other
     raise AssertionError(f"no other writing of {smiles}")
+
+
+def interrupted(started, call, poll_s=0.002):
+    """Run call() and press Ctrl-C (KeyboardInterrupt in this thread) as soon as started() is true, as
+    a user stopping a long job would; fails if call() finished first. started() looks at files only."""
+    import _thread
+    import threading
+    done = threading.Event()
+
+    def watch():
+        while not done.is_set():
+            if started():
+                _thread.interrupt_main()
+                return
+            done.wait(poll_s)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            call()
+    finally:
+        done.set()
+        watcher.join()
+
+
+def csv_rows(path):
+    """Data rows of a CSV the tool writes (0 while it does not exist)."""
+    try:
+        return max(0, len(Path(path).read_text().splitlines()) - 1)
+    except FileNotFoundError:
+        return 0

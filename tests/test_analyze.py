@@ -8,7 +8,9 @@ import pytest
 
 import analyze
 import data
-from main import frozen_features, main
+import settings
+from features import frozen_features
+from main import main
 from model import UniMolEncoder
 
 
@@ -26,7 +28,7 @@ def test_linear_cka_by_hand():
 
 def test_cka_of_the_frozen_encoder_with_itself_is_one(tmp_path):
     smiles = ["CCO", "c1ccccc1O", "CC(=O)Nc1ccc(O)cc1", "CCN(CC)CC", "OC(=O)c1ccccc1O"]
-    conformers, _ = data.get_conformers(smiles, data.ConformerSettings(tmp_path))
+    conformers, _ = data.get_conformers(smiles, settings.ConformerSettings(tmp_path))
     feats = frozen_features(UniMolEncoder("random"), smiles, conformers, tmp_path)
     again = frozen_features(UniMolEncoder("random"), smiles, conformers, tmp_path / "other")
     assert analyze.linear_cka(feats, again) == pytest.approx(1.0)
@@ -61,6 +63,7 @@ def tiny_sweep(tmp_path_factory, small_benchmark, random_ckpt, cache_dir):
     return root
 
 
+@pytest.mark.slow
 def test_analyze_writes_its_files(tiny_sweep):
     assert main(["--mode", "analyze", "--output_dir", str(tiny_sweep)]) == 0
     out = tiny_sweep / "analysis"
@@ -81,6 +84,7 @@ def test_analyze_writes_its_files(tiny_sweep):
     assert all(v > 0 for v in drift["relative_weight_change"]["lora"]["1"].values())  # the adapters moved
 
 
+@pytest.mark.slow
 def test_analyze_needs_a_fine_tuned_arm(tiny_sweep, tmp_path, capsys):
     only_frozen = tmp_path / "s"
     shutil.copytree(tiny_sweep / "frozen", only_frozen / "frozen")

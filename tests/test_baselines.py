@@ -8,6 +8,7 @@ from rdkit import Chem
 
 import baselines
 import data
+import utils
 from conftest import write_drugood
 from evaluate import auroc_size_matched, ood_metrics, validation_warning
 from train import learning_warning
@@ -94,7 +95,7 @@ def test_domain_split_never_shares_a_domain(tmp_path):
     assert {domain_of[m] for m in random_roles["ood_train"]} & {domain_of[m] for m in random_roles["ood_val"]}
     one_domain = write_drugood(tmp_path / "one.json", {"train": ["CCO", "CCN"], "iid_val": ["CCC"], "iid_test": ["CCF"],
                                                        "ood_val": ["c1ccccc1", "c1ccncc1"], "ood_test": ["C1CCCCC1"]})
-    with pytest.raises(data.InputError, match="one.json: ood_val holds 1 domain; --ood_val_split domain needs at "
+    with pytest.raises(utils.InputError, match="one.json: ood_val holds 1 domain; --ood_val_split domain needs at "
                                               "least two"):
         data.build_roles(one_domain, (2, 2, 2), 42, {}, ood_val_split="domain")
 

@@ -1,9 +1,13 @@
-"""The bench scripts run (tiny sizes) and end with their ratio line; the figures live in README."""
+"""The bench scripts run (tiny sizes) and end with their ratio line; the figures live in docs/performance.md."""
 import re
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
+
+pytestmark = pytest.mark.slow  # every test here runs whole commands in subprocesses
 
 
 def run_bench(script, *args):
@@ -29,8 +33,9 @@ def test_bench_finetune_compares_cached_prefix_with_full_forward():
 def test_bench_strategies_compares_lora_with_layers():
     lines = run_bench("bench_strategies.py", "--n", "6", "--batch_size", "3", "--epochs", "1", "--strategies",
                       "layers,lora")
-    assert [line.split()[0] for line in lines[-3:-1]] == ["layers", "lora"]
-    assert lines[-2].split()[1] == "131,072"
+    assert [line.split()[0] for line in lines[-5:-2]] == ["layers", "lora", "lora_drop0.05"]
+    assert re.fullmatch(r"ratio lora \(--lora_dropout 0.05\)/layers training throughput: [\d.]+x", lines[-2])
+    assert lines[-4].split()[1] == lines[-3].split()[1] == "131,072"  # dropout adds no parameter
     assert re.fullmatch(r"ratio lora/layers training throughput: [\d.]+x", lines[-1])
 
 

@@ -12,14 +12,10 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 import model
-import train
-from conftest import DEMO, ROOT, rewritten, unimol_tools_features
+from conftest import DEMO, ROOT, csv_rows, interrupted, rewritten, unimol_tools_features
 from data import canonical
 from main import main
-
-RUN_FILES = ("config.json", "training.log", "history.csv", "best_model.pt", "last.pt", "test_metrics.json",
-             "test_scores.csv", "data_report.json", "roles.csv", "roc_curve.png", "energy_histogram.png",
-             "training_curves.png")
+from runs import RUN_FILES
 
 
 def read_csv(path):
@@ -93,17 +89,18 @@ def test_benchmark_path_equals_unimol_tools_for_non_canonical_smiles(finished_ru
 
 
 def test_eval_reproduces_test_metrics(finished_run, tmp_path, cache_dir):
-    before = json.loads((finished_run / "test_metrics.json").read_text())
-    assert main(["--mode", "eval", "--output_dir", str(finished_run), "--cache_dir", str(tmp_path / "cold")]) == 0
-    after = json.loads((finished_run / "test_metrics.json").read_text())
+    run = shutil.copytree(finished_run, tmp_path / "run")  # eval rewrites the run's test results
+    before = json.loads((run / "test_metrics.json").read_text())
+    assert main(["--mode", "eval", "--output_dir", str(run), "--cache_dir", str(tmp_path / "cold")]) == 0
+    after = json.loads((run / "test_metrics.json").read_text())
     for key in ("auroc", "aupr", "aupr_in", "fpr95", "threshold_95_id_val", "best_epoch", "n_id", "n_ood"):
         assert after[key] == pytest.approx(before[key], abs=1e-6), key
-    assert "AUROC" in (finished_run / "eval.log").read_text().strip().splitlines()[-1]
-    assert main(["--mode", "eval", "--model_path", str(finished_run / "best_model.pt"), "--cache_dir",
-                 str(cache_dir)]) == 0
+    assert "AUROC" in (run / "eval.log").read_text().strip().splitlines()[-1]
+    assert main(["--mode", "eval", "--model_path", str(run / "best_model.pt"), "--cache_dir", str(cache_dir)]) == 0
 
 
 def test_eval_on_another_benchmark(finished_run, cache_dir, tmp_path, capsys):
+    finished_run = shutil.copytree(finished_run, tmp_path / "run")  # RUN/eval/ is written
     own = {name: (finished_run / name).read_bytes() for name in ("test_metrics.json", "test_scores.csv",
                                                                  "data_report.json")}
     trained = [r for r in read_csv(finished_run / "roles.csv") if r["role"] in ("id_train", "ood_val")]
@@ -158,20 +155,12 @@ def test_finished_run_is_not_overwritten(finished_run, base_args, capsys):
     assert (finished_run / "test_metrics.json").read_bytes() == stamp
 
 
-def test_interrupted_run_resumes_to_the_same_result(finished_run, base_args, tmp_path, monkeypatch):
-    real_save = train.save_checkpoint
-
-    def crash_after_epoch_3(path, payload):
-        if path.name == "last.pt" and payload["epoch"] == 4:
-            raise KeyboardInterrupt
-        real_save(path, payload)
-
+def test_interrupted_run_resumes_to_the_same_result(finished_run, base_args, tmp_path):
     run = tmp_path / "resumed"
-    monkeypatch.setattr(train, "save_checkpoint", crash_after_epoch_3)
-    with pytest.raises(KeyboardInterrupt):
-        main(["--mode", "train", *base_args, "--output_dir", str(run)])
-    monkeypatch.setattr(train, "save_checkpoint", real_save)
-    assert not (run / "test_metrics.json").exists()
+    # Ctrl-C once the first epoch's last.pt is written (wherever training has got to by then)
+    interrupted(lambda: (run / "last.pt").exists(),
+                lambda: main(["--mode", "train", *base_args, "--output_dir", str(run)]))
+    assert not (run / "test_metrics.json").exists() and csv_rows(run / "history.csv") < 6
     assert main(["--mode", "train", *base_args, "--output_dir", str(run)]) == 1  # neither resume nor overwrite
     # --auto_resume (what the sweep's printed commands carry) resumes it, then leaves it alone
     assert main(["--mode", "train", *base_args, "--output_dir", str(run), "--auto_resume"]) == 0
@@ -324,7 +313,7 @@ def test_sharded_predict_of_a_gzipped_file_equals_the_whole(finished_run, tmp_pa
     assert main([*common, "--output", str(tmp_path / "all.csv")]) == 0
     for i in (1, 2):
         assert main([*common, "--shard", f"{i}/2", "--output", str(tmp_path / f"part{i}.csv")]) == 0
-    # the README's merge: the first shard whole, the others without their header line
+    # docs/cli.md's merge: the first shard whole, the others without their header line
     merged = (tmp_path / "part1.csv").read_text().splitlines() + (tmp_path / "part2.csv").read_text().splitlines()[1:]
     (tmp_path / "merged.csv").write_text("\n".join(merged) + "\n")
     whole, joined = read_csv(tmp_path / "all.csv"), read_csv(tmp_path / "merged.csv")

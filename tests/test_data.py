@@ -9,8 +9,11 @@ from unimol_tools.data.conformer import coords2unimol, inner_smi2coords
 from unimol_tools.data.dictionary import Dictionary
 
 import data
+import utils
 from conftest import DEMO, write_drugood
-from data import ConformerSettings, InputError, build_roles, canonicalize, get_conformers, load_benchmark
+from data import build_roles, canonicalize, get_conformers, load_benchmark
+from settings import ConformerSettings
+from utils import InputError
 
 GOOD = {"train": ["CCO", "CCN", "CCC"], "iid_val": ["CCCl", "CCBr"], "iid_test": ["CCF", "CCS"],
         "ood_val": ["c1ccccc1", "c1ccncc1", "c1ccoc1", "c1ccsc1"], "ood_test": ["C1CCCCC1", "C1CCNCC1"]}
@@ -219,8 +222,8 @@ def test_other_benchmark_test_roles(tmp_path):
 def test_files_get_normal_permissions(tmp_path):
     old = os.umask(0o027)
     try:
-        data.atomic_write_json(tmp_path / "a.json", {"x": 1})
-        data.atomic_write_csv(tmp_path / "b.csv", [(1, 2)], ["x", "y"])
+        utils.atomic_write_json(tmp_path / "a.json", {"x": 1})
+        utils.atomic_write_csv(tmp_path / "b.csv", [(1, 2)], ["x", "y"])
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o640

@@ -12,8 +12,7 @@ import pytest
 import torch
 
 import data
-import main as main_module
-from conftest import ROOT
+from conftest import ROOT, interrupted
 from main import main
 
 TORCHRUN = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2"]
@@ -26,7 +25,7 @@ def read_csv(path):
 
 
 def torchrun(*args, timeout=300):
-    """The README's command: torchrun --standalone --nproc_per_node 2 main.py ..."""
+    """docs/scaling.md's command: torchrun --standalone --nproc_per_node 2 main.py ..."""
     proc = subprocess.run([*TORCHRUN, MAIN, *args], capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -36,6 +35,7 @@ def head_state(run):
     return torch.load(run / "last.pt", weights_only=True)["model"]["head"]
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one(base_args, tmp_path):
     # 12 molecules per side at batch 11: the last micro-batch holds one molecule, so one rank has none
     args = ["--mode", "train", *base_args, "--epochs", "3", "--batch_size", "11", "--head_dropout", "0"]
@@ -57,6 +57,7 @@ def test_two_processes_train_like_one(base_args, tmp_path):
     assert json.loads((two / "config.json").read_text())["torchrun_processes"] == 2
 
 
+@pytest.mark.slow
 def test_two_processes_split_featurize_and_predict(finished_run, random_ckpt, tmp_path):
     smiles = ["c1ccccc1O", "CCO", "xx((", "CC(=O)Nc1ccc(O)cc1", "C1CCNCC1", "OC(=O)c1ccccc1", "CCN(CC)CC",
               "c1ccncc1", "CC(C)Cc1ccc(cc1)C(C)C(O)=O"]
@@ -65,7 +66,7 @@ def test_two_processes_split_featurize_and_predict(finished_run, random_ckpt, tm
     torchrun(*feat, "--output", str(tmp_path / "two.npy"), "--cache_dir", str(tmp_path / "cache2"))
     assert main([*feat, "--output", str(tmp_path / "one.npy"), "--cache_dir", str(tmp_path / "cache1")]) == 0
     # each rank computed and stored its own share of the conformers and features
-    for store in ("conformers-v2", "features-*"):
+    for store in (data.conformer_store_dir(".").name, "features-*"):
         assert len(list((tmp_path / "cache2").glob(f"{store}/shard-*"))) == 2, store
         assert len(list((tmp_path / "cache1").glob(f"{store}/shard-*"))) == 1, store
     assert np.abs(np.load(tmp_path / "two.npy") - np.load(tmp_path / "one.npy")).max() < 1e-5
@@ -81,26 +82,24 @@ def test_two_processes_split_featurize_and_predict(finished_run, random_ckpt, tm
         [float(r["energy"] or "nan") for r in one], abs=1e-5, nan_ok=True)
 
 
-def test_interrupted_predict_resumes_after_its_last_complete_chunk(finished_run, tmp_path, monkeypatch, capsys):
+def test_interrupted_predict_resumes_after_its_last_complete_chunk(finished_run, tmp_path, capsys):
     rows = read_csv(finished_run / "test_scores.csv")
-    (tmp_path / "in.csv").write_text("id,smiles\n" + "".join(f"m{i},{r['smiles']}\n" for i, r in enumerate(rows)))
-    args = ["--mode", "predict", "--output_dir", str(finished_run), "--input", str(tmp_path / "in.csv")]
-    monkeypatch.setattr(main_module, "PREDICT_CHUNK", 5)
+    many = [r["smiles"] for r in rows] * 4  # 64 rows: 13 chunks of 5
+    (tmp_path / "in.csv").write_text("id,smiles\n" + "".join(f"m{i},{s}\n" for i, s in enumerate(many)))
+    args = ["--mode", "predict", "--output_dir", str(finished_run), "--input", str(tmp_path / "in.csv"),
+            "--chunk_rows", "5"]
     assert main([*args, "--output", str(tmp_path / "whole.csv")]) == 0
-    real_append = main_module.PredictOutput.append
 
-    def die_in_third_chunk(self, out, counts):
-        if self.state["rows"] == 10:
-            with open(self.partial, "a") as f:
-                f.write("m10,half a row")  # the process dies while writing
-            raise KeyboardInterrupt
-        real_append(self, out, counts)
+    def stop_after_two_chunks(out):
+        """Ctrl-C once two chunks are complete, then the tail of a chunk that was being written."""
+        progress = out.with_name(f".{out.name}.progress.json")
+        interrupted(lambda: progress.is_file() and json.loads(progress.read_text())["rows"] >= 10,
+                    lambda: main([*args, "--output", str(out)]))
+        with open(out.with_name(f".{out.name}.partial"), "a") as f:
+            f.write("m10,half a row")  # as if the process had died while writing
 
     out = tmp_path / "pred.csv"
-    monkeypatch.setattr(main_module.PredictOutput, "append", die_in_third_chunk)
-    with pytest.raises(KeyboardInterrupt):
-        main([*args, "--output", str(out)])
-    monkeypatch.setattr(main_module.PredictOutput, "append", real_append)
+    stop_after_two_chunks(out)
     assert not out.exists()  # --output only ever holds a complete result
     assert main([*args, "--output", str(out)]) == 1
     assert "--resume" in capsys.readouterr().err
@@ -111,10 +110,7 @@ def test_interrupted_predict_resumes_after_its_last_complete_chunk(finished_run,
     assert main([*args, "--output", str(tmp_path / "new.csv"), "--resume"]) == 1
     assert "no interrupted predict" in capsys.readouterr().err
     # an interrupted predict of an input changed since is not continued, and is kept as it was
-    with pytest.raises(KeyboardInterrupt):
-        monkeypatch.setattr(main_module.PredictOutput, "append", die_in_third_chunk)
-        main([*args, "--output", str(tmp_path / "again.csv")])
-    monkeypatch.setattr(main_module.PredictOutput, "append", real_append)
+    stop_after_two_chunks(tmp_path / "again.csv")
     partial = (tmp_path / ".again.csv.partial").read_bytes()
     with open(tmp_path / "in.csv", "a") as f:
         f.write("m99,CCO\n")

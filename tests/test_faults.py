@@ -6,16 +6,20 @@ import logging
 import os
 import shutil
 import socket
+import subprocess
 
 import numpy as np
 import pytest
 import torch
 
 import data
-import main as main_module
+import features
 import model
+import settings
+import store
 from conftest import SIZES, write_drugood
-from data import ConformerSettings, InputError
+from settings import ConformerSettings
+from utils import InputError
 from main import main
 
 
@@ -60,7 +64,7 @@ def test_every_demo_molecule_passes_the_default_heavy_atom_limit():
     for path in (data.Path(__file__).parent.parent / "data" / "demo").glob("*.json"):
         doc = json.loads(path.read_text())
         largest = max(data.Chem.MolFromSmiles(it["smiles"]).GetNumHeavyAtoms() for s in doc["split"].values() for it in s)
-        assert largest <= data.MAX_HEAVY_ATOMS, path
+        assert largest <= settings.ConformerSettings.max_heavy_atoms, path
 
 
 def test_deeply_nested_json_is_invalid_json(tmp_path):
@@ -86,16 +90,16 @@ def test_non_finite_features_stop_with_the_molecules_named(tmp_path):
     encoder.unimol.encoder.layers[5].fc2.bias.data[:] = float("inf")  # weights damaged in memory
     conformers = {"CCO": data.make_conformer("CCO")}
     with pytest.raises(InputError, match="non-finite features for 1 molecules, e.g. CCO"):
-        main_module.frozen_features(encoder, ["CCO"], conformers, tmp_path)
+        features.frozen_features(encoder, ["CCO"], conformers, tmp_path)
     assert not list(tmp_path.glob("features-*/shard-*"))  # nothing cached
 
 
 def test_a_cache_shard_with_non_finite_values_is_recomputed(tmp_path, caplog):
-    store = data.open_store(tmp_path / "store", {"kind": "test"})
-    data.store_put(store, {"A": {"x": np.array([1.0, np.nan])}})
+    folder = store.open_store(tmp_path / "store", {"kind": "test"})
+    store.store_put(folder, {"A": {"x": np.array([1.0, np.nan])}})
     with caplog.at_level(logging.WARNING, logger="energy_dpo"):
-        assert data.store_get(store, ["A"]) == {}
-    assert "non-finite" in caplog.text and not list(store.glob("shard-*"))
+        assert store.store_get(folder, ["A"]) == {}
+    assert "non-finite" in caplog.text and not list(folder.glob("shard-*"))
 
 
 def test_bad_numbers_in_flags_create_nothing(tmp_path, small_benchmark, capsys):
@@ -298,8 +302,49 @@ def test_a_full_disk_is_one_line_and_leaves_no_temporary_files(tmp_path, monkeyp
     monkeypatch.setattr(os, "replace", disk_full)
     assert main(["--mode", "featurize", "--smiles", "CCO", "--output", str(tmp_path / "out" / "f.npy"),
                  "--unimol_weights", "random", "--cache_dir", str(tmp_path / "c")]) == 1
-    one_line_error(capsys, "f.rows.csv", "No space left on device")
+    one_line_error(capsys, "no space left on device: ", "f.rows.csv")
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real file system of 400 KB (tmpfs, mounted for the test), to fill up."""
+    def mount(name, size_kb=400):
+        where = tmp_path / name
+        where.mkdir()
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(where)],
+                              capture_output=True, text=True)
+        if proc.returncode:
+            pytest.skip(f"cannot mount a small tmpfs here ({proc.stderr.strip()}); needs root")
+        mounted.append(where)
+        return where
+    mounted = []
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", str(where)], check=True)
+
+
+def test_a_really_full_disk_ends_in_one_line_and_keeps_earlier_results(small_disk, small_benchmark, random_ckpt,
+                                                                        cache_dir, capsys):
+    # the run folder fills up while the checkpoint (the head alone is 0.5 MB) is saved
+    out = small_disk("out")
+    train = ["--data_file", str(small_benchmark), "--unimol_weights", str(random_ckpt), "--num_workers", "1",
+             "--epochs", "1", *SIZES]
+    assert main([*train, "--cache_dir", str(cache_dir), "--output_dir", str(out / "run")]) == 1
+    one_line_error(capsys, f"no space left on device: {out / 'run' / 'best_model.pt'}")
+    assert not [p.name for p in (out / "run").iterdir() if p.name.startswith(".")]  # no partial files
+    # the cache folder fills up while features are stored
+    cache = small_disk("cache", size_kb=64)
+    assert main([*train, "--cache_dir", str(cache), "--output_dir", str(out / "run2")]) == 1
+    one_line_error(capsys, f"no space left on device: {cache}")
+    assert not list(cache.rglob(".tmp-*"))
+    # an earlier result survives a command that finds the disk full
+    kept = small_disk("kept", size_kb=8)
+    (kept / "f.npy").write_bytes(b"earlier result")
+    assert main(["--mode", "featurize", "--smiles", *["CCO", "c1ccccc1O", "CCN"] * 2, "--output", str(kept / "f.npy"),
+                 "--unimol_weights", "random", "--cache_dir", str(cache_dir), "--overwrite"]) == 1
+    one_line_error(capsys, "no space left on device: ", "f.npy")
+    assert (kept / "f.npy").read_bytes() == b"earlier result"
 
 
 def test_stale_temporaries_of_a_killed_process_are_cleaned(tmp_path, finished_run, base_args):

@@ -1,5 +1,6 @@
 """Partial fine-tuning of Uni-Mol: flags, which parameters train, the prefix cache, fine-tuned runs."""
 import csv
+import dataclasses
 import json
 import math
 from contextlib import nullcontext
@@ -10,20 +11,30 @@ import torch
 
 import data
 import model
-from conftest import DEMO
-from main import build_parser, main, model_inputs, validate_args
-from model import (ConformerInputs, EnergyDPOModel, FeatureInputs, FinetunableUniMolEncoder, ModelSpec, PrefixInputs,
-                   UniMolEncoder, build_encoder, collate, energies, load_checkpoint, parse_freeze_spec)
+import settings
 import train
-from train import EnergyDPOTrainer, TrainConfig
+from conftest import DEMO, interrupted
+from features import model_inputs, prefix_store_dir
+from main import build_parser, given_flags, main, validate
+from model import (ConformerInputs, EnergyDPOModel, FeatureInputs, FinetunableUniMolEncoder, PrefixInputs, UniMolEncoder,
+                   collate, energies, load_checkpoint, spec_encoder)
+from runs import load_run
+from settings import ModelSpec, RunMolecules, ScoreJob, ScoringSettings, TrainConfig, parse_freeze_spec
+from train import EnergyDPOTrainer
 
 SMILES = ["CCO", "c1ccccc1O", "CC(C)Nc1ncccc1", "CCOC(=O)C", "c1ccncc1C#N", "OCCOc1ccccc1", "CC(=O)Nc1ccc(O)cc1",
           "CN1CCNCC1"]
 
 
 def parsed(*argv):
-    args = build_parser().parse_args(["--data_file", str(DEMO), *argv])
-    return args, validate_args(args)
+    parser, argv = build_parser(), ["--data_file", str(DEMO), *argv]
+    args = parser.parse_args(argv)
+    return args, validate(args, given_flags(parser, argv), parser)
+
+
+def tuned_encoder(freeze="0-12", strategy="layers"):
+    spec = ModelSpec(finetune_encoder=True, freeze_layers=freeze, finetune_strategy=strategy)
+    return spec_encoder(spec, "random")
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +42,8 @@ def conformers():
     return [data.make_conformer(s)[:2] for s in SMILES]
 
 
-def finetuned_model(freeze="0-12", seed=0, **kwargs):
-    encoder = build_encoder("random", finetune=True, freeze_layers=freeze, **kwargs)
+def finetuned_model(freeze="0-12", seed=0):
+    encoder = tuned_encoder(freeze)
     return EnergyDPOModel(ModelSpec(encoder.weights_id, finetune_encoder=True, freeze_layers=freeze), encoder, seed)
 
 
@@ -42,7 +53,7 @@ def test_defaults_are_the_frozen_pipeline():
     assert (args.encoder_lr, args.freeze_layers, args.grad_accum_steps, args.amp) == (5e-6, "0-12", 1, "off")
     assert (args.batch_size, args.eval_batch_size) == (4096, 2048)
     assert args.dataset == "demo_ec50_scaffold"  # the --data_file stem, not the official file's name
-    encoder = build_encoder("random")
+    encoder = spec_encoder(ModelSpec(), "random")
     assert type(encoder) is UniMolEncoder and not any(p.requires_grad for p in encoder.parameters())
     with pytest.raises(ValueError, match="frozen one takes features"):
         EnergyDPOModel(ModelSpec(encoder.weights_id), encoder)
@@ -165,7 +176,7 @@ def finetuned_run(tmp_path_factory, small_benchmark, random_ckpt, cache_dir):
     return run
 
 
-def test_finetuned_run_scores_with_its_own_encoder(finetuned_run, random_ckpt, cache_dir, monkeypatch):
+def test_finetuned_run_scores_with_its_own_encoder(finetuned_run, random_ckpt, cache_dir):
     config = json.loads((finetuned_run / "config.json").read_text())
     assert config["encoder_trainable_params"] == 6_305_792 and config["args"]["finetune_encoder"] is True
     state = load_checkpoint(finetuned_run / "best_model.pt")
@@ -179,19 +190,16 @@ def test_finetuned_run_scores_with_its_own_encoder(finetuned_run, random_ckpt, c
     base = UniMolEncoder(str(random_ckpt))
     head_only = EnergyDPOModel(ModelSpec(base.weights_id))
     head_only.head.load_state_dict(state["model"]["head"])
-    confs, _ = data.get_conformers([r["smiles"] for r in rows], data.ConformerSettings(cache_dir))
+    confs, _ = data.get_conformers([r["smiles"] for r in rows], settings.ConformerSettings(cache_dir))
     feats = base.encode([confs[r["smiles"]][:2] for r in rows])
     frozen_scores = energies(head_only, FeatureInputs(feats), 64, "cpu").numpy()
     assert np.abs(frozen_scores - recorded).max() > 1e-3
     # eval and predict reproduce the fine-tuned scores, scoring with the run's own batch size (512)
     before = json.loads((finetuned_run / "test_metrics.json").read_text())
-    batch_sizes = []
-    real_energies = model.energies
-    for module in (model, train):
-        monkeypatch.setattr(module, "energies", lambda net, inputs, batch_size, device: batch_sizes.append(
-            batch_size) or real_energies(net, inputs, batch_size, device))
+    job = ScoreJob(finetuned_run / "best_model.pt", None, RunMolecules(cache_dir=str(cache_dir)), ScoringSettings())
+    assert load_run(job).scoring == ScoringSettings(eval_batch_size=512, encode_batch_size=64)
+    assert load_run(dataclasses.replace(job, scoring=ScoringSettings(eval_batch_size=7))).scoring.eval_batch_size == 7
     assert main(["--mode", "eval", "--output_dir", str(finetuned_run), "--cache_dir", str(cache_dir)]) == 0
-    assert set(batch_sizes) == {512}
     after = json.loads((finetuned_run / "test_metrics.json").read_text())
     assert after["auroc"] == pytest.approx(before["auroc"], abs=1e-9)
     assert after["energy_id_mean"] == pytest.approx(before["energy_id_mean"], abs=1e-5)
@@ -208,15 +216,13 @@ def test_finetuned_checkpoint_refuses_other_base_weights(finetuned_run, capsys, 
     assert "was trained on encoder sha256:" in capsys.readouterr().err
 
 
-PREFIX_STORE = f"prefix-random-init-seed0-p{data.PREPROCESS_VERSION}-k13"
-
-
 def test_prefix_cache_gives_the_full_forward_within_fp16(tmp_path, conformers):
-    enc = build_encoder("random", finetune=True).eval()
+    enc = tuned_encoder().eval()
     confs = dict(zip(SMILES, [(a, c, False) for a, c in conformers]))
     inputs = model_inputs(enc, {"id_train": SMILES[:5], "ood_train": SMILES[5:]}, confs, tmp_path, batch_size=3)
     assert type(inputs["id_train"]) is PrefixInputs and len(inputs["ood_train"]) == 3
-    assert sorted(p.name for p in tmp_path.iterdir()) == [PREFIX_STORE]
+    store = prefix_store_dir(enc, tmp_path)
+    assert sorted(tmp_path.iterdir()) == [store] and store.name.endswith("-k13")  # the 13 frozen layers
     with torch.no_grad():
         for role, part in (("id_train", slice(0, 5)), ("ood_train", slice(5, 8))):
             idx = torch.arange(len(inputs[role]))
@@ -225,9 +231,9 @@ def test_prefix_cache_gives_the_full_forward_within_fp16(tmp_path, conformers):
             assert torch.nn.functional.cosine_similarity(cached, direct).min() > 0.9999
             assert (cached - direct).abs().max() < 2e-2
     # a second call reads the cache instead of recomputing
-    shards = sorted((tmp_path / PREFIX_STORE).glob("shard-*"))
+    shards = sorted(store.glob("shard-*"))
     model_inputs(enc, {"id_train": SMILES}, confs, tmp_path, batch_size=3)
-    assert sorted((tmp_path / PREFIX_STORE).glob("shard-*")) == shards
+    assert sorted(store.glob("shard-*")) == shards
 
 
 def test_training_on_the_prefix_cache_follows_the_full_forward(tmp_path, conformers):
@@ -247,7 +253,7 @@ def test_training_on_the_prefix_cache_follows_the_full_forward(tmp_path, conform
 
 
 def test_layer0_trainable_means_no_prefix_cache(tmp_path, conformers):
-    enc = build_encoder("random", finetune=True, freeze_layers="1-12")
+    enc = tuned_encoder("1-12")
     confs = dict(zip(SMILES[:3], [(a, c, False) for a, c in conformers[:3]]))
     assert type(model_inputs(enc, {"id_train": SMILES[:3]}, confs, tmp_path)["id_train"]) is ConformerInputs
     assert not any(tmp_path.iterdir())
@@ -274,7 +280,7 @@ def expected_trainable(strategy, layers=(13, 14)):
 @pytest.mark.parametrize("strategy, count", [("layers", 6_305_792), ("attention", 2_104_320), ("ffn", 4_202_496),
                                              ("lora", 131_072)])
 def test_each_strategy_trains_exactly_its_parameters(strategy, count):
-    enc = build_encoder("random", finetune=True, freeze_layers="0-12", strategy=strategy)
+    enc = tuned_encoder("0-12", strategy)
     names = [n for n, p in enc.unimol.named_parameters() if p.requires_grad]
     assert sum(p.numel() for p in enc.parameters() if p.requires_grad) == expected_trainable(strategy) == count
     assert {n.split(".")[2] for n in names if n.startswith("encoder.layers.")} == {"13", "14"}
@@ -290,7 +296,7 @@ def test_each_strategy_trains_exactly_its_parameters(strategy, count):
 
 
 def test_lora_starts_as_the_frozen_encoder(conformers):
-    enc = build_encoder("random", finetune=True, strategy="lora").eval()
+    enc = tuned_encoder(strategy="lora").eval()
     frozen = UniMolEncoder("random")
     batch = collate(conformers, frozen.dictionary, "cpu")
     with torch.no_grad():
@@ -299,28 +305,21 @@ def test_lora_starts_as_the_frozen_encoder(conformers):
 
 @pytest.fixture(scope="module", params=["attention", "ffn", "lora"])
 def strategy_runs(request, tmp_path_factory, small_benchmark, random_ckpt, cache_dir):
-    """Per strategy: a finished 2-epoch run and the same run crashed after epoch 1, then resumed."""
+    """Per strategy: a finished 3-epoch run and the same run interrupted after its first epoch, then resumed."""
     args = ["--mode", "train", "--finetune_encoder", "--finetune_strategy", request.param, "--encoder_lr", "1e-3",
             "--data_file", str(small_benchmark), "--unimol_weights", str(random_ckpt), "--cache_dir", str(cache_dir),
-            "--num_workers", "1", "--train_size", "12", "--val_size", "8", "--test_size", "8", "--epochs", "2",
+            "--num_workers", "1", "--train_size", "12", "--val_size", "8", "--test_size", "8", "--epochs", "3",
             "--batch_size", "6", "--warmup_epochs", "2", "--lr_schedule", "cosine", "--patience", "0"]
     root = tmp_path_factory.mktemp(request.param)
     assert main([*args, "--output_dir", str(root / "full")]) == 0
-    real_save = train.save_checkpoint
-
-    def crash_after_epoch_1(path, payload):
-        if path.name == "last.pt" and payload["epoch"] == 2:
-            raise KeyboardInterrupt
-        real_save(path, payload)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train, "save_checkpoint", crash_after_epoch_1)
-        with pytest.raises(KeyboardInterrupt):
-            main([*args, "--output_dir", str(root / "resumed")])
+    resumed = root / "resumed"
+    interrupted(lambda: (resumed / "last.pt").exists(), lambda: main([*args, "--output_dir", str(resumed)]))
+    assert not (resumed / "test_metrics.json").exists()
     assert main([*args, "--output_dir", str(root / "resumed"), "--resume"]) == 0
     return request.param, root
 
 
+@pytest.mark.slow
 def test_strategy_runs_resume_and_rescore_exactly(strategy_runs, cache_dir):
     strategy, root = strategy_runs
     full, resumed = root / "full", root / "resumed"
@@ -333,7 +332,7 @@ def test_strategy_runs_resume_and_rescore_exactly(strategy_runs, cache_dir):
     assert trained and all(("lora_" in k) == (strategy == "lora") for k in trained)
     with open(full / "history.csv") as f:
         encoder_lrs = [float(r["encoder_lr"]) for r in csv.DictReader(f)]
-    assert encoder_lrs == pytest.approx([5e-4, 1e-3])  # linear warm-up over 2 epochs
+    assert encoder_lrs == pytest.approx([5e-4, 1e-3, 1e-3])  # linear warm-up over 2 epochs, then cosine
     with open(full / "test_scores.csv") as f:
         rows = list(csv.DictReader(f))
     before = json.loads((full / "test_metrics.json").read_text())

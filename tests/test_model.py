@@ -10,9 +10,11 @@ import torch
 
 import data
 import model
+import settings
 from conftest import ROOT
-from data import InputError, canonicalize, make_conformer
+from data import canonicalize, make_conformer
 from model import EnergyHead, UniMolEncoder, energy_loss
+from utils import InputError
 
 MOLECULES = ["CCO", "CC(=O)Oc1ccccc1C(=O)O", "CN1C=NC2=C1C(=O)N(C(=O)N2C)C", "C[Si](C)(C)Cl",
              "O=C([O-])c1ccccc1.[Na+]", "Clc1ccc(cc1)C(c1ccccc1)N1CCNCC1", "FC(F)(F)c1ccc(Br)cc1I"]
@@ -109,9 +111,9 @@ def test_missing_weights_say_where_to_get_them(tmp_path):
 
 def test_weights_path_honours_unimol_weight_dir(monkeypatch):
     monkeypatch.delenv("UNIMOL_WEIGHT_DIR", raising=False)
-    assert data.default_weights_path() == "./weights/mol_pre_no_h_220816.pt"
+    assert settings.default_weights_path() == "./weights/mol_pre_no_h_220816.pt"
     monkeypatch.setenv("UNIMOL_WEIGHT_DIR", "/opt/unimol")
-    assert data.default_weights_path() == "/opt/unimol/mol_pre_no_h_220816.pt"
+    assert settings.default_weights_path() == "/opt/unimol/mol_pre_no_h_220816.pt"
 
 
 def test_energy_head_shape_and_size():
@@ -165,7 +167,7 @@ def test_importing_the_encoder_leaves_the_process_alone(tmp_path):
 
 
 def test_checkpoint_describes_itself(tmp_path, random_ckpt):
-    spec = model.ModelSpec(encoder_weights=UniMolEncoder("random").weights_id, hidden_dim=32, loss_type="hinge")
+    spec = settings.ModelSpec(encoder_weights=UniMolEncoder("random").weights_id, hidden_dim=32, loss_type="hinge")
     net = model.EnergyDPOModel(spec, seed=3)
     model.save_checkpoint(tmp_path / "m.pt", {"model_spec": dataclasses.asdict(spec), "model": net.checkpoint_state()})
     rebuilt, encoder, _ = model.load_model(tmp_path / "m.pt", "random")

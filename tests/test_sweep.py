@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from main import RUNTIME_FLAGS
+from main import build_parser, runtime_flags
+
+pytestmark = pytest.mark.slow  # every test here runs whole commands in subprocesses
 
 SCRIPT = ROOT / "run_finetune_comparison.sh"
 SWEEP_VARS = ("SEEDS", "DATASETS", "DATA_FILE", "EPOCHS", "TRAIN_SIZE", "VAL_SIZE", "TEST_SIZE", "DATA_SEED",
@@ -204,7 +206,7 @@ def test_sweep_prints_one_line_per_run_then_the_summaries(tmp_path, small_benchm
 
 
 def test_sweep_printed_commands_run_anywhere_and_rerun_safely(caller_sweep, tmp_path):
-    """caller_sweep's runs printed (creating nothing), then run as the README says, with xargs -P 2 from
+    """caller_sweep's runs printed (creating nothing), then run as docs/scaling.md says, with xargs -P 2 from
     another folder in a shell without the sweep's settings (no UNIMOL_WEIGHT_DIR): the same folders,
     settings and numbers as the sweep's own. A line run again, as a requeued SLURM array task runs it,
     exits 0 and leaves the finished run untouched."""
@@ -233,8 +235,9 @@ def test_sweep_printed_commands_run_anywhere_and_rerun_safely(caller_sweep, tmp_
         config, reference = (json.loads((root / arm / "seed1" / "config.json").read_text())["args"]
                              for root in (ours, theirs))
         assert config["auto_resume"] and not reference["overwrite"]
-        assert {k: v for k, v in config.items() if k not in RUNTIME_FLAGS} == \
-            {k: v for k, v in reference.items() if k not in RUNTIME_FLAGS}
+        runtime = runtime_flags(build_parser())
+        assert {k: v for k, v in config.items() if k not in runtime} == \
+            {k: v for k, v in reference.items() if k not in runtime}
         metrics, reference = (json.loads((root / arm / "seed1" / "test_metrics.json").read_text())
                               for root in (ours, theirs))
         for name in ("auroc", "aupr", "fpr95", "auroc_size_matched", "val_auroc"):

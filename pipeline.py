@@ -1,0 +1,332 @@
+"""The modes as ordered steps: train, eval, featurize, compare, analyze (predict has predict.py).
+
+Each takes typed settings (settings.py) and nothing from the command line, so it can be called
+from Python as well as from main.py."""
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+import analyze
+import distributed
+from baselines import baseline_metrics, baseline_scores, descriptor
+from data import (attach_conformers, canonical, finalize_report, get_conformers, item_field, load_benchmark,
+                  load_test_roles, prepare_inputs, read_table)
+from evaluate import (finite_scores, id_threshold, plot_training_curves, read_test_scores, results_table,
+                      write_test_results)
+from features import frozen_features, model_inputs
+from model import (EnergyDPOModel, FinetunableUniMolEncoder, UniMolEncoder, encoded, energies, load_checkpoint,
+                   load_model, save_checkpoint, spec_encoder)
+from runs import (EVAL_FOLDER, EVAL_LOG, FINISHED, check_resumable, check_run_dir, clear_run_dir, from_run, load_run,
+                  remove_stale_temporaries, run_conformers, run_config, run_state, run_weights, trained_molecules,
+                  trained_roles, write_roles)
+from settings import RANDOM_INIT_LABEL, DataSpec, EncoderId
+from sweep import REFERENCE_ARM, collect_arm_runs, run_folder, write_comparison
+from train import EnergyDPOTrainer, learning_warning
+from utils import InputError, atomic_path, atomic_write_csv, atomic_write_json, attach_log_file, file_sha256
+
+log = logging.getLogger("energy_dpo.pipeline")
+
+
+def _or_dash(value):
+    return "–" if value is None else f"{value:.4f}"
+
+
+def result_line(dataset, metrics):
+    """The last line of a run's log: its test metrics, with what to compare them to."""
+    identity = EncoderId.parse(metrics["encoder_weights"])
+    return (f"{dataset} test ({identity.label}): AUROC {metrics['auroc']:.4f}  "
+            f"AUPR {metrics['aupr']:.4f}  AUPR-In {metrics['aupr_in']:.4f}  FPR95 {metrics['fpr95']:.4f}  "
+            f"size-matched AUROC {_or_dash(metrics.get('auroc_size_matched'))}  (ID {metrics['n_id']}, "
+            f"OOD {metrics['n_ood']}; model: best epoch {metrics['best_epoch']}, val AUROC {metrics['val_auroc']:.4f})")
+
+
+def heavy_atom_counts(roles):
+    return {role: descriptor(mols, "heavy_atoms") for role, mols in roles.items()}
+
+
+def frozen_twin(encoder, weights):
+    """The frozen encoder on the same base weights as `encoder` (itself when it is frozen)."""
+    return UniMolEncoder(weights, amp=encoder.amp) if isinstance(encoder, FinetunableUniMolEncoder) else encoder
+
+
+def run_baselines(out_dir, frozen, roles, conformers, *, labels_from, seed, conf, batch_size, device):
+    """Every baseline on `roles` (a run's train / val roles and the test roles scored), written to
+    out_dir/baselines.json; returns (metrics per baseline, skipped ones with the reason, seconds).
+    Feature baselines use the `frozen` encoder's features, also for a fine-tuned run. `labels_from`:
+    the DrugOOD file whose train split gives the ID training molecules' class labels."""
+    started = time.monotonic()
+    encoder = frozen
+    inputs = model_inputs(frozen, roles, conformers, conf.cache_dir, batch_size, device, conf.force)
+    features = {role: inputs[role].features.numpy() for role in roles}
+    labels = (item_field(labels_from, "train", roles["id_train"], "cls_label") if Path(labels_from).is_file()
+              else [None] * len(roles["id_train"]))
+    scores, skipped = baseline_scores(roles, features, labels, seed)
+    sizes = heavy_atom_counts({r: roles[r] for r in ("id_test", "ood_test")})
+    metrics = baseline_metrics(scores, sizes["id_test"], sizes["ood_test"])
+    seconds = time.monotonic() - started
+    atomic_write_json(out_dir / "baselines.json", {
+        "encoder_weights": encoder.weights_id, "random_init_encoder": encoder.is_random_init,
+        "roles": "the same ID/OOD test molecules as test_metrics.json; trained on the run's own ID/OOD train roles",
+        "baselines": metrics, "skipped": skipped, "seconds": round(seconds, 2)})
+    return metrics, skipped, seconds
+
+
+def log_results_table(metrics, baselines, skipped, identity):
+    fraction = metrics.get("size_matched_pair_fraction") or 0.0
+    log.info("Energy-DPO beside baselines on the same test molecules (%s; size-matched: pairs of equal heavy-atom "
+             "count, %.0f%% of pairs):\n%s", identity.label, 100 * fraction,
+             "\n".join(results_table({"Energy-DPO": metrics, **baselines}, skipped)))
+
+
+# ----------------------------------------------------------------------------- train
+
+def run_train(job):
+    """Train a detector into job.run.path: roles, caches, training with validation model selection,
+    then the test split scored with the best checkpoint, baselines beside it, and the plots."""
+    started = time.monotonic()
+    team = distributed.current()
+    run_dir = job.run.path
+    resume, overwrite = job.run.resume, job.run.overwrite
+    if job.run.auto_resume:
+        state = run_state(run_dir)
+        if state == "finished":
+            if team.leader:
+                print(f"{run_dir}: finished ({FINISHED} exists); nothing to do")
+            return
+        resume, overwrite = state == "interrupted", state == "started"
+    check_run_dir(run_dir, overwrite, resume)
+    encoder = spec_encoder(job.model, job.encoder.weights, job.encoder.grad_checkpointing)
+    config = run_config(job.flags, encoder) | {"data_file_sha256": file_sha256(job.data.data_file)}
+    log.info("configuration: %s", json.dumps(config, indent=1))
+    if job.model.finetune_encoder:
+        trainable, total = config["encoder_trainable_params"], config["encoder_total_params"]
+        log.info("fine-tuning %s of %s Uni-Mol parameters (%.2f%%): strategy %s, frozen layers %s",
+                 f"{trainable:,}", f"{total:,}", 100 * trainable / total, job.model.finetune_strategy,
+                 job.model.freeze_layers)
+    if encoder.is_random_init:
+        log.warning("%s: numbers from this run are not Uni-Mol results", RANDOM_INIT_LABEL)
+    if resume:
+        check_resumable(run_dir, config, job.flag_defaults, job.runtime_flags)
+    team.barrier()  # every rank has looked at the run folder before the leader changes it
+    roles, conformers, report = load_benchmark(job.data.data_file, job.data.sizes, job.data.data_seed,
+                                               job.conformers, job.data.ood_val_split)
+    if team.leader:  # every input has checked out: only now may an earlier run in this folder go
+        if overwrite:
+            clear_run_dir(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(run_dir)
+        attach_log_file(run_dir / "training.log")
+        if not resume:
+            atomic_write_json(run_dir / "config.json", config)
+        atomic_write_json(run_dir / "data_report.json", report)
+        write_roles(run_dir, roles)
+    log.info("roles: %s; %d items skipped (listed in data_report.json)",
+             ", ".join(f"{r} {len(m)}" for r, m in roles.items()), len(report["skipped"]))
+    inputs = model_inputs(encoder, roles, conformers, job.conformers.cache_dir, job.encoder.encode_batch_size,
+                          job.train.device, job.conformers.force)
+    spec = dataclasses.replace(job.model, encoder_weights=encoder.weights_id)
+    net = EnergyDPOModel(spec, encoder if spec.finetune_encoder else None, seed=job.train.seed)
+    trainer = EnergyDPOTrainer(net, job.train, run_dir, {"config": config})
+    if resume:
+        trainer.resume(run_dir / "last.pt")
+    history = trainer.fit(inputs)
+    distributed.stop()  # the leader finishes the run alone
+    if not team.leader:
+        return
+    title = f"{job.data.dataset}\n{encoder.identity.label}"
+    plot_training_curves(run_dir / "training_curves.png", history, trainer.best_epoch, title)
+    labels = {"dataset": job.data.dataset, "title": title, "ood_val_split": job.data.ood_val_split}
+    stalled = learning_warning(history, job.train.batch_size)
+    if stalled:
+        log.warning("%s", stalled)
+        labels["training_warning"] = stalled
+    baselines, skipped, baseline_s = run_baselines(
+        run_dir, frozen_twin(encoder, job.encoder.weights), roles, conformers, labels_from=job.data.data_file,
+        seed=job.train.seed, conf=job.conformers, batch_size=job.encoder.encode_batch_size, device=job.train.device)
+    metrics = finish_run(run_dir, net, inputs, roles, job.train.eval_batch_size, job.train.device, labels)
+    log_results_table(metrics, baselines, skipped, encoder.identity)
+    log.info("baselines took %.1f s of this run's %.1f s", baseline_s, time.monotonic() - started)
+    if metrics.get("validation_warning"):
+        log.warning("%s", metrics["validation_warning"])
+    log.info("%s", result_line(job.data.dataset, metrics))  # the last line of training.log
+
+
+def finish_run(run_dir, net, inputs, roles, batch_size, device, labels):
+    """Score the test roles with the best checkpoint, store the predict threshold in it, and write
+    the test results (test_metrics.json last: it marks the run finished).
+
+    The threshold comes from validation ID energies, never from the test split."""
+    best = run_dir / "best_model.pt"
+    state = load_checkpoint(best)
+    net.load_checkpoint_state(state["model"], best)
+    net.to(device)
+    scores = finite_scores({role: energies(net, inputs[role], batch_size, device).numpy()
+                            for role in ("id_val", "id_test", "ood_test")}, best, "this run's molecules")
+    threshold = id_threshold(scores.pop("id_val"))
+    save_checkpoint(best, state | {"threshold_95_id_val": threshold})
+    identity = EncoderId.parse(net.spec.encoder_weights)
+    extra = {"best_epoch": state["epoch"], "val_auroc": state["val_auroc"], "threshold_95_id_val": threshold,
+             "encoder_weights": identity.text, "random_init_encoder": identity.is_random_init, **labels}
+    test_roles = {r: roles[r] for r in scores}
+    return write_test_results(run_dir, test_roles, scores, extra, heavy_atom_counts(test_roles))
+
+
+# ----------------------------------------------------------------------------- eval
+
+def run_eval(job, other=None):
+    """Re-score a finished run's own test split (same file, checked; same roles), or with `other`
+    (an OtherBenchmark) another benchmark's test molecules into RUN/eval/<name>/, with the
+    baselines of the run's own training roles beside them."""
+    run = load_run(job)
+    stored = run.stored
+    if other is not None:  # another benchmark: results under RUN/eval/<name>/, the run's own untouched
+        out_dir = run.folder / EVAL_FOLDER / other.dataset
+        dataset = other.dataset
+        if (out_dir / FINISHED).exists() and not job.overwrite:
+            raise InputError(f"{out_dir}: holds an earlier evaluation; pass --overwrite to replace it")
+        seen = trained_molecules(run.folder)
+        roles, report = load_test_roles(other.data_file, from_run(other.test_size, stored, "test_size"),
+                                        from_run(other.data_seed, stored, "data_seed"), seen)
+        roles, conformers = attach_conformers(roles, report, run.conformers, other.data_file)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        attach_log_file(out_dir / EVAL_LOG)
+        log.info("%s: removed %s molecules that %s trained or validated on", other.data_file,
+                 report["removed_seen_in_run"], run.folder)
+        atomic_write_json(out_dir / "data_report.json", finalize_report(report))
+        title = f"{dataset} (detector trained on {stored['dataset']})\n{run.identity.label}"
+    else:  # the run's own test split, as it was: same file (checked), same roles
+        out_dir, dataset = run.folder, stored["dataset"]
+        recorded = run.state.get("config", {}).get("data_file_sha256")
+        if recorded and Path(stored["data_file"]).is_file() and file_sha256(stored["data_file"]) != recorded:
+            raise InputError(f"{stored['data_file']}: changed since the run was trained (SHA-256 differs from "
+                             f"{recorded[:12]}…); restore it, or score it as another benchmark with --data_file")
+        roles, conformers, _ = load_benchmark(stored["data_file"], (stored["train_size"], stored["val_size"],
+                                              stored["test_size"]), stored["data_seed"], run.conformers,
+                                              stored.get("ood_val_split", DataSpec.ood_val_split))
+        roles = {r: roles[r] for r in ("id_test", "ood_test")}
+        attach_log_file(run.folder / EVAL_LOG)
+        title = f"{dataset}\n{run.identity.label}"
+    scores = finite_scores(run.score(roles, conformers, job.device), run.checkpoint, dataset)
+    extra = {"best_epoch": run.state["epoch"], "val_auroc": run.state["val_auroc"],
+             "threshold_95_id_val": run.threshold, "encoder_weights": run.identity.text,
+             "random_init_encoder": run.identity.is_random_init, "dataset": dataset, "trained_on": stored["dataset"],
+             "title": title, "ood_val_split": stored.get("ood_val_split", DataSpec.ood_val_split)}
+    if other is not None:  # the baselines of the run's own training data, on the other benchmark's molecules
+        own_roles = trained_roles(run.folder)
+        own, _ = get_conformers([s for mols in own_roles.values() for s in mols], run.conformers)
+        own_roles = {r: [s for s in mols if s in own] for r, mols in own_roles.items()}
+        baselines, skipped, _ = run_baselines(
+            out_dir, frozen_twin(run.encoder, run.weights), own_roles | roles, conformers | own,
+            labels_from=stored["data_file"], seed=stored["seed"], conf=run.conformers,
+            batch_size=run.scoring.encode_batch_size, device=job.device)
+    metrics = write_test_results(out_dir, roles, scores, extra, heavy_atom_counts(roles))
+    if other is not None:
+        log_results_table(metrics, baselines, skipped, run.identity)
+    log.info("%s", result_line(dataset, metrics))
+    print(f"wrote {out_dir / FINISHED}")
+
+
+# ----------------------------------------------------------------------------- featurize
+
+def run_featurize(job):
+    """Frozen CLS features of job's molecules into job.output (.npy), with .rows.csv (which input
+    row each .npy row is) and .failed.csv (the rows that could not be featurised, and why)."""
+    encoder = UniMolEncoder(job.encoder.weights, amp=job.amp)
+    smiles = read_table(job.input, job.smiles_column)[2] if job.input else job.smiles
+    written, conformers, failed = prepare_inputs(smiles, job.conformers)
+    if failed:
+        log.warning("%d of %d molecules could not be featurised (listed in the .failed.csv)", len(failed), len(smiles))
+    feats = frozen_features(encoder, list(written.values()), conformers, job.conformers.cache_dir,
+                            job.encoder.encode_batch_size, job.device, job.conformers.force).astype(np.float32)
+    if not distributed.current().leader:
+        return
+    out = Path(job.output)
+    with atomic_path(out) as tmp:
+        np.save(tmp, feats)
+    atomic_write_csv(out.with_suffix(".rows.csv"),
+                     [(row, i, s, canonical(s), encoder.weights_id) for row, (i, s) in enumerate(written.items())],
+                     ["npy_row", "input_row", "smiles", "canonical_smiles", "encoder_weights"])
+    atomic_write_csv(out.with_suffix(".failed.csv"),
+                     [(i, smiles[i], r, encoder.weights_id) for i, r in sorted(failed.items())],
+                     ["input_row", "smiles", "reason", "encoder_weights"])
+    print(f"wrote {out} ({feats.shape[0]} x {feats.shape[1]}, encoder {encoder.identity.label}); "
+          f"{len(failed)} failed rows in {out.with_suffix('.failed.csv')}")
+
+
+# ----------------------------------------------------------------------------- compare, analyze
+
+def run_compare(root):
+    _, text = write_comparison(root)
+    print(text)
+
+
+def run_analyze(job):
+    """SWEEP/<dataset>/analysis/: per-molecule rank changes (with the molecules that moved most),
+    feature drift (linear CKA and PCA against the frozen features) and weight change per layer.
+    job.path is the sweep folder; the frozen arm's first run gives the sweep's settings."""
+    root = Path(job.path)
+    runs = collect_arm_runs(root)
+    arms, seeds = list(runs), sorted(runs[REFERENCE_ARM])
+    reference = runs[REFERENCE_ARM][seeds[0]].config
+    tuned = [arm for arm in arms[1:] if runs[arm][seeds[0]].config["args"].get("finetune_encoder")]
+    if not tuned:
+        raise InputError(f"{root}: no fine-tuned arm to analyse (arms: {', '.join(arms)})")
+    smiles, is_ood, _ = read_test_scores(run_folder(root, REFERENCE_ARM, seeds[0]))
+    ranks = {}
+    for arm in arms:
+        per_seed = []
+        for seed in seeds:
+            run_smiles, _, energy = read_test_scores(run_folder(root, arm, seed))
+            if run_smiles != smiles:
+                raise InputError(f"{run_folder(root, arm, seed)}: other test molecules than {REFERENCE_ARM}; the "
+                                 f"arms must share --data_seed and sizes")
+            per_seed.append(analyze.energy_ranks(energy))
+        ranks[arm] = np.mean(per_seed, axis=0)
+    out = root / "analysis"
+    out.mkdir(exist_ok=True)
+    attach_log_file(out / "analyze.log")
+    stored = reference["args"]
+    identity = EncoderId.parse(reference["encoder_weights"])
+    title = f"{stored['dataset']} · {identity.label}"
+    changes = analyze.rank_changes(is_ood, ranks[REFERENCE_ARM], {a: ranks[a] for a in tuned})
+    analyze.write_molecule_changes(out / "molecule_changes.csv", smiles, is_ood, ranks[REFERENCE_ARM],
+                                   {a: ranks[a] for a in tuned}, changes, identity.text)
+    mean_improvement = np.mean([changes[a]["improvement"] for a in tuned], axis=0)
+    for name, worst in (("most_improved", False), ("most_worsened", True)):
+        analyze.molecule_grid(out / f"{name}.png", smiles, is_ood, mean_improvement,
+                              f"{title}\n{'away from' if worst else 'toward'} the correct side after fine-tuning "
+                              f"(rank fraction, mean over {', '.join(tuned)} and {len(seeds)} seeds)", worst=worst)
+    weights = run_weights(job.weights, stored)
+    conf = run_conformers(job.molecules, stored)
+    conformers, failures = get_conformers(smiles, conf)
+    if failures:
+        raise InputError(f"{len(failures)} test molecules have no conformer now (e.g. {next(iter(failures))}); "
+                         f"check --cache_dir and the molecule limits")
+    frozen_encoder = UniMolEncoder(weights, amp=stored.get("amp") == "bf16")
+    if frozen_encoder.identity != identity:
+        raise InputError(f"{weights}: not the sweep's encoder ({identity.text}); pass --unimol_weights")
+    frozen = frozen_features(frozen_encoder, smiles, conformers, conf.cache_dir, stored["encode_batch_size"],
+                             job.device)
+    base = {k: v.numpy() for k, v in frozen_encoder.unimol.state_dict().items()}
+    cka, weight_change, first_features = {}, {}, {}
+    for arm in tuned:
+        cka[arm], weight_change[arm] = {}, {}
+        for seed in seeds:
+            net, encoder, state = load_model(run_folder(root, arm, seed) / "best_model.pt", weights)
+            inputs = model_inputs(encoder, {"test": smiles}, conformers, conf.cache_dir, stored["encode_batch_size"],
+                                  job.device)["test"]
+            feats = encoded(encoder.to(job.device), inputs, stored["eval_batch_size"], job.device).numpy()
+            cka[arm][str(seed)] = analyze.linear_cka(frozen, feats)
+            weight_change[arm][str(seed)] = analyze.relative_weight_change(
+                base, {k: v.numpy() for k, v in state["model"]["encoder_trainable"].items()},
+                net.spec.lora_alpha / net.spec.lora_rank)
+            first_features.setdefault(arm, feats)
+    analyze.write_drift(out, cka, weight_change, frozen, first_features, is_ood, title)
+    log.info("wrote %s: molecule_changes.csv, most_improved.png, most_worsened.png, feature_drift.json/.png", out)
+    for arm in tuned:
+        log.info("%s: linear CKA to frozen %s; mean rank move toward the correct side %+.4f", arm,
+                 ", ".join(f"seed {s} {v:.4f}" for s, v in cka[arm].items()), float(changes[arm]["improvement"].mean()))

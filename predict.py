@@ -1,0 +1,183 @@
+"""predict: score new molecules with a finished run, streaming the input in chunks.
+
+The input is read, scored and written `chunk_rows` rows at a time into a hidden partial file
+beside the output; a progress file records the complete rows, so that --resume continues after the
+last complete chunk, and the finished file is renamed into place: --output only ever holds a
+complete result. Under torchrun every rank scores its share of each chunk; rank 0 writes."""
+import csv
+import dataclasses
+import itertools
+import logging
+import os
+from pathlib import Path
+
+import distributed
+from data import canonical, forget_parsed, fragment_warning, iter_table, prepare_inputs
+from evaluate import finite_scores
+from runs import load_run
+from utils import InputError, atomic_write_json, file_sha256, full_disk_error, progress, read_json
+
+log = logging.getLogger("energy_dpo.predict")
+PREDICT_COLUMNS = ["canonical_smiles", "energy", "is_ood", "warning", "error", "encoder_weights"]
+
+
+def input_rows(job):
+    """(columns, rows): rows a generator of (fields, SMILES), limited to the job's shard."""
+    def rows():
+        return (iter_table(job.input, job.smiles_column) if job.input
+                else (["smiles"], (([s], s) for s in job.smiles)))
+    columns, stream = rows()
+    clash = [c for c in columns if c in PREDICT_COLUMNS]
+    if clash:
+        raise InputError(f"{job.input}: column {clash[0]!r} would be overwritten by the output; rename it")
+    if job.shard:
+        index, count = job.shard
+        total = sum(1 for _ in rows()[1])  # a counting pass: the input is never held in memory
+        start, stop = (index - 1) * total // count, index * total // count
+        stream = itertools.islice(stream, start, stop)
+        log.info("shard %d/%d: input rows %d to %d of %d", index, count, start + 1, stop, total)
+    return columns, stream
+
+
+class PredictOutput:
+    """predict's output file, its hidden partial file and its progress file."""
+
+    def __init__(self, path, job):
+        self.path, self.job = path, job
+        self.partial = path.with_name(f".{path.name}.partial")
+        self.progress = path.with_name(f".{path.name}.progress.json")
+        self.state = None
+
+    def check(self, resume, overwrite):
+        """Rows already done (0 for a fresh start); reads only (every rank of a team calls it)."""
+        if not resume:
+            if self.progress.exists() and not overwrite:
+                raise InputError(f"{self.path}: an interrupted predict left {self.progress.name}; pass --resume to "
+                                 f"continue it or --overwrite to start again")
+            return 0
+        if not self.progress.exists():
+            raise InputError(f"{self.path}: no interrupted predict to resume (no {self.progress.name}); "
+                             f"run it without --resume")
+        state = read_json(self.progress, "start again with --overwrite")
+        if not isinstance(state, dict) or state.get("job") != self.job:
+            raise InputError(f"{self.progress}: the interrupted predict had other inputs or settings "
+                             f"({state.get('job') if isinstance(state, dict) else state}); start again with --overwrite")
+        if not self.partial.exists() or self.partial.stat().st_size < state["bytes"]:
+            raise InputError(f"{self.partial}: missing or shorter than its progress file says; start again with "
+                             f"--overwrite")
+        self.state = state
+        return state["rows"]
+
+    def start(self, columns, done):
+        """Resume after `done` rows, or create the partial file (the leader only)."""
+        if done:
+            with open(self.partial, "r+b") as f:  # drop a chunk that was being written
+                f.truncate(self.state["bytes"])
+            log.info("resuming %s after %d complete input rows", self.path, done)
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.partial, "w", newline="") as f:
+            csv.writer(f, lineterminator="\n").writerow(columns + PREDICT_COLUMNS)
+        self.state = {"job": self.job, "rows": 0, "bytes": self.partial.stat().st_size,
+                      "scored": 0, "flagged": 0, "failed": 0, "fragments": 0}
+        atomic_write_json(self.progress, self.state)
+
+    def append(self, out, counts):
+        try:
+            with open(self.partial, "a", newline="") as f:
+                csv.writer(f, lineterminator="\n").writerows(out)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            error = full_disk_error(exc, self.partial)
+            if error is not None:  # the partial file keeps its complete chunks: --resume continues
+                raise error from None
+            raise
+        self.state = {**self.state, "rows": self.state["rows"] + len(out), "bytes": self.partial.stat().st_size,
+                      **{k: self.state[k] + v for k, v in counts.items()}}
+        atomic_write_json(self.progress, self.state)
+
+    def finish(self):
+        os.replace(self.partial, self.path)
+        self.progress.unlink()
+        return self.state
+
+    def discard(self):
+        self.partial.unlink()
+        self.progress.unlink()
+
+
+@dataclasses.dataclass
+class ChunkCounts:
+    scored: int = 0
+    flagged: int = 0
+    failed: int = 0
+    fragments: int = 0
+
+
+def score_chunk(run, chunk, device):
+    """Output rows and counts for a chunk of (fields, SMILES) input rows."""
+    written, conformers, failed = prepare_inputs([s for _, s in chunk], run.conformers)
+    energy = []
+    if written:
+        scores = run.score({"input": list(written.values())}, conformers, device, cache_prefix=False)
+        energy = finite_scores(scores, run.checkpoint, "the input")["input"]
+    scores = dict(zip(written, energy))
+    out, counts = [], ChunkCounts(scored=len(scores), failed=len(failed))
+    for i, (fields, _) in enumerate(chunk):
+        if i in scores:
+            warning = fragment_warning(written[i])
+            flagged = int(scores[i] > run.threshold)
+            counts.flagged += flagged
+            counts.fragments += bool(warning)
+            out.append(fields + [canonical(written[i]), f"{scores[i]:.6f}", flagged, warning, "",
+                                 run.encoder.weights_id])
+        else:
+            out.append(fields + ["", "", "", "", failed[i], run.encoder.weights_id])
+    forget_parsed()
+    return out, dataclasses.asdict(counts)
+
+
+def run_predict(score_job, job):
+    """Score `job`'s molecules with the finished run `score_job` names, into job.output."""
+    run = load_run(score_job)
+    team = distributed.current()
+    columns, rows = input_rows(job)
+    source = Path(job.input).resolve() if job.input else None
+    recorded = {"input": str(source) if source else job.smiles,
+                "shard": f"{job.shard[0]}/{job.shard[1]}" if job.shard else None, "chunk_rows": job.chunk_rows,
+                "input_bytes": source.stat().st_size if source else None, "smiles_column": job.smiles_column,
+                "input_mtime_ns": source.stat().st_mtime_ns if source else None,
+                "max_heavy_atoms": run.conformers.max_heavy_atoms, "conformer_timeout": run.conformers.timeout_s,
+                "model_sha256": file_sha256(run.checkpoint)}
+    output = PredictOutput(Path(job.output), recorded)
+    done = output.check(job.resume, job.overwrite)  # every rank: the same answer, or the same error
+    team.barrier()
+    if team.leader:
+        output.start(columns, done)
+    rows = itertools.islice(rows, done, None)
+    for number in progress(itertools.count(), desc="predict chunks", unit="chunk"):
+        chunk = list(itertools.islice(rows, job.chunk_rows))
+        if not chunk:
+            break
+        out, counts = score_chunk(run, chunk, score_job.device)
+        run.conformers = dataclasses.replace(run.conformers, force=False)  # --force_recompute_cache: once
+        if team.leader:
+            output.append(out, counts)
+            if output.state["rows"] >= 10 * job.chunk_rows and number % 10 == 9:
+                log.info("predict: %d input rows done", output.state["rows"])
+    if not team.leader:
+        return
+    if not output.state["rows"] and not job.shard:
+        output.discard()
+        raise InputError(f"{job.input}: no SMILES found")
+    totals = output.finish()
+    if totals["failed"]:
+        log.warning("%d of %d molecules could not be featurised (reasons in the error column)", totals["failed"],
+                    totals["rows"])
+    if totals["fragments"]:
+        log.warning("%d inputs have several fragments (salts, mixtures): scored as one molecule, see the warning "
+                    "column", totals["fragments"])
+    print(f"wrote {job.output}: {totals['scored']} scored ({totals['flagged']} flagged OOD at energy > "
+          f"{run.threshold:.4f}, the 95th percentile of validation ID), {totals['failed']} failed; encoder "
+          f"{run.identity.label}")

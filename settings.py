@@ -1,0 +1,274 @@
+"""Typed settings: what main.py turns the command line into, and the one place every default lives.
+
+The parser in main.py reads its defaults from these classes, so a default written here is the
+default everywhere (command line, Python callers, docs/cli.md's generated table). Light on
+purpose: no torch, so `--help` and `import main` stay fast.
+
+A field that is None in the settings of eval / predict / analyze means "the run's own value"
+(runs.from_run resolves it against the run's recorded flags)."""
+import dataclasses
+import os
+import re
+from pathlib import Path
+from typing import Optional
+
+WEIGHTS_FILE = "mol_pre_no_h_220816.pt"  # the Uni-Mol authors' no-H v1 checkpoint
+RANDOM_INIT_SEED = 0  # the seed of a random-init Uni-Mol (--unimol_weights random)
+DEFAULT_DATASET = "lbap_general_ec50_scaffold"
+FOUNDATION_MODELS = ("unimol",)  # minimol comes with the next encoder
+WEIGHTS_SOURCE = ("the Uni-Mol authors' release: GitHub dptech-corp/Uni-Mol, release v0.1 "
+                  "(weights/mol_pre_no_h_220816.pt), or the Hugging Face repo dptech/Uni-Mol-Models")
+UNIMOL_LAYERS = 15
+STRATEGIES = ("layers", "attention", "ffn", "lora")  # what trains in the layers --freeze_layers leaves
+# Per-side batch sizes when --batch_size / --eval_batch_size are not given: frozen features are
+# cheap, fine-tuning runs the encoder in every step.
+FROZEN_BATCH_SIZE, FROZEN_EVAL_BATCH_SIZE = 4096, 2048
+FINETUNE_BATCH_SIZE, FINETUNE_EVAL_BATCH_SIZE = 256, 512
+
+
+def default_weights_path():
+    """$UNIMOL_WEIGHT_DIR/<checkpoint> when set (where unimol_tools users keep it), else ./weights/."""
+    weight_dir = os.environ.get("UNIMOL_WEIGHT_DIR")
+    return str(Path(weight_dir) / WEIGHTS_FILE) if weight_dir else f"./weights/{WEIGHTS_FILE}"
+
+
+def missing_weights(path):
+    return (f"Uni-Mol weights not found at {path}: download {WEIGHTS_FILE} from {WEIGHTS_SOURCE} into "
+            f"weights/ (or set UNIMOL_WEIGHT_DIR), or pass --unimol_weights random for a randomly "
+            f"initialised encoder")
+
+
+def parse_freeze_spec(spec, n_layers=UNIMOL_LAYERS):
+    """'0-12', '0-5,7,9-12', 'none' or 'all' → sorted frozen layer indices; ValueError if unreadable."""
+    text = spec.strip().lower()
+    if text in ("none", "all"):
+        return [] if text == "none" else list(range(n_layers))
+    frozen = set()
+    for part in text.split(","):
+        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if not match:
+            raise ValueError(f"--freeze_layers {spec!r}: cannot read {part!r}; use ranges and lists such as "
+                             f"0-12 or 0-5,7,9-12, or none / all")
+        lo, hi = int(match[1]), int(match[2] or match[1])
+        if lo > hi:
+            raise ValueError(f"--freeze_layers {spec!r}: {part!r} runs backwards; write the lower layer first")
+        if hi >= n_layers:
+            raise ValueError(f"--freeze_layers {spec!r}: {part!r} is outside layers 0-{n_layers - 1}")
+        frozen.update(range(lo, hi + 1))
+    return sorted(frozen)
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderId:
+    """Which encoder weights produced a number: the encoder kind and the SHA-256 of its weights
+    file, or a seeded random initialisation. `text` is how files record it."""
+    kind: str = "unimol"
+    sha256: Optional[str] = None
+    random_init_seed: Optional[int] = None
+
+    @property
+    def is_random_init(self):
+        return self.sha256 is None
+
+    @property
+    def text(self):
+        return f"random-init(seed={self.random_init_seed})" if self.is_random_init else f"sha256:{self.sha256}"
+
+    @property
+    def label(self):
+        """How results name their encoder: random-init ones unmistakably."""
+        if self.is_random_init:
+            return f"{RANDOM_INIT_LABEL}, {self.text}"
+        return f"pretrained Uni-Mol {self.text}"
+
+    @property
+    def short_label(self):
+        return RANDOM_INIT_LABEL if self.is_random_init else "pretrained Uni-Mol"
+
+    @classmethod
+    def parse(cls, text, kind="unimol"):
+        """The EncoderId that `text` (as files record it) names; ValueError for anything else."""
+        if text.startswith("sha256:") and len(text) == 71:
+            return cls(kind, sha256=text[len("sha256:"):])
+        prefix, suffix = "random-init(seed=", ")"
+        if text.startswith(prefix) and text.endswith(suffix) and text[len(prefix):-len(suffix)].isdigit():
+            return cls(kind, random_init_seed=int(text[len(prefix):-len(suffix)]))
+        raise ValueError(f"not an encoder identity: {text!r}")
+
+
+RANDOM_INIT_LABEL = "RANDOM-INIT ENCODER (not pretrained Uni-Mol)"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+    """Which benchmark a run trains on and how its roles are drawn."""
+    data_file: str
+    dataset: str
+    train_size: int = 2000  # molecules per side (ID and OOD)
+    val_size: int = 600
+    test_size: int = 1000
+    data_seed: int = 42  # the subsampling's own seed, independent of --seed
+    ood_val_split: str = "random"  # random (the reference protocol) or domain (honest validation)
+
+    @property
+    def sizes(self):
+        return self.train_size, self.val_size, self.test_size
+
+
+@dataclasses.dataclass(frozen=True)
+class ConformerSettings:
+    """Where conformers are cached, how they are made, and which molecules are too big to try.
+
+    The molecule limits guard against molecules that would exhaust the machine during 3D embedding
+    (a 10,000-character SMILES grew to 24 GB; a 300-carbon chain takes minutes). Every shipped demo
+    molecule (at most 316 heavy atoms, 25 s to embed on one core) passes both."""
+    cache_dir: str = "./cache"
+    num_workers: int = 2  # processes for conformer generation
+    force: bool = False  # rebuild the caches used
+    max_heavy_atoms: int = 350
+    timeout_s: float = 120  # seconds per molecule, for the ETKDG embedding
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    rank: int
+    alpha: float
+    dropout: float
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """Everything that rebuilds a trained model; every checkpoint carries it. encoder_weights is
+    the EncoderId text of the base encoder, filled in once the encoder is loaded."""
+    encoder_weights: Optional[str] = None
+    hidden_dim: int = 256
+    head_dropout: float = 0.1
+    loss_type: str = "dpo"
+    dpo_beta: float = 0.1
+    lambda_reg: float = 0.01  # weight of the energy-magnitude penalty
+    hinge_margin: float = 1.0
+    finetune_encoder: bool = False
+    freeze_layers: str = "0-12"  # used when finetune_encoder
+    finetune_strategy: str = "layers"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    # peft's default. 0.05 is available: on CPU it runs LoRA at 0.71x the per-step speed of
+    # `layers` (the dropout masks); at 0 LoRA is faster than `layers`.
+    lora_dropout: float = 0.0
+    amp: bool = False  # bf16 autocast of the Uni-Mol forward
+    in_dim: int = 512
+
+    @property
+    def lora(self):
+        return LoraSpec(self.lora_rank, self.lora_alpha, self.lora_dropout)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """How to train (the model's own settings live in its ModelSpec)."""
+    epochs: int = 100
+    batch_size: int = FROZEN_BATCH_SIZE  # molecules per side per micro-batch
+    eval_batch_size: int = FROZEN_EVAL_BATCH_SIZE
+    lr: float = 1e-4  # the head
+    encoder_lr: float = 5e-6  # trainable encoder layers, when fine-tuning
+    weight_decay: float = 1e-5
+    grad_clip: float = 1.0  # max gradient norm
+    patience: int = 20  # epochs without a better validation AUROC; 0 = never stop early
+    seed: int = 42
+    grad_accum_steps: int = 1
+    warmup_epochs: int = 0  # linear warm-up of the encoder learning rate
+    lr_schedule: str = "constant"  # of the encoder learning rate after warm-up: constant or cosine
+    device: str = "cpu"
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderSettings:
+    """Which encoder weights to load and how to run it (not part of what a model is)."""
+    foundation_model: str = "unimol"
+    weights: Optional[str] = None  # a checkpoint path or 'random'; None: the run's (eval / predict)
+    encode_batch_size: Optional[int] = 64  # molecules per frozen encoder forward pass
+    grad_checkpointing: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoringSettings:
+    """How a finished model scores molecules; None: the run's own value."""
+    eval_batch_size: Optional[int] = None
+    encode_batch_size: Optional[int] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RunFolder:
+    """A run folder and what may happen to what it holds."""
+    path: Path
+    overwrite: bool = False
+    resume: bool = False
+    auto_resume: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainJob:
+    data: DataSpec
+    conformers: ConformerSettings
+    encoder: EncoderSettings
+    model: ModelSpec
+    train: TrainConfig
+    run: RunFolder
+    flags: dict  # every resolved flag, as config.json records them (and --resume compares them)
+    flag_defaults: dict  # every flag's default: a flag newer than a resumed run had its default then
+    runtime_flags: frozenset  # flags that may differ on --resume (where and how fast, not what)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunMolecules:
+    """Molecule settings for scoring with a finished run; None fields: the run's own."""
+    cache_dir: Optional[str] = None
+    num_workers: Optional[int] = None
+    force: bool = False
+    max_heavy_atoms: Optional[int] = None
+    timeout_s: Optional[float] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreJob:
+    """eval / predict / analyze: a finished run (or sweep) and how to score with it."""
+    path: Path  # RUN/best_model.pt; analyze: the sweep folder SWEEP/<dataset>
+    weights: Optional[str]  # the base encoder weights; None: the run's recorded path
+    molecules: RunMolecules
+    scoring: ScoringSettings
+    device: str = "cpu"
+    grad_checkpointing: bool = False
+    overwrite: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class OtherBenchmark:
+    """eval --data_file: another benchmark's test molecules; None sizes: the run's own."""
+    data_file: str
+    dataset: str
+    test_size: Optional[int] = None
+    data_seed: Optional[int] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictJob:
+    input: Optional[str]  # a .smi / .csv file, or None with `smiles`
+    smiles: Optional[list]
+    smiles_column: Optional[str]
+    output: Path
+    shard: Optional[tuple]  # (I, N): the I-th of N contiguous slices, 1-based
+    resume: bool = False
+    overwrite: bool = False
+    chunk_rows: int = 2000  # rows read, scored and written at a time: bounds memory; the unit of --resume
+
+
+@dataclasses.dataclass(frozen=True)
+class FeaturizeJob:
+    input: Optional[str]
+    smiles: Optional[list]
+    smiles_column: Optional[str]
+    output: Path
+    encoder: EncoderSettings
+    conformers: ConformerSettings
+    amp: bool = False
+    device: str = "cpu"

@@ -1,0 +1,61 @@
+"""The code's shape: imports point one way, nothing imports main, main stays small, and the docs'
+flag table is the parser's."""
+import ast
+
+from conftest import ROOT
+from main import build_parser, flag_table
+
+# Lowest first: a module may import only modules before it (CONTRIBUTING.md's layout table).
+LAYERS = ["distributed", "utils", "settings", "store", "data", "model", "evaluate", "baselines", "analyze",
+          "features", "train", "runs", "sweep", "pipeline", "predict", "main"]
+
+
+def local_imports(path):
+    """(module imported, line, inside a function) for each import of one of this project's modules."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                 else [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+        found += [(name.split(".")[0], node.lineno) for name in names if name.split(".")[0] in LAYERS]
+    return found
+
+
+def test_every_module_has_a_layer():
+    assert sorted(p.stem for p in ROOT.glob("*.py")) == sorted(LAYERS)
+
+
+def test_imports_point_one_way():
+    wrong = [f"{module}.py:{line} imports {name}"
+             for module in LAYERS for name, line in local_imports(ROOT / f"{module}.py")
+             if LAYERS.index(name) >= LAYERS.index(module)]
+    assert not wrong, "imports that point the wrong way (see CONTRIBUTING.md):\n" + "\n".join(wrong)
+
+
+def test_function_local_imports_are_only_the_lazy_heavy_ones():
+    """Imports inside functions: only torch at the command-line boundary, the modes at dispatch,
+    peft for LoRA, matplotlib for pictures and the collectives of a torchrun team."""
+    allowed = {("main", "torch"), ("main", "pipeline"), ("main", "predict"), ("model", "peft"),
+               ("evaluate", "matplotlib"), ("distributed", "torch"), ("model", "unimol_tools"),
+               ("conftest", "numpy"), ("conftest", "unimol_tools"), ("conftest", "_thread"), ("conftest", "threading")}
+    found = set()
+    for path in [*ROOT.glob("*.py"), ROOT / "tests" / "conftest.py"]:
+        for func in ast.walk(ast.parse(path.read_text())):
+            if isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for node in ast.walk(func):
+                    if isinstance(node, ast.Import):
+                        found |= {(path.stem, a.name.split(".")[0]) for a in node.names}
+                    elif isinstance(node, ast.ImportFrom) and node.module:
+                        found.add((path.stem, node.module.split(".")[0]))
+    assert found <= allowed, sorted(found - allowed)
+
+
+def test_main_stays_the_command_line_only():
+    assert len((ROOT / "main.py").read_text().splitlines()) <= 450
+
+
+def test_the_docs_flag_table_is_the_parsers():
+    text = (ROOT / "docs" / "cli.md").read_text()
+    start, end = "<!-- flags:start -->\n", "\n<!-- flags:end -->"
+    table = text[text.index(start) + len(start):text.index(end)]
+    assert table == flag_table(build_parser()), (
+        "docs/cli.md's flag table is out of date: regenerate it with `make docs`")

@@ -1,0 +1,142 @@
+"""What every module needs: the one-line user error, the one atomic write, JSON reading, SHA-256,
+file permissions and progress bars. Imports nothing heavy (no torch), so every process stays light."""
+import contextlib
+import csv
+import errno
+import hashlib
+import io
+import json
+import logging
+import logging.handlers
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from tqdm import tqdm
+
+import distributed
+
+# Below this many free bytes a failed write is taken to be a full disk: some writers (numpy's
+# tofile, torch's zip writer) report it in their own words, without errno.ENOSPC.
+NEARLY_FULL_BYTES = 1 << 20
+
+
+class InputError(Exception):
+    """A problem with user-supplied data or the machine, reported as one line without a traceback."""
+
+
+def _process_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def normal_permissions(path):
+    """Give a file made by mkstemp (always 0600) the permissions open() would give it, so that
+    collaborators on a shared file system can read results."""
+    os.chmod(path, 0o666 & ~_process_umask())
+
+
+def full_disk_error(exc, path):
+    """The one-line InputError for a write to `path` that failed because its disk is full, or None
+    when `exc` is some other failure."""
+    full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    if not full and isinstance(exc, (OSError, RuntimeError)):
+        with contextlib.suppress(OSError):
+            full = shutil.disk_usage(Path(path).parent).free < NEARLY_FULL_BYTES
+    if not full:
+        return None
+    return InputError(f"no space left on device: {path} (nothing half-written was kept; earlier results are "
+                      f"untouched): free space there and run again")
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path` for a writer to fill; on success it is renamed over
+    `path` with normal permissions, so readers only ever see a complete file and an earlier result
+    survives any failure. The temporary file keeps `path`'s suffix (writers such as np.save and
+    savefig choose by it) and is removed on failure. A full disk is an InputError naming `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        normal_permissions(tmp)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        Path(tmp).unlink(missing_ok=True)
+        error = full_disk_error(exc, path)
+        if error is not None:
+            raise error from None
+        raise
+
+
+def atomic_write_text(path, text):
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def atomic_write_json(path, obj):
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_write_csv(path, rows, columns):
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(columns)
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def read_json(path, what):
+    """A JSON file the tool wrote; a damaged one is a one-line error naming it and `what` to do."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path}: missing; {what}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise InputError(f"{path}: damaged ({str(exc)[:80]}); {what}") from None
+
+
+def read_csv_rows(path, what):
+    """A CSV file the tool wrote, as dicts; a missing one is a one-line error saying `what` to do."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: missing; {what}")
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def progress(iterable, **kwargs):
+    """A tqdm bar on a terminal only, and from one process of a torchrun team: a redirected log
+    stays readable."""
+    return tqdm(iterable, disable=not (sys.stderr.isatty() and distributed.current().leader), **kwargs)
+
+
+LOG_FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+LOGGER = "energy_dpo"  # every module logs under it: energy_dpo.<module>
+
+
+def attach_log_file(path):
+    """Start writing the tool's log to `path` as well, beginning with the records held in memory
+    since the command started (a run folder is only touched once its inputs have checked out)."""
+    root = logging.getLogger(LOGGER)
+    file_handler = logging.FileHandler(path)
+    file_handler.setFormatter(LOG_FORMAT)
+    for held in [h for h in root.handlers if isinstance(h, logging.handlers.MemoryHandler)]:
+        held.setTarget(file_handler)
+        held.flush()
+        root.removeHandler(held)
+        held.close()
+    root.addHandler(file_handler)
