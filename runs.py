@@ -2,7 +2,6 @@
 clearing, stale temporaries, and rebuilding a finished run's model from its checkpoint."""
 import dataclasses
 import importlib.metadata
-import logging
 import platform
 import shutil
 import time
@@ -11,12 +10,10 @@ from pathlib import Path
 import distributed
 from data import canonical
 from features import model_inputs
-from model import load_checkpoint, load_model, missing_weights
-from settings import ConformerSettings, EncoderId, ScoringSettings
+from model import load_checkpoint, load_model
+from settings import ConformerSettings, ScoringSettings, missing_weights
 from train import team_energies
 from utils import InputError, atomic_write_csv, read_csv_rows, read_json
-
-log = logging.getLogger("energy_dpo.runs")
 
 # Every file a training run writes into its folder. FINISHED marks a finished run: it is written last.
 FINISHED = "test_metrics.json"
@@ -195,8 +192,3 @@ def load_run(job):
     net.to(job.device)
     return FinishedRun(ckpt.parent, ckpt, net, encoder, state, stored, weights, run_conformers(job.molecules, stored),
                        scoring)
-
-
-def recorded_identity(doc):
-    """The EncoderId a config.json / test_metrics.json records."""
-    return EncoderId.parse(doc["encoder_weights"])

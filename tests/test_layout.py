@@ -2,8 +2,11 @@
 flag table is the parser's."""
 import ast
 
+import re
+
 from conftest import ROOT
 from main import build_parser, flag_table
+from runs import RUN_FILES
 
 # Lowest first: a module may import only modules before it (CONTRIBUTING.md's layout table).
 LAYERS = ["distributed", "utils", "settings", "store", "data", "model", "evaluate", "baselines", "analyze",
@@ -59,3 +62,11 @@ def test_the_docs_flag_table_is_the_parsers():
     table = text[text.index(start) + len(start):text.index(end)]
     assert table == flag_table(build_parser()), (
         "docs/cli.md's flag table is out of date: regenerate it with `make docs`")
+
+
+def test_the_readme_outputs_table_lists_the_run_files():
+    text = (ROOT / "README.md").read_text()
+    table = text[text.index("## Outputs"):text.index("\n## ", text.index("## Outputs") + 1)]
+    documented = {name for row in table.splitlines() if row.startswith("| `")
+                  for name in re.findall(r"`([^`]+)`", row.split(" | ")[0])}
+    assert set(RUN_FILES) <= documented, sorted(set(RUN_FILES) - documented)
