@@ -433,6 +433,8 @@ def spec_encoder(spec, weights, grad_checkpointing=False):
     """The encoder a ModelSpec describes, on the base weights at `weights` (a path or 'random'):
     frozen, or with spec.finetune_encoder its own Uni-Mol instance in which the strategy trains
     part of the layers not named by spec.freeze_layers."""
+    if spec.foundation_model != "unimol":
+        raise InputError(f"--foundation_model {spec.foundation_model}: this version has only unimol")
     if not spec.finetune_encoder:
         return UniMolEncoder(weights, amp=spec.amp)
     return FinetunableUniMolEncoder(weights, parse_freeze_spec(spec.freeze_layers), amp=spec.amp,

@@ -26,7 +26,8 @@ from runs import (EVAL_FOLDER, EVAL_LOG, FINISHED, check_resumable, check_run_di
 from settings import RANDOM_INIT_LABEL, DataSpec, EncoderId
 from sweep import REFERENCE_ARM, collect_arm_runs, run_folder, write_comparison
 from train import EnergyDPOTrainer, learning_warning
-from utils import InputError, atomic_path, atomic_write_csv, atomic_write_json, attach_log_file, file_sha256
+from utils import (InputError, atomic_path, atomic_write_json, attach_log_file, file_sha256, full_disk_is_one_line,
+                   write_csv)
 
 log = logging.getLogger("energy_dpo.pipeline")
 
@@ -100,7 +101,8 @@ def run_train(job):
         resume, overwrite = state == "interrupted", state == "started"
     check_run_dir(run_dir, overwrite, resume)
     encoder = spec_encoder(job.model, job.encoder.weights, job.encoder.grad_checkpointing)
-    config = run_config(job.flags, encoder) | {"data_file_sha256": file_sha256(job.data.data_file)}
+    flags = job.flags | {"resume": resume, "overwrite": overwrite}  # as --auto_resume resolved them
+    config = run_config(flags, encoder) | {"data_file_sha256": file_sha256(job.data.data_file)}
     log.info("configuration: %s", json.dumps(config, indent=1))
     if job.model.finetune_encoder:
         trainable, total = config["encoder_trainable_params"], config["encoder_total_params"]
@@ -110,7 +112,7 @@ def run_train(job):
     if encoder.is_random_init:
         log.warning("%s: numbers from this run are not Uni-Mol results", RANDOM_INIT_LABEL)
     if resume:
-        check_resumable(run_dir, config, job.flag_defaults, job.runtime_flags)
+        check_resumable(run_dir, config, job.flag_defaults, job.resume_ignores)
     team.barrier()  # every rank has looked at the run folder before the leader changes it
     roles, conformers, report = load_benchmark(job.data.data_file, job.data.sizes, job.data.data_seed,
                                                job.conformers, job.data.ood_val_split)
@@ -235,7 +237,7 @@ def run_eval(job, other=None):
 def run_featurize(job):
     """Frozen CLS features of job's molecules into job.output (.npy), with .rows.csv (which input
     row each .npy row is) and .failed.csv (the rows that could not be featurised, and why)."""
-    encoder = UniMolEncoder(job.encoder.weights, amp=job.amp)
+    encoder = spec_encoder(job.model, job.encoder.weights)
     smiles = read_table(job.input, job.smiles_column)[2] if job.input else job.smiles
     written, conformers, failed = prepare_inputs(smiles, job.conformers)
     if failed:
@@ -245,14 +247,18 @@ def run_featurize(job):
     if not distributed.current().leader:
         return
     out = Path(job.output)
-    with atomic_path(out) as tmp:
-        np.save(tmp, feats)
-    atomic_write_csv(out.with_suffix(".rows.csv"),
-                     [(row, i, s, canonical(s), encoder.weights_id) for row, (i, s) in enumerate(written.items())],
-                     ["npy_row", "input_row", "smiles", "canonical_smiles", "encoder_weights"])
-    atomic_write_csv(out.with_suffix(".failed.csv"),
-                     [(i, smiles[i], r, encoder.weights_id) for i, r in sorted(failed.items())],
-                     ["input_row", "smiles", "reason", "encoder_weights"])
+    # all three written before any replaces its earlier version: they describe each other
+    rows_path, failed_path = out.with_suffix(".rows.csv"), out.with_suffix(".failed.csv")
+    with atomic_path(out) as npy, atomic_path(rows_path) as rows, atomic_path(failed_path) as failures:
+        with full_disk_is_one_line(out):  # each write names its own file
+            np.save(npy, feats)
+        with full_disk_is_one_line(rows_path):
+            write_csv(rows, [(row, i, s, canonical(s), encoder.weights_id)
+                             for row, (i, s) in enumerate(written.items())],
+                      ["npy_row", "input_row", "smiles", "canonical_smiles", "encoder_weights"])
+        with full_disk_is_one_line(failed_path):
+            write_csv(failures, [(i, smiles[i], r, encoder.weights_id) for i, r in sorted(failed.items())],
+                      ["input_row", "smiles", "reason", "encoder_weights"])
     print(f"wrote {out} ({feats.shape[0]} x {feats.shape[1]}, encoder {encoder.identity.label}); "
           f"{len(failed)} failed rows in {out.with_suffix('.failed.csv')}")
 
@@ -309,7 +315,9 @@ def run_analyze(job):
     frozen_encoder = UniMolEncoder(weights, amp=stored.get("amp") == "bf16")
     if frozen_encoder.identity != identity:
         raise InputError(f"{weights}: not the sweep's encoder ({identity.text}); pass --unimol_weights")
-    frozen = frozen_features(frozen_encoder, smiles, conformers, conf.cache_dir, stored["encode_batch_size"],
+    encode_batch = from_run(job.scoring.encode_batch_size, stored, "encode_batch_size")
+    eval_batch = from_run(job.scoring.eval_batch_size, stored, "eval_batch_size")
+    frozen = frozen_features(frozen_encoder, smiles, conformers, conf.cache_dir, encode_batch,
                              job.device)
     base = {k: v.numpy() for k, v in frozen_encoder.unimol.state_dict().items()}
     cka, weight_change, first_features = {}, {}, {}
@@ -317,9 +325,9 @@ def run_analyze(job):
         cka[arm], weight_change[arm] = {}, {}
         for seed in seeds:
             net, encoder, state = load_model(run_folder(root, arm, seed) / "best_model.pt", weights)
-            inputs = model_inputs(encoder, {"test": smiles}, conformers, conf.cache_dir, stored["encode_batch_size"],
+            inputs = model_inputs(encoder, {"test": smiles}, conformers, conf.cache_dir, encode_batch,
                                   job.device)["test"]
-            feats = encoded(encoder.to(job.device), inputs, stored["eval_batch_size"], job.device).numpy()
+            feats = encoded(encoder.to(job.device), inputs, eval_batch, job.device).numpy()
             cka[arm][str(seed)] = analyze.linear_cka(frozen, feats)
             weight_change[arm][str(seed)] = analyze.relative_weight_change(
                 base, {k: v.numpy() for k, v in state["model"]["encoder_trainable"].items()},

@@ -15,7 +15,7 @@ import distributed
 from data import canonical, forget_parsed, fragment_warning, iter_table, prepare_inputs
 from evaluate import finite_scores
 from runs import load_run
-from utils import InputError, atomic_write_json, file_sha256, full_disk_error, progress, read_json
+from utils import InputError, atomic_write_json, file_sha256, full_disk_is_one_line, progress, read_json
 
 log = logging.getLogger("energy_dpo.predict")
 PREDICT_COLUMNS = ["canonical_smiles", "energy", "is_ood", "warning", "error", "encoder_weights"]
@@ -76,23 +76,23 @@ class PredictOutput:
             log.info("resuming %s after %d complete input rows", self.path, done)
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.partial, "w", newline="") as f:
-            csv.writer(f, lineterminator="\n").writerow(columns + PREDICT_COLUMNS)
+        with full_disk_is_one_line(self.path):
+            try:
+                with open(self.partial, "w", newline="") as f:
+                    csv.writer(f, lineterminator="\n").writerow(columns + PREDICT_COLUMNS)
+            except BaseException:
+                self.partial.unlink(missing_ok=True)
+                raise
         self.state = {"job": self.job, "rows": 0, "bytes": self.partial.stat().st_size,
                       "scored": 0, "flagged": 0, "failed": 0, "fragments": 0}
         atomic_write_json(self.progress, self.state)
 
     def append(self, out, counts):
-        try:
+        with full_disk_is_one_line(self.path):  # the partial file keeps its complete chunks: --resume continues
             with open(self.partial, "a", newline="") as f:
                 csv.writer(f, lineterminator="\n").writerows(out)
                 f.flush()
                 os.fsync(f.fileno())
-        except OSError as exc:
-            error = full_disk_error(exc, self.partial)
-            if error is not None:  # the partial file keeps its complete chunks: --resume continues
-                raise error from None
-            raise
         self.state = {**self.state, "rows": self.state["rows"] + len(out), "bytes": self.partial.stat().st_size,
                       **{k: self.state[k] + v for k, v in counts.items()}}
         atomic_write_json(self.progress, self.state)

@@ -11,7 +11,8 @@ import distributed
 from data import canonical
 from features import model_inputs
 from model import load_checkpoint, load_model
-from settings import ConformerSettings, ScoringSettings, missing_weights
+from settings import (FINETUNE_EVAL_BATCH_SIZE, FROZEN_EVAL_BATCH_SIZE, ConformerSettings, EncoderSettings,
+                      ScoringSettings, missing_weights)
 from train import team_energies
 from utils import InputError, atomic_write_csv, read_csv_rows, read_json
 
@@ -82,15 +83,15 @@ def run_config(flags, encoder):
             "torchrun_processes": distributed.current().size}
 
 
-def check_resumable(run_dir, config, defaults, runtime_flags):
-    """Refuse --resume when a flag that changes results (not one of `runtime_flags`) or the encoder
+def check_resumable(run_dir, config, defaults, ignored):
+    """Refuse --resume when a flag that changes results (not one of `ignored`) or the encoder
     weights differ from the run's; a flag newer than the run counts with its default (`defaults`)."""
     stored = read_json(run_dir / "config.json", "the run cannot be resumed: start it again with --overwrite")
     if not isinstance(stored, dict) or not isinstance(stored.get("args"), dict) or "encoder_weights" not in stored:
         raise InputError(f"{run_dir / 'config.json'}: incomplete (no args / encoder_weights); the run cannot be "
                          f"resumed: start it again with --overwrite")
     changed = sorted(k for k in set(stored["args"]) | set(config["args"])
-                     if k not in runtime_flags and stored["args"].get(k, defaults.get(k)) != config["args"].get(k))
+                     if k not in ignored and stored["args"].get(k, defaults.get(k)) != config["args"].get(k))
     if changed or stored["encoder_weights"] != config["encoder_weights"]:
         raise InputError(f"{run_dir}: cannot resume with different settings: "
                          f"{', '.join(changed) or 'encoder weights'}; rerun with the original flags")
@@ -187,8 +188,10 @@ def load_run(job):
         raise InputError(f"{missing_weights(weights)} (the run was trained on it)")
     net, encoder, state = load_model(ckpt, weights, job.grad_checkpointing, state=payload)
     scoring = ScoringSettings(
-        eval_batch_size=from_run(job.scoring.eval_batch_size, stored, "eval_batch_size"),
-        encode_batch_size=from_run(job.scoring.encode_batch_size, stored, "encode_batch_size"))
+        eval_batch_size=from_run(job.scoring.eval_batch_size, stored, "eval_batch_size",
+                                 FINETUNE_EVAL_BATCH_SIZE if net.spec.finetune_encoder else FROZEN_EVAL_BATCH_SIZE),
+        encode_batch_size=from_run(job.scoring.encode_batch_size, stored, "encode_batch_size",
+                                   EncoderSettings.encode_batch_size))
     net.to(job.device)
-    return FinishedRun(ckpt.parent, ckpt, net, encoder, state, stored, weights, run_conformers(job.molecules, stored),
-                       scoring)
+    return FinishedRun(folder=ckpt.parent, checkpoint=ckpt, net=net, encoder=encoder, state=state, stored=stored,
+                       weights=weights, conformers=run_conformers(job.molecules, stored), scoring=scoring)

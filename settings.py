@@ -157,6 +157,7 @@ class ModelSpec:
     lora_dropout: float = 0.0
     amp: bool = False  # bf16 autocast of the Uni-Mol forward
     in_dim: int = 512
+    foundation_model: str = "unimol"  # the encoder kind (FOUNDATION_MODELS)
 
     @property
     def lora(self):
@@ -184,7 +185,6 @@ class TrainConfig:
 @dataclasses.dataclass(frozen=True)
 class EncoderSettings:
     """Which encoder weights to load and how to run it (not part of what a model is)."""
-    foundation_model: str = "unimol"
     weights: Optional[str] = None  # a checkpoint path or 'random'; None: the run's (eval / predict)
     encode_batch_size: Optional[int] = 64  # molecules per frozen encoder forward pass
     grad_checkpointing: bool = False
@@ -216,7 +216,7 @@ class TrainJob:
     run: RunFolder
     flags: dict  # every resolved flag, as config.json records them (and --resume compares them)
     flag_defaults: dict  # every flag's default: a flag newer than a resumed run had its default then
-    runtime_flags: frozenset  # flags that may differ on --resume (where and how fast, not what)
+    resume_ignores: frozenset  # flags that may differ on --resume (runtime ones, ones that do not apply)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,5 +270,5 @@ class FeaturizeJob:
     output: Path
     encoder: EncoderSettings
     conformers: ConformerSettings
-    amp: bool = False
+    model: ModelSpec  # a frozen encoder's kind and precision
     device: str = "cpu"

@@ -7,6 +7,7 @@ written); each field of an entry is an array whose first axis may differ between
 Under torchrun, every process of the team must call cached_entries together, with the same keys,
 and the team is passed in explicitly (distributed.current() at the call site): it holds
 collectives, and a process that skipped a call would leave the others waiting."""
+import contextlib
 import json
 import logging
 import os
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils import InputError, atomic_write_json, full_disk_error
+from utils import InputError, atomic_write_json, full_disk_is_one_line
 
 log = logging.getLogger("energy_dpo.store")
 
@@ -30,7 +31,7 @@ def _remove_stale_tmp(directory):
     """Delete temporary shard folders whose writer (a process on this host) no longer runs."""
     host = socket.gethostname()
     for tmp in Path(directory).glob(".tmp-*"):
-        parts = tmp.name[len(".tmp-"):].rsplit("-", 2)
+        parts = tmp.name.removeprefix(".tmp-").rsplit("-", 2)
         if len(parts) != 3 or parts[0] != host or not parts[1].isdigit():
             continue
         try:
@@ -111,7 +112,7 @@ def store_put(directory, entries):
     """Write {key: {field: array}} as a new shard (a temporary folder renamed into place)."""
     directory = Path(directory)
     tmp = directory / _tmp_name()
-    try:
+    with full_disk_is_one_line(directory / "shard"), _removed_on_failure(tmp):
         tmp.mkdir()
         fields = list(next(iter(entries.values())))
         np.save(tmp / "keys.npy", np.array(list(entries), dtype=str))
@@ -121,11 +122,14 @@ def store_put(directory, entries):
             np.save(tmp / f"{field}.offsets.npy", np.cumsum([0] + [len(p) for p in parts]))
         atomic_write_json(tmp / "fields.json", fields)
         os.replace(tmp, directory / f"shard-{uuid.uuid4().hex}")
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        error = full_disk_error(exc, tmp)
-        if error is not None:
-            raise error from None
+
+
+@contextlib.contextmanager
+def _removed_on_failure(folder):
+    try:
+        yield
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
         raise
 
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from evaluate import BETTER, METRIC_LABELS, pyplot, save_figure, validation_warning
 from runs import FINISHED
-from settings import DataSpec, EncoderId
+from settings import DataSpec, EncoderId, ModelSpec, TrainConfig
 from utils import InputError, atomic_write_csv, atomic_write_json, atomic_write_text, read_json
 
 REFERENCE_ARM = "frozen"  # every other arm of a sweep is compared with it, seed by seed
@@ -85,6 +85,11 @@ def collect_arm_runs(root):
                 missing = [k for k in keys if not isinstance(doc, dict) or k not in doc]
                 if missing:
                     raise InputError(f"{path}: incomplete (no {', '.join(missing)}); rerun that run with --overwrite")
+            try:
+                EncoderId.parse(config["encoder_weights"])
+            except (ValueError, AttributeError):
+                raise InputError(f"{run / 'config.json'}: damaged encoder_weights {config['encoder_weights']!r}; "
+                                 f"rerun that run with --overwrite") from None
             runs[arm][seed_of(run)] = ArmRun(metrics, config, _epoch_seconds(run))
     seeds = {arm: sorted(r) for arm, r in runs.items()}
     if REFERENCE_ARM not in runs or len(runs) < 2 or any(s != seeds[REFERENCE_ARM] for s in seeds.values()):
@@ -209,11 +214,11 @@ def _arm_flags(args):
     """The fine-tuning flags of an arm, as a user would type them."""
     if not args.get("finetune_encoder"):
         return ""
-    flags = [f"--finetune_strategy {args.get('finetune_strategy', 'layers')}", f"--freeze_layers {args['freeze_layers']}",
-             f"--encoder_lr {args['encoder_lr']:g}"]
+    flags = [f"--finetune_strategy {args.get('finetune_strategy', ModelSpec.finetune_strategy)}",
+             f"--freeze_layers {args['freeze_layers']}", f"--encoder_lr {args['encoder_lr']:g}"]
     if args.get("warmup_epochs"):
         flags.append(f"--warmup_epochs {args['warmup_epochs']}")
-    if args.get("lr_schedule", "constant") != "constant":
+    if args.get("lr_schedule", TrainConfig.lr_schedule) != "constant":
         flags.append(f"--lr_schedule {args['lr_schedule']}")
     return " ".join(flags)
 

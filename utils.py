@@ -4,7 +4,6 @@ import contextlib
 import csv
 import errno
 import hashlib
-import io
 import json
 import logging
 import logging.handlers
@@ -39,17 +38,21 @@ def normal_permissions(path):
     os.chmod(path, 0o666 & ~_process_umask())
 
 
-def full_disk_error(exc, path):
-    """The one-line InputError for a write to `path` that failed because its disk is full, or None
-    when `exc` is some other failure."""
-    full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
-    if not full and isinstance(exc, (OSError, RuntimeError)):
-        with contextlib.suppress(OSError):
-            full = shutil.disk_usage(Path(path).parent).free < NEARLY_FULL_BYTES
-    if not full:
-        return None
-    return InputError(f"no space left on device: {path} (nothing half-written was kept; earlier results are "
-                      f"untouched): free space there and run again")
+@contextlib.contextmanager
+def full_disk_is_one_line(path):
+    """Turn a write to `path` that fails because its disk is full into the one-line InputError
+    "no space left on device: PATH"; any other failure passes unchanged. Callers clean up first."""
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:
+        full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        if not full:
+            with contextlib.suppress(OSError):
+                full = shutil.disk_usage(Path(path).parent).free < NEARLY_FULL_BYTES
+        if not full:
+            raise
+        raise InputError(f"no space left on device: {path} (nothing half-written was kept; earlier results "
+                         f"are untouched): free space there and run again") from None
 
 
 @contextlib.contextmanager
@@ -62,16 +65,14 @@ def atomic_path(path):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
     os.close(fd)
-    try:
-        yield Path(tmp)
-        normal_permissions(tmp)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        error = full_disk_error(exc, path)
-        if error is not None:
-            raise error from None
-        raise
+    with full_disk_is_one_line(path):
+        try:
+            yield Path(tmp)
+            normal_permissions(tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def atomic_write_text(path, text):
@@ -83,12 +84,17 @@ def atomic_write_json(path, obj):
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def write_csv(path, rows, columns):
+    """A CSV file with a header line (to a path that atomic_path gave, or one written once)."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows(rows)
+
+
 def atomic_write_csv(path, rows, columns):
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(columns)
-    writer.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
+    with atomic_path(path) as tmp:
+        write_csv(tmp, rows, columns)
 
 
 def read_json(path, what):

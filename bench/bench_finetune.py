@@ -26,13 +26,13 @@ def run_arm(arm, n, batch_size, epochs, device, cache_dir, strategy="layers", lo
     conformers, _ = get_conformers(smiles_id + smiles_ood, ConformerSettings(cache_dir, num_workers=2))
     smiles_id = [s for s in smiles_id if s in conformers and s not in smiles_ood]
     smiles_ood = [s for s in smiles_ood if s in conformers]
-    spec = ModelSpec(finetune_encoder=True, freeze_layers="0-12", finetune_strategy=strategy, lora_dropout=lora_dropout)
+    spec = ModelSpec(finetune_encoder=True, finetune_strategy=strategy, lora_dropout=lora_dropout)  # freeze 0-12
     encoder = spec_encoder(spec, "random")
     net = EnergyDPOModel(dataclasses.replace(spec, encoder_weights=encoder.weights_id), encoder, seed=42)
     roles = {"id_train": smiles_id, "ood_train": smiles_ood}
     start = time.perf_counter()
     if arm == "cached":
-        inputs = model_inputs(encoder, roles, conformers, cache_dir, 64, device)
+        inputs = model_inputs(encoder, roles, conformers, cache_dir, device=device)
     else:
         inputs = {r: ConformerInputs([conformers[s][:2] for s in m], encoder.dictionary) for r, m in roles.items()}
     setup = time.perf_counter() - start

@@ -10,7 +10,8 @@ import torch
 
 from common import ROOT, isolated, machine
 
-STRATEGIES = ("layers", "attention", "ffn", "lora")
+from settings import STRATEGIES
+
 
 
 def main():

@@ -140,3 +140,14 @@ def test_a_run_from_before_a_new_flag_still_resumes(finished_run, base_args, tmp
                  "0.2"]) == 1  # not the default it had
     assert main(["--mode", "train", *base_args, "--output_dir", str(run), "--auto_resume"]) == 0
     assert (run / "test_metrics.json").exists()
+
+
+def test_a_frozen_run_resumes_when_a_fine_tuning_default_changed(finished_run, base_args, tmp_path):
+    """--lora_dropout's default went from 0.05 to 0: it never applied to a frozen run, which resumes."""
+    run = shutil.copytree(finished_run, tmp_path / "old")
+    (run / "test_metrics.json").unlink()
+    config = json.loads((run / "config.json").read_text())
+    config["args"]["lora_dropout"] = 0.05
+    (run / "config.json").write_text(json.dumps(config))
+    assert main(["--mode", "train", *base_args, "--output_dir", str(run), "--auto_resume"]) == 0
+    assert json.loads((run / "config.json").read_text())["args"]["lora_dropout"] == 0.05  # the run's own record

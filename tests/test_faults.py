@@ -220,6 +220,9 @@ def make_sweep(finished_run, root, seeds=(1, 2)):
     (lambda root: (root / "frozen" / "seed1" / "test_metrics.json").write_text("{}"), "incomplete (no auroc"),
     (lambda root: (root / "frozen" / "seed_old").mkdir(), "seed_old: not a seed folder"),
     (lambda root: shutil.rmtree(root / "finetuned" / "seed2"), "for the same seeds"),
+    (lambda root: (root / "frozen" / "seed2" / "config.json").write_text(json.dumps(dict(
+        json.loads((root / "frozen" / "seed2" / "config.json").read_text()), encoder_weights="random-init"))),
+     "damaged encoder_weights 'random-init'"),
 ])
 def test_compare_names_the_broken_folder(finished_run, tmp_path, fault, message, capsys):
     root = make_sweep(finished_run, tmp_path / "sweep")
@@ -302,8 +305,8 @@ def test_a_full_disk_is_one_line_and_leaves_no_temporary_files(tmp_path, monkeyp
     monkeypatch.setattr(os, "replace", disk_full)
     assert main(["--mode", "featurize", "--smiles", "CCO", "--output", str(tmp_path / "out" / "f.npy"),
                  "--unimol_weights", "random", "--cache_dir", str(tmp_path / "c")]) == 1
-    one_line_error(capsys, "no space left on device: ", "f.rows.csv")
-    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
+    one_line_error(capsys, "no space left on device: ", ".csv")
+    assert not list((tmp_path / "out").iterdir())  # no temporary files, and no .npy without its row files
 
 
 @pytest.fixture

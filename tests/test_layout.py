@@ -62,6 +62,7 @@ def test_the_docs_flag_table_is_the_parsers():
     table = text[text.index(start) + len(start):text.index(end)]
     assert table == flag_table(build_parser()), (
         "docs/cli.md's flag table is out of date: regenerate it with `make docs`")
+    assert "| `--lora_dropout` | `0.0` |" in table and "| `--finetune_encoder` |  |" in table  # 0 is a default
 
 
 def test_the_readme_outputs_table_lists_the_run_files():
