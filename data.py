@@ -386,13 +386,14 @@ def check_roles(roles, source):
                                  f"e.g. {sorted(leaked)[0]}")
 
 
-def attach_conformers(roles, report, settings, source):
-    """Conformers for every role molecule; failures leave the roles and are recorded."""
+def attach_conformers(roles, report, settings, source, prepare=None):
+    """Conformers for every role molecule (or, with `prepare`, another encoder's inputs: a function
+    SMILES → ({SMILES: entry}, {SMILES: failure reason})); failures leave the roles and are recorded."""
     everything = [s for mols in roles.values() for s in mols]
-    conformers, failures = get_conformers(everything, settings)
+    conformers, failures = prepare(everything) if prepare else get_conformers(everything, settings)
     if failures:
         reasons = Counter(reason_kind(r) for r in failures.values())
-        log.warning("%d molecules without a conformer, skipped: %s", len(failures),
+        log.warning("%d molecules without %s, skipped: %s", len(failures), "model inputs" if prepare else "a conformer",
                     ", ".join(f"{n} {why}" for why, n in reasons.most_common()))
     for smiles, reason in failures.items():
         role = next(r for r in roles if smiles in roles[r])
@@ -400,7 +401,8 @@ def attach_conformers(roles, report, settings, source):
     roles = {r: [s for s in mols if s in conformers] for r, mols in roles.items()}
     for r in roles:
         report["roles"][r]["used"] = len(roles[r])
-    summarize_conformers(report, conformers, everything)
+    if not prepare:
+        summarize_conformers(report, conformers, everything)
     check_roles(roles, source)
     return roles, conformers
 
@@ -439,11 +441,13 @@ def finalize_report(report):
     return report
 
 
-def load_benchmark(data_file, sizes, data_seed, settings=ConformerSettings(), ood_val_split=DataSpec.ood_val_split):
-    """Roles, their conformers and the data report for one DrugOOD file."""
+def load_benchmark(data_file, sizes, data_seed, settings=ConformerSettings(), ood_val_split=DataSpec.ood_val_split,
+                   prepare=None):
+    """Roles, their conformers (or `prepare`'s inputs, see attach_conformers) and the data report for
+    one DrugOOD file."""
     report = {}
     roles = build_roles(data_file, sizes, data_seed, report, ood_val_split)
-    roles, conformers = attach_conformers(roles, report, settings, data_file)
+    roles, conformers = attach_conformers(roles, report, settings, data_file, prepare)
     return roles, conformers, finalize_report(report)
 
 
@@ -520,8 +524,9 @@ def _text_lines(path, gzipped):
         raise InputError(f"{path}: not {what} ({exc})") from None
 
 
-def prepare_inputs(smiles, settings=ConformerSettings()):
-    """User-given SMILES → ({row: SMILES as written}, conformers keyed by it, {row: failure reason})."""
+def prepare_inputs(smiles, settings=ConformerSettings(), prepare=None):
+    """User-given SMILES → ({row: SMILES as written}, conformers keyed by it, {row: failure reason});
+    `prepare`: another encoder's inputs instead of conformers (see attach_conformers)."""
     written, failed = {}, {}
     for row, raw in enumerate(smiles):
         value, reason = canonicalize(raw.strip())
@@ -529,7 +534,8 @@ def prepare_inputs(smiles, settings=ConformerSettings()):
             failed[row] = reason
         else:
             written[row] = raw.strip()
-    conformers, failures = get_conformers(list(written.values()), settings)
+    unique = list(dict.fromkeys(written.values()))
+    conformers, failures = prepare(unique) if prepare else get_conformers(unique, settings)
     for row in [r for r, s in written.items() if s in failures]:
         failed[row] = failures[written.pop(row)]
     return written, conformers, failed

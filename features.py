@@ -1,17 +1,20 @@
-"""Molecules → what the model consumes, through the on-disk caches.
+"""Molecules → what the model consumes, through the on-disk caches, per encoder.
 
-Frozen features and frozen-prefix states are cached per (encoder weights, preprocessing version,
-precision), keyed by the SMILES as written: a molecule written another way is another entry,
-because its atom order seeds its conformer."""
+Uni-Mol: conformers (data.get_conformers), then frozen features or frozen-prefix states, cached per
+(encoder weights, preprocessing version, precision). MiniMol: fingerprints of its 2D graphs, cached
+per (ONNX file, featuriser settings). Every cache is keyed by the SMILES as written: a molecule
+written another way is another entry, because its atom order seeds the conformer (Uni-Mol) and
+the Laplacian basis (MiniMol)."""
+import functools
 import logging
 from pathlib import Path
 
 import numpy as np
 
 import distributed
-from data import PREPROCESS_VERSION
+from data import PREPROCESS_VERSION, get_conformers
 from model import ConformerInputs, FeatureInputs, FinetunableUniMolEncoder, PrefixInputs
-from settings import EncoderSettings
+from settings import EncoderSettings, ModelSpec
 from store import cached_entries
 from utils import InputError, progress
 
@@ -40,10 +43,54 @@ def cached_features(smiles, store_dir, meta, compute, force=False):
     return np.stack([entries[s]["features"][0] for s in smiles])
 
 
+def minimol_features(encoder, smiles, cache_dir, batch_size=BATCH, force=False):
+    """MiniMol fingerprints ({SMILES: (512,) row}, {SMILES: reason}) for SMILES as written; the
+    molecules its featuriser cannot take are failures (not cached, never a placeholder row)."""
+    meta = {"kind": "minimol-fingerprints", "encoder_weights": encoder.weights_id,
+            "featurizer": encoder.featurizer_settings}
+    directory = Path(cache_dir) / f"minimol-features-{encoder.identity.sha256[:16]}"
+
+    def compute(missing):
+        graphs, failures = {}, {}
+        for s in progress(missing, desc="MiniMol graphs", leave=False):
+            try:
+                graphs[s] = encoder.graph(s)
+            except ValueError as exc:
+                failures[s] = str(exc)
+        log.info("encoding %d molecules into %s", len(graphs), directory)
+        rows = encoder.encode(list(graphs.values()), batch_size)
+        bad = [s for s, row in zip(graphs, rows) if not np.isfinite(row).all()]
+        if bad:
+            raise InputError(f"MiniMol ({encoder.weights_id}) gives non-finite features for {len(bad)} molecules, "
+                             f"e.g. {bad[0]}; nothing was written")
+        return {s: {"features": row[None]} for s, row in zip(graphs, rows)}, failures
+    entries, failures = cached_entries(list(dict.fromkeys(smiles)), directory, meta, compute, distributed.current(),
+                                       force)
+    return {s: e["features"][0] for s, e in entries.items()}, failures
+
+
+def preparer(encoder, conf, batch_size=BATCH):
+    """How molecules become `encoder`'s inputs, for data.load_benchmark / prepare_inputs: None for
+    Uni-Mol (conformers made with `conf`), else a function SMILES → (entries, failures)."""
+    if encoder.identity.kind == "minimol":
+        return functools.partial(minimol_features, encoder, cache_dir=conf.cache_dir, batch_size=batch_size,
+                                 force=conf.force)
+    return None
+
+
+def prepare_molecules(encoder, smiles, conf, batch_size=BATCH):
+    """({SMILES: the encoder's input entry}, {SMILES: failure reason}) for any encoder."""
+    prepare = preparer(encoder, conf, batch_size)
+    return prepare(smiles) if prepare else get_conformers(smiles, conf)
+
+
 def frozen_features(encoder, smiles, conformers, cache_dir, batch_size=BATCH, device="cpu", force=False):
-    """Frozen CLS features (n, 512) for SMILES, from the feature cache or the encoder."""
+    """Frozen features (n, 512) for SMILES, from the feature cache or the encoder. `conformers`:
+    the molecules' prepared inputs (for MiniMol its fingerprints already, see preparer)."""
     if not smiles:
-        return np.zeros((0, encoder.unimol.args.encoder_embed_dim), np.float32)
+        return np.zeros((0, ModelSpec.in_dim), np.float32)
+    if encoder.identity.kind == "minimol":
+        return np.stack([conformers[s] for s in smiles]).astype(np.float32)
 
     def compute(missing):
         rows = encoder.encode([conformers[s][:2] for s in missing], batch_size, device)

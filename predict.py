@@ -117,7 +117,7 @@ class ChunkCounts:
 
 def score_chunk(run, chunk, device):
     """Output rows and counts for a chunk of (fields, SMILES) input rows."""
-    written, conformers, failed = prepare_inputs([s for _, s in chunk], run.conformers)
+    written, conformers, failed = prepare_inputs([s for _, s in chunk], run.conformers, run.preparer())
     energy = []
     if written:
         scores = run.score({"input": list(written.values())}, conformers, device, cache_prefix=False)

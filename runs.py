@@ -9,7 +9,7 @@ from pathlib import Path
 
 import distributed
 from data import canonical
-from features import model_inputs
+from features import model_inputs, preparer
 from model import load_checkpoint, load_model
 from settings import (FINETUNE_EVAL_BATCH_SIZE, FROZEN_EVAL_BATCH_SIZE, ConformerSettings, EncoderSettings,
                       ScoringSettings, missing_weights)
@@ -78,7 +78,7 @@ def run_config(flags, encoder):
     return {"args": dict(sorted(flags.items())), "encoder_weights": encoder.weights_id,
             "random_init_encoder": encoder.is_random_init,
             "encoder_trainable_params": sum(p.numel() for p in params if p.requires_grad),
-            "encoder_total_params": sum(p.numel() for p in params),
+            "encoder_total_params": encoder.total_params,
             "packages": package_versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "torchrun_processes": distributed.current().size}
 
@@ -164,6 +164,10 @@ class FinishedRun:
     def threshold(self):
         return self.state["threshold_95_id_val"]
 
+    def preparer(self):
+        """How molecules become this run's encoder's inputs (features.preparer)."""
+        return preparer(self.encoder, self.conformers, self.scoring.encode_batch_size)
+
     def score(self, roles, conformers, device, cache_prefix=True):
         """{role: energies} on `roles` ({role: SMILES as written}); each rank of a team scores its share."""
         conf, scoring = self.conformers, self.scoring
@@ -182,9 +186,10 @@ def load_run(job):
         raise InputError(f"{ckpt}: the run has not finished (no predict threshold yet); finish it with "
                          f"--mode train --resume (same flags) first")
     weights = run_weights(job.weights, stored)
-    if weights is None:
+    unimol = payload.get("model_spec", {}).get("foundation_model", "unimol") == "unimol"  # MiniMol ships its own
+    if unimol and weights is None:
         raise InputError(f"{ckpt}: records no encoder weights path; pass --unimol_weights")
-    if weights != "random" and not Path(weights).is_file():
+    if unimol and weights != "random" and not Path(weights).is_file():
         raise InputError(f"{missing_weights(weights)} (the run was trained on it)")
     net, encoder, state = load_model(ckpt, weights, job.grad_checkpointing, state=payload)
     scoring = ScoringSettings(

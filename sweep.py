@@ -162,7 +162,7 @@ def write_comparison(root):
         "paired_differences": diffs,
     }
     cell = lambda ms, sign="": "–" if np.isnan(ms[0]) else f"{ms[0]:{sign}.4f} ± {ms[1]:.4f}"  # noqa: E731
-    weights_line = f"{identity.short_label}: {weights}" if random_init else f"pretrained Uni-Mol, {weights}"
+    weights_line = f"{identity.short_label}{':' if random_init else ','} {weights}"
     width, name_width = 18, max(29, *(len(f"Improvement ({arm})") + 1 for arm in arms))
     lines = [f"Energy-DPO on {args['dataset']}: " + " vs ".join(arms),
              f"encoder weights: {weights_line}",
