@@ -2,7 +2,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test test-fast docs bench clean
+.PHONY: install demo test test-fast docs weights bench clean
 
 install: $(VENV)/.installed
 
@@ -27,7 +27,11 @@ test-fast: install
 
 # docs/cli.md's flag table, from the parser (a test checks that it is current)
 docs: install
-	$(PY) -c "import main; main.write_flag_table('docs/cli.md')"
+	$(PY) -c "import flagdoc, main; flagdoc.write_flag_table(main.build_parser(), 'docs/cli.md')"
+
+# Uni-Mol's checkpoint from the dptech/Uni-Mol-Models hub repository into weights/ (or $$UNIMOL_WEIGHT_DIR)
+weights: install
+	$(PY) main.py --mode weights
 
 # Speed and memory figures (minutes on 2 CPU cores); see docs/performance.md.
 bench: install

@@ -19,7 +19,7 @@ from settings import (DEFAULT_DATASET, FINETUNE_BATCH_SIZE, FINETUNE_EVAL_BATCH_
                       default_weights_path, missing_weights, parse_freeze_spec)
 from utils import LOG_FORMAT, LOGGER, InputError
 
-MODES = ("train", "eval", "predict", "featurize", "compare", "analyze")
+MODES = ("train", "eval", "predict", "featurize", "compare", "analyze", "weights")
 TEAM_MODES = ("train", "featurize", "predict")  # the modes that run under torchrun
 ALL, TRAIN, EVAL, PREDICT, FEATURIZE, ANALYZE = set(MODES), {"train"}, {"eval"}, {"predict"}, {"featurize"}, {"analyze"}
 SCORING = EVAL | PREDICT  # modes that score with a finished run's checkpoint
@@ -45,7 +45,8 @@ def build_parser():
 
     add(p, "--mode", ALL, choices=MODES, default="train",
         help="eval: re-score a run's test split, or with --data_file another benchmark; "
-             "compare: summarise a sweep under --output_dir; analyze: what fine-tuning changed there")
+             "compare: summarise a sweep under --output_dir; analyze: what fine-tuning changed there; "
+             "weights: download Uni-Mol's checkpoint from the hub")
     g = p.add_argument_group("data")
     add(g, "--dataset", TRAIN | EVAL, help=f"name used in outputs (default: the --data_file stem, else "
         f"{DEFAULT_DATASET}); without --data_file also picks data/raw/<dataset>.json")
@@ -71,7 +72,7 @@ def build_parser():
     add(g, "--foundation_model", TRAIN | FEATURIZE, choices=FOUNDATION_MODELS, default=D.foundation_model,
         help="the pretrained encoder (eval/predict/analyze: the run's, from its checkpoint)")
     add(g, "--unimol_weights", TRAIN | SCORING | FEATURIZE | ANALYZE,
-        help=f"checkpoint path, or 'random' for a seeded random-init encoder (default: "
+        help=f"checkpoint path, 'random' for a seeded random-init encoder, or 'download' (from the hub) (default: "
              f"$UNIMOL_WEIGHT_DIR/{WEIGHTS_FILE} if set, else ./weights/{WEIGHTS_FILE}; eval/predict: the run's)")
     add(g, "--encode_batch_size", ALL, True, type=int, default=E.encode_batch_size,
         help="molecules per frozen Uni-Mol forward pass")
@@ -232,6 +233,8 @@ def validate(args, given, parser):
             return f"--mode {args.mode} runs in one process; start it with python, not torchrun"
         if args.device not in ("cpu", "cuda"):
             return f"--device {args.device}: under torchrun each process takes cuda:LOCAL_RANK; pass --device cuda"
+        if args.unimol_weights == "download":
+            return "--unimol_weights download: fetch the checkpoint once first (make weights), not from every process"
     if args.mode in ("compare", "analyze") and not args.output_dir:
         return f"--mode {args.mode} needs --output_dir SWEEP/<dataset> (holding frozen/seed*/ and <arm>/seed*/)"
     if args.mode in SCORING and not (args.output_dir or args.model_path):
@@ -273,7 +276,7 @@ def validate(args, given, parser):
                 "so far, --finetune_encoder (MiniMol trains frozen)")
     if args.foundation_model == "unimol" and args.mode in TRAIN | FEATURIZE:
         args.unimol_weights = args.unimol_weights or default_weights_path()
-    if args.unimol_weights not in (None, "random") and not Path(args.unimol_weights).is_file():
+    if args.unimol_weights not in (None, "random", "download") and not Path(args.unimol_weights).is_file():
         return missing_weights(args.unimol_weights)
     return None
 
@@ -358,6 +361,12 @@ def other_benchmark(args, given):
 
 def dispatch(args, given, parser):
     """Run the mode (the heavy modules load here, not at import)."""
+    if args.mode == "weights" or args.unimol_weights == "download":  # fetch the checkpoint first
+        import download  # noqa: PLC0415 - huggingface_hub: only when weights are fetched
+        args.unimol_weights = str(download.download_unimol_weights(default_weights_path()))
+        print(f"{args.unimol_weights}: the hub's {download.WEIGHTS_FILE}, SHA-256 checked", file=sys.stderr)
+    if args.mode == "weights":
+        return
     if args.mode == "predict":
         import predict  # noqa: PLC0415 - torch loads only when a mode runs, and only what it needs
         predict.run_predict(score_job(args, given), predict_job(args))
@@ -371,7 +380,7 @@ def dispatch(args, given, parser):
         pipeline.run_featurize(featurize_job(args))
     elif args.mode == "compare":
         pipeline.run_compare(Path(args.output_dir))
-    else:
+    elif args.mode == "analyze":
         pipeline.run_analyze(score_job(args, given))
 
 
@@ -396,27 +405,6 @@ def setup_logging(hold):
     for handler in (console, *held):
         handler.setFormatter(LOG_FORMAT)
         root.addHandler(handler)
-
-
-def flag_table(parser=None):
-    """The markdown table of every flag, its default and the modes that take it (docs/cli.md)."""
-    parser = parser or build_parser()
-    lines = ["| flag | default | modes | what it does |", "|---|---|---|---|"]
-    for action in flag_actions(parser).values():
-        default = "" if action.default is None or action.default is False else f"`{action.default}`"
-        modes = "all" if action.modes == ALL else ", ".join(m for m in MODES if m in action.modes)
-        choices = f" ({' / '.join(map(str, action.choices))})" if action.choices else ""
-        lines.append(f"| `{action.option_strings[0]}` | {default} | {modes} | "
-                     f"{(action.help or '').replace('%%', '%').replace('|', '/')}{choices} |")
-    return "\n".join(lines)
-
-
-def write_flag_table(path):
-    """Replace the table between docs/cli.md's flag markers with flag_table() (`make docs`)."""
-    start, end = "<!-- flags:start -->\n", "\n<!-- flags:end -->"
-    text = Path(path).read_text()
-    head, tail = text[:text.index(start) + len(start)], text[text.index(end):]
-    Path(path).write_text(head + flag_table() + tail)
 
 
 def main(argv=None):

@@ -35,9 +35,9 @@ def default_weights_path():
 
 
 def missing_weights(path):
-    return (f"Uni-Mol weights not found at {path}: download {WEIGHTS_FILE} from {WEIGHTS_SOURCE} into "
-            f"weights/ (or set UNIMOL_WEIGHT_DIR), or pass --unimol_weights random for a randomly "
-            f"initialised encoder")
+    return (f"Uni-Mol weights not found at {path}: fetch them with `make weights` (or --unimol_weights download), "
+            f"or download {WEIGHTS_FILE} from {WEIGHTS_SOURCE} into weights/ (or set UNIMOL_WEIGHT_DIR), or pass "
+            f"--unimol_weights random for a randomly initialised encoder")
 
 
 def parse_freeze_spec(spec, n_layers=UNIMOL_LAYERS):

@@ -124,7 +124,7 @@ def file_sha256(path):
     return digest.hexdigest()
 
 
-def progress(iterable, **kwargs):
+def progress(iterable=None, **kwargs):
     """A tqdm bar on a terminal only, and from one process of a torchrun team: a redirected log
     stays readable."""
     return tqdm(iterable, disable=not (sys.stderr.isatty() and distributed.current().leader), **kwargs)

