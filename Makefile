@@ -20,10 +20,10 @@ demo: install
 # Everything, in two worker processes; test-fast: the quick tier for day-to-day work (no tests
 # marked slow: torchrun, the sweep script, the bench smoke tests, whole fine-tuned runs).
 test: install
-	$(PY) -m pytest -q -n 2 --dist loadgroup tests
+	$(PY) -m pytest -q -n 2 --dist worksteal tests
 
 test-fast: install
-	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow" tests
+	$(PY) -m pytest -q -n 2 --dist worksteal -m "not slow" tests
 
 # docs/cli.md's flag table, from the parser (a test checks that it is current)
 docs: install
