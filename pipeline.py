@@ -60,7 +60,6 @@ def run_baselines(out_dir, frozen, roles, conformers, *, labels_from, seed, conf
     Feature baselines use the `frozen` encoder's features, also for a fine-tuned run. `labels_from`:
     the DrugOOD file whose train split gives the ID training molecules' class labels."""
     started = time.monotonic()
-    encoder = frozen
     inputs = model_inputs(frozen, roles, conformers, conf.cache_dir, batch_size, device, conf.force)
     features = {role: inputs[role].features.numpy() for role in roles}
     labels = (item_field(labels_from, "train", roles["id_train"], "cls_label") if Path(labels_from).is_file()
@@ -70,7 +69,7 @@ def run_baselines(out_dir, frozen, roles, conformers, *, labels_from, seed, conf
     metrics = baseline_metrics(scores, sizes["id_test"], sizes["ood_test"])
     seconds = time.monotonic() - started
     atomic_write_json(out_dir / "baselines.json", {
-        "encoder_weights": encoder.weights_id, "random_init_encoder": encoder.is_random_init,
+        "encoder_weights": frozen.weights_id, "random_init_encoder": frozen.is_random_init,
         "roles": "the same ID/OOD test molecules as test_metrics.json; trained on the run's own ID/OOD train roles",
         "baselines": metrics, "skipped": skipped, "seconds": round(seconds, 2)})
     return metrics, skipped, seconds
