@@ -268,6 +268,9 @@ def test_featurize_writes_rows_in_input_order(tmp_path, random_ckpt, cache_dir):
     (["--dpo_beta", "inf"], "--dpo_beta must be a finite number"),
     (["--data_seed", "-1"], "--data_seed cannot be negative"),
     (["--mode", "featurize", "--smiles", "CCO", "--output", "f.npy", "--epochs", "3"], "does not use --epochs"),
+    (["--mode", "predict", "--output_dir", "x", "--smiles", "CCO", "--output", "p.csv", "--chunk_rows", "0"],
+     "--chunk_rows must be at least 1"),
+    (["--mode", "weights", "--epochs", "3"], "--mode weights does not use --epochs"),
 ])
 def test_inconsistent_flags_give_one_line_errors(argv, message, capsys):
     assert main(argv) == 2
