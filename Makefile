@@ -35,7 +35,7 @@ weights: install
 
 # Speed and memory figures (minutes on 2 CPU cores); see docs/performance.md.
 bench: install
-	cd bench && ../$(PY) bench_featurize.py && ../$(PY) bench_finetune.py && ../$(PY) bench_strategies.py && ../$(PY) bench_sweep.py && ../$(PY) bench_scaling.py
+	cd bench && ../$(PY) bench_featurize.py && ../$(PY) bench_finetune.py && ../$(PY) bench_strategies.py && ../$(PY) bench_sweep.py && ../$(PY) bench_scaling.py && ../$(PY) bench_minimol.py
 
 clean:
 	rm -rf outputs cache .pytest_cache

@@ -13,8 +13,8 @@ import numpy as np
 
 import distributed
 from data import PREPROCESS_VERSION, get_conformers
-from model import ConformerInputs, FeatureInputs, FinetunableUniMolEncoder, PrefixInputs
-from settings import EncoderSettings, ModelSpec
+from model import ConformerInputs, FeatureInputs, GraphInputs, GraphPrefixInputs, PrefixInputs, finetuning
+from settings import ENCODER_NAMES, EncoderSettings, ModelSpec
 from store import cached_entries
 from utils import InputError, progress
 
@@ -43,38 +43,37 @@ def cached_features(smiles, store_dir, meta, compute, force=False):
     return np.stack([entries[s]["features"][0] for s in smiles])
 
 
-def minimol_features(encoder, smiles, cache_dir, batch_size=BATCH, force=False):
-    """MiniMol fingerprints ({SMILES: (512,) row}, {SMILES: reason}) for SMILES as written; the
-    molecules its featuriser cannot take are failures (not cached, never a placeholder row)."""
-    meta = {"kind": "minimol-fingerprints", "encoder_weights": encoder.weights_id,
-            "featurizer": encoder.featurizer_settings}
-    directory = Path(cache_dir) / f"minimol-features-{encoder.identity.sha256[:16]}"
+def _transposed_bonds(entry):
+    """A MiniMol entry to or from the store, whose arrays may vary only in their first axis: there
+    edge_index is (bonds, 2), in memory (2, bonds) as MiniMol takes it."""
+    return {k: (np.ascontiguousarray(v.T) if k == "edge_index" else v) for k, v in entry.items()}
+
+
+def minimol_graphs(encoder, smiles, cache_dir, force=False):
+    """MiniMol's featurised graphs ({SMILES: {key: array}}, {SMILES: reason}) for SMILES as written,
+    cached per featuriser settings; the molecules its featuriser cannot take are failures (not
+    cached, never a placeholder)."""
+    meta = {"kind": "minimol-graphs", "featurizer": encoder.featurizer_settings}
+    directory = Path(cache_dir) / "minimol-graphs"
 
     def compute(missing):
         graphs, failures = {}, {}
         for s in progress(missing, desc="MiniMol graphs", leave=False):
             try:
-                graphs[s] = encoder.graph(s)
+                graphs[s] = _transposed_bonds(encoder.graph(s))
             except ValueError as exc:
                 failures[s] = str(exc)
-        log.info("encoding %d molecules into %s", len(graphs), directory)
-        rows = encoder.encode(list(graphs.values()), batch_size)
-        bad = [s for s, row in zip(graphs, rows) if not np.isfinite(row).all()]
-        if bad:
-            raise InputError(f"MiniMol ({encoder.weights_id}) gives non-finite features for {len(bad)} molecules, "
-                             f"e.g. {bad[0]}; nothing was written")
-        return {s: {"features": row[None]} for s, row in zip(graphs, rows)}, failures
+        return graphs, failures
     entries, failures = cached_entries(list(dict.fromkeys(smiles)), directory, meta, compute, distributed.current(),
                                        force)
-    return {s: e["features"][0] for s, e in entries.items()}, failures
+    return {s: _transposed_bonds(e) for s, e in entries.items()}, failures
 
 
 def preparer(encoder, conf, batch_size=BATCH):
     """How molecules become `encoder`'s inputs, for data.load_benchmark / prepare_inputs: None for
     Uni-Mol (conformers made with `conf`), else a function SMILES → (entries, failures)."""
     if encoder.identity.kind == "minimol":
-        return functools.partial(minimol_features, encoder, cache_dir=conf.cache_dir, batch_size=batch_size,
-                                 force=conf.force)
+        return functools.partial(minimol_graphs, encoder, cache_dir=conf.cache_dir, force=conf.force)
     return None
 
 
@@ -89,55 +88,78 @@ def frozen_features(encoder, smiles, conformers, cache_dir, batch_size=BATCH, de
     the molecules' prepared inputs (for MiniMol its fingerprints already, see preparer)."""
     if not smiles:
         return np.zeros((0, ModelSpec.in_dim), np.float32)
-    if encoder.identity.kind == "minimol":
-        return np.stack([conformers[s] for s in smiles]).astype(np.float32)
+    minimol = encoder.identity.kind == "minimol"
 
     def compute(missing):
-        rows = encoder.encode([conformers[s][:2] for s in missing], batch_size, device)
+        if minimol:
+            rows = encoder.encode([conformers[s] for s in missing], batch_size)
+        else:
+            rows = encoder.encode([conformers[s][:2] for s in missing], batch_size, device)
         bad = [s for s, row in zip(missing, rows) if not np.isfinite(row).all()]
         if bad:
-            raise InputError(f"Uni-Mol ({encoder.weights_id}) gives non-finite features for {len(bad)} molecules, "
-                             f"e.g. {bad[0]}; nothing was written")
+            raise InputError(f"{ENCODER_NAMES[encoder.identity.kind]} ({encoder.weights_id}) gives non-finite "
+                             f"features for {len(bad)} molecules, e.g. {bad[0]}; nothing was written")
         return rows
-    return cached_features(smiles, feature_store_dir(encoder, cache_dir),
-                           _meta(encoder, "unimol-cls-features"), compute, force)
+    meta = ({"kind": "minimol-fingerprints", "encoder_weights": encoder.weights_id,
+             "featurizer": encoder.featurizer_settings} if minimol else _meta(encoder, "unimol-cls-features"))
+    return cached_features(smiles, feature_store_dir(encoder, cache_dir), meta, compute, force)
 
 
 def feature_store_dir(encoder, cache_dir):
+    if encoder.identity.kind == "minimol":
+        return Path(cache_dir) / f"minimol-features-{encoder.identity.sha256[:16]}"
     return Path(cache_dir) / f"features-{_store_tag(encoder)}"
 
 
 def prefix_store_dir(encoder, cache_dir):
+    if encoder.identity.kind == "minimol":
+        return Path(cache_dir) / f"minimol-prefix-{encoder.identity.sha256[:16]}-k{encoder.frozen_prefix}"
     return Path(cache_dir) / f"prefix-{_store_tag(encoder)}-k{encoder.frozen_prefix}"
 
 
 def prefix_inputs(encoder, smiles, conformers, cache_dir, batch_size=BATCH, device="cpu", force=False):
-    """PrefixInputs for SMILES: the frozen prefix runs once per molecule (cached on disk)."""
-    meta = _meta(encoder, "unimol-prefix-states", dtype="float16", frozen_prefix_layers=encoder.frozen_prefix)
+    """PrefixInputs (GraphPrefixInputs for MiniMol) for SMILES: the frozen prefix runs once per
+    molecule (cached on disk). Uni-Mol's states are kept in float16 (its pair bias grows with the
+    square of the atoms); MiniMol's are small and kept in float32, exactly as the uncached run sees them."""
+    minimol = encoder.identity.kind == "minimol"
+    if minimol:
+        meta = {"kind": "minimol-prefix-states", "encoder_weights": encoder.weights_id, "dtype": "float32",
+                "featurizer": encoder.featurizer_settings, "frozen_prefix_layers": encoder.frozen_prefix}
+    else:
+        meta = _meta(encoder, "unimol-prefix-states", dtype="float16", frozen_prefix_layers=encoder.frozen_prefix)
     directory = prefix_store_dir(encoder, cache_dir)
     entries = {}
     unique = list(dict.fromkeys(smiles))
     for start in progress(range(0, len(unique), PREFIX_CHUNK), desc="prefix cache", leave=False):
         def compute(missing):
-            states = encoder.prefix_states([conformers[s][:2] for s in missing], batch_size, device)
+            if minimol:
+                states = [_transposed_bonds(e) for e in encoder.prefix_states([conformers[s] for s in missing],
+                                                                              batch_size, device)]
+            else:
+                states = encoder.prefix_states([conformers[s][:2] for s in missing], batch_size, device)
             return dict(zip(missing, states)), {}
         found, _ = cached_entries(unique[start:start + PREFIX_CHUNK], directory, meta, compute,
                                   distributed.current(), force and start == 0)
         entries.update(found)
+    if minimol:
+        return GraphPrefixInputs([_transposed_bonds(entries[s]) for s in smiles])
     return PrefixInputs([entries[s] for s in smiles], encoder.unimol.args.encoder_attention_heads)
 
 
 def model_inputs(encoder, roles, conformers, cache_dir, batch_size=BATCH, device="cpu", force=False, cache_prefix=True):
     """Per role, what the model consumes: frozen features (one cached encoder pass for all roles);
-    when fine-tuning, the cached output of the frozen prefix, or conformers when layer 0 trains or
-    `cache_prefix` is off (molecules scored once: prefix states take ~160 KB per molecule on disk)."""
+    when fine-tuning, the cached output of the frozen prefix, or the encoder's whole inputs
+    (conformers, MiniMol graphs) when layer 0 trains or `cache_prefix` is off (molecules scored once:
+    Uni-Mol's prefix states take ~160 KB per molecule on disk)."""
     everything = [s for mols in roles.values() for s in mols]
-    if not isinstance(encoder, FinetunableUniMolEncoder):
+    if not finetuning(encoder):
         rows = frozen_features(encoder, everything, conformers, cache_dir, batch_size, device, force)
         make = lambda part: FeatureInputs(rows[part])  # noqa: E731
     elif encoder.frozen_prefix and cache_prefix:
         cached = prefix_inputs(encoder, everything, conformers, cache_dir, batch_size, device, force)
-        make = lambda part: PrefixInputs(cached.entries[part], cached.heads)  # noqa: E731
+        make = cached.part
+    elif encoder.identity.kind == "minimol":
+        make = lambda part: GraphInputs([conformers[s] for s in everything[part]])  # noqa: E731
     else:
         make = lambda part: ConformerInputs([conformers[s][:2] for s in everything[part]],  # noqa: E731
                                             encoder.dictionary)

