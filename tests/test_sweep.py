@@ -12,14 +12,15 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from main import build_parser, runtime_flags
+from main import build_parser, main, runtime_flags
 
 pytestmark = pytest.mark.slow  # every test here runs whole commands in subprocesses
 
 SCRIPT = ROOT / "run_finetune_comparison.sh"
 SWEEP_VARS = ("SEEDS", "DATASETS", "DATA_FILE", "EPOCHS", "TRAIN_SIZE", "VAL_SIZE", "TEST_SIZE", "DATA_SEED",
               "OOD_VAL_SPLIT", "UNIMOL_WEIGHTS", "UNIMOL_WEIGHT_DIR", "OUTPUT_ROOT", "DEVICE", "FREEZE_LAYERS", "ENCODER_LR",
-              "EXTRA_ARGS", "PYTHON", "ARMS", "ENCODER_LRS", "FREEZE_SPECS", "JOB_GPUS")
+              "EXTRA_ARGS", "PYTHON", "ARMS", "ENCODER_LRS", "FREEZE_SPECS", "JOB_GPUS", "FOUNDATION_MODELS",
+              "BATCH_SIZE", "MINIMOL_ARGS", "UNIMOL_ARGS")
 TINY = dict(SEEDS="1", EPOCHS="1", TRAIN_SIZE="8", VAL_SIZE="6", TEST_SIZE="6", DEVICE="cpu")
 
 
@@ -199,10 +200,67 @@ def test_sweep_prints_one_line_per_run_then_the_summaries(tmp_path, small_benchm
     demo = run_sweep(sweep_env(), "--demo", "--print-commands", cwd=tmp_path, timeout=60)
     assert demo.returncode == 0 and demo.stderr.startswith("== demo: ")
     demo_lines = [words_of(line) for line in demo.stdout.splitlines()]
-    assert len(demo_lines) == 3 * 2 and all(flag(w, "--epochs") == "5" and flag(w, "--train_size") == "200"
-                                            and flag(w, "--unimol_weights") for w in demo_lines)
-    assert flag(demo_lines[-1], "--output_dir") == "./outputs/finetune_comparison_demo/demo_ec50_scaffold/finetuned/seed44"
+    # both encoders, MiniMol (pretrained) first; only Uni-Mol's runs name Uni-Mol weights
+    assert len(demo_lines) == 3 * 2 * 2 and all(flag(w, "--train_size") == "200" for w in demo_lines)
+    # MiniMol's recipe (its head learns: 20 epochs of 7 steps) after the common --epochs 5; argparse takes the last
+    last = lambda words, name: words[len(words) - 1 - words[::-1].index(name) + 1]  # noqa: E731
+    assert {(("/minimol/" in flag(w, "--output_dir")), last(w, "--epochs"), "--batch_size" in w) for w in demo_lines} == \
+        {(True, "20", True), (False, "5", False)}
+    root = "./outputs/finetune_comparison_demo/demo_ec50_scaffold"
+    assert [flag(w, "--output_dir") for w in demo_lines[:4]] == [
+        f"{root}/{e}/{a}/seed42" for e in ("minimol", "unimol") for a in ("frozen", "finetuned")]
+    for words in demo_lines:
+        minimol = "/minimol/" in flag(words, "--output_dir")
+        assert ("--unimol_weights" in words) == (not minimol)
+        assert ("--foundation_model" in words and flag(words, "--foundation_model") == "minimol") == minimol
+    assert flag(demo_lines[-1], "--output_dir") == f"{root}/unimol/finetuned/seed44"
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"FOUNDATION_MODELS": "minimol chemprop"}, "FOUNDATION_MODELS: unknown encoder 'chemprop'"),
+    ({"FOUNDATION_MODELS": "minimol minimol"}, "FOUNDATION_MODELS gives minimol twice"),
+    ({"FOUNDATION_MODELS": "unimol minimol", "ARMS": "frozen ffn"}, "ARMS: arm 'ffn' trains Uni-Mol's ffn parts")])
+def test_sweep_refuses_bad_encoder_settings(tmp_path, small_benchmark, settings, message):
+    env = sweep_env(DATA_FILE=str(small_benchmark), OUTPUT_ROOT=str(tmp_path / "out"), **settings)
+    proc = run_sweep(env, "--print-commands", timeout=60)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith(f"error: {message}") and not proc.stdout
+    assert not (tmp_path / "out").exists()
+
+
+def test_compare_gives_one_section_per_encoder_pretrained_first(tmp_path, small_benchmark, cache_dir):
+    """A sweep over both encoders: SWEEP/<dataset>/<encoder>/<arm>/seed<N>/. compare writes each encoder's
+    summary beside its arms and, at the root, one section per encoder with the pretrained one first, a CSV whose
+    every row names its encoder, and one plot row per encoder."""
+    root = tmp_path / "sweep" / "small_ec50_scaffold"
+    tiny = ["--data_file", str(small_benchmark), "--dataset", "small_ec50_scaffold", "--cache_dir", str(cache_dir),
+            "--epochs", "2", "--batch_size", "6", "--patience", "0", "--train_size", "12", "--val_size", "8",
+            "--test_size", "8"]
+    assert main([*tiny, "--unimol_weights", "random", "--output_dir", str(root / "unimol" / "frozen" / "seed1")]) == 0
+    shutil.copytree(root / "unimol" / "frozen", root / "unimol" / "again")  # a second Uni-Mol arm, random-init
+    minimol = [*tiny, "--foundation_model", "minimol"]
+    assert main([*minimol, "--output_dir", str(root / "minimol" / "frozen" / "seed1")]) == 0
+    assert main([*minimol, "--finetune_encoder", "--finetune_strategy", "lora",
+                 "--output_dir", str(root / "minimol" / "lora" / "seed1")]) == 0
+    assert main(["--mode", "compare", "--output_dir", str(root)]) == 0
+    text = (root / "comparison_summary.txt").read_text()
+    assert text.index("pretrained MiniMol") < text.index("RANDOM-INIT ENCODER")
+    assert "Improvement (lora)" in text and "Improvement (again)" in text
+    summary = json.loads((root / "comparison_summary.json").read_text())
+    assert [e["encoder"] for e in summary["encoders"]] == ["pretrained MiniMol", "RANDOM-INIT ENCODER (not pretrained Uni-Mol)"]
+    assert summary["encoders"][0]["arms"]["lora"]["encoder_trainable_params"] == 41_728
+    with open(root / "comparison_summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    encoders = [r["encoder"] for r in rows]
+    assert encoders == sorted(encoders, key=lambda e: e.startswith("RANDOM")) and set(encoders) == set(
+        e["encoder"] for e in summary["encoders"])
+    assert all(r["encoder_weights"].startswith("minimol:sha256:") == (r["encoder"] == "pretrained MiniMol") for r in rows)
+    for encoder in ("minimol", "unimol"):  # each encoder's own summary, a sweep folder of its own
+        own = json.loads((root / encoder / "comparison_summary.json").read_text())
+        assert {k: v for k, v in own.items() if k != "date"} == \
+            {k: v for k, v in summary["encoders"][encoder == "unimol"].items() if k != "date"}
+        assert (root / encoder / "comparison.png").stat().st_size > 0
+    assert (root / "comparison.png").stat().st_size > 0
 
 
 def test_sweep_printed_commands_run_anywhere_and_rerun_safely(caller_sweep, tmp_path):
