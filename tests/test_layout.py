@@ -10,7 +10,7 @@ from main import build_parser
 from runs import RUN_FILES
 
 # Lowest first: a module may import only modules before it (CONTRIBUTING.md's layout table).
-LAYERS = ["distributed", "utils", "settings", "flagdoc", "download", "store", "data", "minimol", "model", "evaluate", "baselines",
+LAYERS = ["distributed", "utils", "settings", "flagdoc", "download", "good", "store", "data", "minimol", "model", "evaluate", "baselines",
           "analyze", "features", "train", "runs", "sweep", "pipeline", "predict", "main"]
 
 
