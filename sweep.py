@@ -145,24 +145,29 @@ def write_comparison(root):
         summary, text, rows, part = _compare_arms(Path(root))
         plot_comparison(Path(root) / "comparison.png", [part])
     else:
-        parts = sorted((_compare_arms(folder) for folder in folders),  # stable: otherwise FOUNDATION_MODELS' order
-                       key=lambda p: EncoderId.parse(p[0]["encoder_weights"]).is_random_init)
-        for (_, _, _, part), folder in zip(parts, folders):
+        with_folders = sorted(((_compare_arms(folder), folder) for folder in folders),  # stable: otherwise
+                              key=lambda pf: EncoderId.parse(pf[0][0]["encoder_weights"]).is_random_init)  # FOUNDATION_MODELS' order
+        for (summary, text, rows, part), folder in with_folders:  # one encoder of several: its files beside its arms
+            _write_summary(folder, summary, text, rows)
             plot_comparison(folder / "comparison.png", [part])
+        parts = [compared for compared, _ in with_folders]
         summary = {"encoders": [p[0] for p in parts]}
         text = "\n\n".join([f"Energy-DPO on {parts[0][0]['dataset']}, per encoder (pretrained first): "
                              + ", ".join(p[0]["encoder"] for p in parts)] + [p[1] for p in parts])
         rows = [row for p in parts for row in p[2]]
         plot_comparison(Path(root) / "comparison.png", [p[3] for p in parts])
-    atomic_write_text(Path(root) / "comparison_summary.txt", text + "\n")
-    atomic_write_json(Path(root) / "comparison_summary.json", _json_safe(summary))
-    atomic_write_csv(Path(root) / "comparison_summary.csv", rows, SUMMARY_COLUMNS)
+    _write_summary(Path(root), summary, text, rows)
     return summary, text
 
 
+def _write_summary(folder, summary, text, rows):
+    atomic_write_text(folder / "comparison_summary.txt", text + "\n")
+    atomic_write_json(folder / "comparison_summary.json", _json_safe(summary))
+    atomic_write_csv(folder / "comparison_summary.csv", rows, SUMMARY_COLUMNS)
+
+
 def _compare_arms(root):
-    """One encoder's comparison: (summary, text, CSV rows, plot part); writes its .txt / .json / .csv
-    into `root` when `root` is inside a sweep over several encoders."""
+    """One encoder's comparison: (summary, text, CSV rows, plot part)."""
     runs = collect_arm_runs(root)
     arms = list(runs)
     seeds = sorted(runs[REFERENCE_ARM])
@@ -235,10 +240,6 @@ def _compare_arms(root):
         lines.append(f"{identity.short_label}: these numbers do not measure pretrained Uni-Mol.")
     rows = [(identity.short_label, r["seed"], r["method"], *("" if np.isnan(r[k]) else f"{r[k]:.6f}" for k in COLUMNS),
              r["best_epoch"], weights) for r in per_seed]
-    if root.name in FOUNDATION_MODELS:  # one encoder of several: its own files beside its arms
-        atomic_write_text(root / "comparison_summary.txt", "\n".join(lines) + "\n")
-        atomic_write_json(root / "comparison_summary.json", _json_safe(summary))
-        atomic_write_csv(root / "comparison_summary.csv", rows, SUMMARY_COLUMNS)
     part = (runs, seeds, table, baselines, args["dataset"], identity.short_label)
     return summary, "\n".join(lines), rows, part
 
