@@ -234,10 +234,10 @@ def test_sweep_refuses_bad_encoder_settings(tmp_path, small_benchmark, settings,
     assert not (tmp_path / "out").exists()
 
 
-def test_compare_gives_one_section_per_encoder_pretrained_first(tmp_path, small_benchmark, cache_dir):
+def test_compare_and_analyze_a_sweep_over_both_encoders(tmp_path, small_benchmark, cache_dir):
     """A sweep over both encoders: SWEEP/<dataset>/<encoder>/<arm>/seed<N>/. compare writes each encoder's
     summary beside its arms and, at the root, one section per encoder with the pretrained one first, a CSV whose
-    every row names its encoder, and one plot row per encoder."""
+    every row names its encoder, and one plot row per encoder. analyze reads MiniMol's sweep folder."""
     root = tmp_path / "sweep" / "small_ec50_scaffold"
     tiny = ["--data_file", str(small_benchmark), "--dataset", "small_ec50_scaffold", "--cache_dir", str(cache_dir),
             "--epochs", "2", "--batch_size", "6", "--patience", "0", "--train_size", "12", "--val_size", "8",
@@ -267,6 +267,13 @@ def test_compare_gives_one_section_per_encoder_pretrained_first(tmp_path, small_
             {k: v for k, v in summary["encoders"][encoder == "unimol"].items() if k != "date"}
         assert (root / encoder / "comparison.png").stat().st_size > 0
     assert (root / "comparison.png").stat().st_size > 0
+    assert main(["--mode", "analyze", "--output_dir", str(root / "minimol")]) == 0
+    drift = json.loads((root / "minimol" / "analysis" / "feature_drift.json").read_text())
+    assert 0 < drift["linear_cka_to_frozen"]["lora"]["1"] <= 1 + 1e-9
+    # the default --freeze_layers 0-13: LoRA on layers 14 and 15 (14 with its virtual-node layer)
+    assert set(drift["relative_weight_change"]["lora"]["1"]) == {"layer 14", "layer 15"}
+    with open(root / "minimol" / "analysis" / "molecule_changes.csv") as f:
+        assert {r["encoder_weights"] for r in csv.DictReader(f)} == {summary["encoders"][0]["encoder_weights"]}
 
 
 def check_printed_commands_run_anywhere_and_rerun_safely(caller_sweep, tmp_path):
