@@ -2,7 +2,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test test-fast docs weights bench clean
+.PHONY: install demo test test-fast bench-smoke docs weights bench clean
 
 install: $(VENV)/.installed
 
@@ -17,13 +17,17 @@ $(VENV)/.installed: requirements.txt requirements-nodeps.txt
 demo: install
 	PYTHON=$(PY) ./run_finetune_comparison.sh --demo
 
-# Everything, in two worker processes; test-fast: the quick tier for day-to-day work (no tests
-# marked slow: torchrun, the sweep script, the bench smoke tests, whole fine-tuned runs).
+# Everything but the bench scripts' end-to-end runs, in two worker processes; test-fast: the quick
+# tier for day-to-day work (no tests marked slow: torchrun, the sweep script, whole fine-tuned runs);
+# bench-smoke: every bench script end to end at tiny sizes (run it when you change bench/ or what it times).
 test: install
-	$(PY) -m pytest -q -n 2 --dist worksteal tests
+	$(PY) -m pytest -q -n 2 --dist worksteal -m "not bench" tests
 
 test-fast: install
-	$(PY) -m pytest -q -n 2 --dist worksteal -m "not slow" tests
+	$(PY) -m pytest -q -n 2 --dist worksteal -m "not slow and not bench" tests
+
+bench-smoke: install
+	$(PY) -m pytest -q -n 2 --dist worksteal -m bench tests/test_bench.py
 
 # docs/cli.md's flag table, from the parser (a test checks that it is current)
 docs: install
@@ -35,7 +39,7 @@ weights: install
 
 # Speed and memory figures (minutes on 2 CPU cores); see docs/performance.md.
 bench: install
-	cd bench && ../$(PY) bench_featurize.py && ../$(PY) bench_finetune.py && ../$(PY) bench_strategies.py && ../$(PY) bench_sweep.py && ../$(PY) bench_scaling.py && ../$(PY) bench_minimol.py
+	cd bench && ../$(PY) bench_featurize.py && ../$(PY) bench_finetune.py && ../$(PY) bench_strategies.py && ../$(PY) bench_sweep.py && ../$(PY) bench_scaling.py && ../$(PY) bench_minimol.py && ../$(PY) bench_minimol_featurize.py
 
 clean:
 	rm -rf outputs cache .pytest_cache

@@ -81,10 +81,14 @@ def relative_weight_change(base, trained, lora_scale=None):
 
 
 def _layer_of(name):
+    """The --freeze_layers layer a parameter belongs to: Uni-Mol's encoder.layers.i; MiniMol's
+    gnn.layers.i with its virtual-node layer gnn.virtual_node_layers.i."""
     parts = name.split(".")
-    if parts[:2] == ["encoder", "layers"]:
+    if parts[:2] in (["encoder", "layers"], ["gnn", "layers"], ["gnn", "virtual_node_layers"]):
         return f"layer {parts[2]}"
-    return "final layer norm" if name.startswith("encoder.final_layer_norm") else "embeddings"
+    if name.startswith("encoder.final_layer_norm"):
+        return "final layer norm"
+    return "input networks" if name.startswith(("pre_nn", "encoder_manager")) else "embeddings"
 
 
 def plot_feature_drift(path, frozen, tuned, is_ood, cka, weight_change, title):

@@ -136,20 +136,34 @@ def _worker_init():
         sys.modules["torch"].set_num_threads(1)
 
 
-def _generate_conformers(smiles_list, settings):
-    """(smiles, result, reason) in input order. Workers take the largest molecules first so that a
-    slow macrocycle does not leave the other cores idle at the end."""
-    num_workers = settings.num_workers
-    job = functools.partial(_conformer_job, max_heavy_atoms=settings.max_heavy_atoms, timeout_s=settings.timeout_s)
-    desc = f"conformers ({num_workers} workers)"
+def in_workers(job, smiles_list, num_workers, desc):
+    """[job(s) for s in smiles_list], in `num_workers` forked processes when there are enough molecules.
+    Workers take the largest molecules first so that a slow macrocycle does not leave the other cores
+    idle at the end. `job` must be picklable (a module-level function or a partial of one)."""
     if num_workers <= 1 or len(smiles_list) < 2 * num_workers:
         return [job(s) for s in progress(smiles_list, desc=desc, leave=False)]
-    largest_first = sorted(smiles_list, key=lambda s: -Chem.MolFromSmiles(s).GetNumAtoms())
+    largest_first = sorted(range(len(smiles_list)), key=lambda i: -_atom_count(smiles_list[i]))
     ctx = multiprocessing.get_context("fork")
     with ctx.Pool(num_workers, initializer=_worker_init) as pool:
-        jobs = pool.imap_unordered(job, largest_first)
-        done = {job[0]: job for job in progress(jobs, total=len(smiles_list), desc=desc, leave=False)}
-    return [done[s] for s in smiles_list]
+        jobs = pool.imap_unordered(functools.partial(_numbered, job), [(i, smiles_list[i]) for i in largest_first])
+        done = dict(progress(jobs, total=len(smiles_list), desc=desc, leave=False))
+    return [done[i] for i in range(len(smiles_list))]
+
+
+def _numbered(job, numbered):
+    i, smiles = numbered
+    return i, job(smiles)
+
+
+def _atom_count(smiles):
+    mol = Chem.MolFromSmiles(smiles)
+    return mol.GetNumAtoms() if mol is not None else 0
+
+
+def _generate_conformers(smiles_list, settings):
+    """(smiles, result, reason) in input order."""
+    job = functools.partial(_conformer_job, max_heavy_atoms=settings.max_heavy_atoms, timeout_s=settings.timeout_s)
+    return in_workers(job, smiles_list, settings.num_workers, f"conformers ({settings.num_workers} workers)")
 
 
 def forget_parsed():

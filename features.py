@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 import distributed
-from data import PREPROCESS_VERSION, get_conformers
+from data import PREPROCESS_VERSION, get_conformers, in_workers
 from minimol import featurizer_settings, graph_arrays
 from model import ConformerInputs, FeatureInputs, GraphInputs, GraphPrefixInputs, PrefixInputs, finetuning
 from settings import ENCODER_NAMES, EncoderSettings, ModelSpec
@@ -50,32 +50,38 @@ def _transposed_bonds(entry):
     return {k: (np.ascontiguousarray(v.T) if k == "edge_index" else v) for k, v in entry.items()}
 
 
-def minimol_graphs(smiles, cache_dir, force=False):
+def minimol_graphs(smiles, cache_dir, force=False, num_workers=1):
     """MiniMol's featurised graphs ({SMILES: {key: array}}, {SMILES: reason}) for SMILES as written,
-    cached per featuriser settings; the molecules its featuriser cannot take are failures (not
-    cached, never a placeholder)."""
+    cached per featuriser settings, made in `num_workers` processes; the molecules its featuriser
+    cannot take are failures (not cached, never a placeholder)."""
     settings = featurizer_settings()
     meta = {"kind": "minimol-graphs", "featurizer": settings}
     directory = Path(cache_dir) / "minimol-graphs"
 
     def compute(missing):
-        graphs, failures = {}, {}
-        for s in progress(missing, desc="MiniMol graphs", leave=False):
-            try:
-                graphs[s] = _transposed_bonds(graph_arrays(s, settings))
-            except ValueError as exc:
-                failures[s] = str(exc)
-        return graphs, failures
+        made = in_workers(functools.partial(_graph_job, settings=settings), missing, num_workers,
+                          f"MiniMol graphs ({num_workers} workers)")
+        graphs = {s: graph for s, (graph, _) in zip(missing, made) if graph is not None}
+        return graphs, {s: reason for s, (graph, reason) in zip(missing, made) if graph is None}
     entries, failures = cached_entries(list(dict.fromkeys(smiles)), directory, meta, compute, distributed.current(),
                                        force)
     return {s: _transposed_bonds(e) for s, e in entries.items()}, failures
+
+
+def _graph_job(smiles, settings):
+    """(graph, None) or (None, why not), in a featurisation worker."""
+    try:
+        return _transposed_bonds(graph_arrays(smiles, settings)), None
+    except ValueError as exc:
+        return None, str(exc)
 
 
 def preparer(encoder, conf, batch_size=BATCH):
     """How molecules become `encoder`'s inputs, for data.load_benchmark / prepare_inputs: None for
     Uni-Mol (conformers made with `conf`), else a function SMILES → (entries, failures)."""
     if encoder.identity.kind == "minimol":
-        return functools.partial(minimol_graphs, cache_dir=conf.cache_dir, force=conf.force)
+        return functools.partial(minimol_graphs, cache_dir=conf.cache_dir, force=conf.force,
+                                 num_workers=conf.num_workers)
     return None
 
 

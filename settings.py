@@ -156,7 +156,7 @@ class ConformerSettings:
     (a 10,000-character SMILES grew to 24 GB; a 300-carbon chain takes minutes). Every shipped demo
     molecule (at most 316 heavy atoms, 25 s to embed on one core) passes both."""
     cache_dir: str = "./cache"
-    num_workers: int = 2  # processes for conformer generation
+    num_workers: int = 2  # processes for conformer (Uni-Mol) or graph (MiniMol) generation
     force: bool = False  # rebuild the caches used
     max_heavy_atoms: int = 350
     timeout_s: float = 120  # seconds per molecule, for the ETKDG embedding

@@ -60,7 +60,13 @@ def small_benchmark(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
+    """The session's conformer/feature cache, one for all xdist workers: each molecule's conformer and
+    features are made once. Its stores take concurrent writers, as a sweep's --jobs relies on."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return tmp_path_factory.mktemp("cache")
+    shared = tmp_path_factory.getbasetemp().parent / "shared-cache"  # the session's folder, above the workers'
+    shared.mkdir(exist_ok=True)
+    return shared
 
 
 SIZES = ["--train_size", "12", "--val_size", "8", "--test_size", "8"]

@@ -47,11 +47,12 @@ def minimol_run(tmp_path_factory, small_benchmark, cache_dir):
     return run
 
 
-def test_featurize_equals_the_package_for_smiles_as_written(tmp_path, cache_dir):
+def test_featurize_equals_the_package_for_smiles_as_written(tmp_path):
+    """From an empty cache in two featurisation processes, then from the cache."""
     smiles = [*NON_CANONICAL, "xx((", "[Na+].[Cl-]"]
-    out = tmp_path / "f.npy"
+    out, cache = tmp_path / "f.npy", tmp_path / "cache"
     assert main(["--mode", "featurize", "--foundation_model", "minimol", "--smiles", *smiles, "--output", str(out),
-                 "--cache_dir", str(cache_dir)]) == 0
+                 "--cache_dir", str(cache), "--num_workers", "2"]) == 0
     rows = read_csv(tmp_path / "f.rows.csv")
     written = [r["smiles"] for r in rows]
     assert written == [*NON_CANONICAL, "[Na+].[Cl-]"]
@@ -63,7 +64,7 @@ def test_featurize_equals_the_package_for_smiles_as_written(tmp_path, cache_dir)
     # a second call reads the feature cache: the same rows
     again = tmp_path / "g.npy"
     assert main(["--mode", "featurize", "--foundation_model", "minimol", "--smiles", *smiles, "--output", str(again),
-                 "--cache_dir", str(cache_dir)]) == 0
+                 "--cache_dir", str(cache)]) == 0
     assert np.array_equal(np.load(again), np.load(out))
 
 

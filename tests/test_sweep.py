@@ -35,14 +35,70 @@ def run_sweep(env, *args, cwd=None, timeout=900):
                           timeout=timeout)
 
 
-def test_sweep_script_writes_a_well_formed_summary(tmp_path, small_benchmark, random_ckpt, cache_dir):
-    env = sweep_env(SEEDS="1 2", DATASETS="tiny", DATA_FILE=str(small_benchmark), EPOCHS="2",
-                    TRAIN_SIZE="8", VAL_SIZE="6", TEST_SIZE="6", UNIMOL_WEIGHTS=str(random_ckpt),
-                    OUTPUT_ROOT=str(tmp_path / "sweep"), DEVICE="cpu",
-                    EXTRA_ARGS=f"--cache_dir {cache_dir} --num_workers 1")
-    proc = run_sweep(env, "--jobs", "2")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    root = tmp_path / "sweep" / "tiny"
+def test_sweep_stops_on_missing_data(tmp_path):
+    env = sweep_env(DATASETS="nope", OUTPUT_ROOT=str(tmp_path))
+    proc = run_sweep(env, timeout=60)
+    assert proc.returncode == 1 and "data/raw/nope.json not found" in proc.stderr
+
+
+def test_a_sweep_from_the_callers_folder(tmp_path, small_benchmark, random_ckpt, cache_dir):
+    """One sweep, checked four ways below (one test, so that it runs once rather than once per xdist worker)."""
+    sweep = caller_sweep(tmp_path / "caller", small_benchmark, random_ckpt, cache_dir)
+    check_main_defaults_and_callers_paths(sweep)
+    check_extra_args_survive_quoting(sweep)
+    check_well_formed_summary(sweep)
+    check_printed_commands_run_anywhere_and_rerun_safely(sweep, tmp_path)
+
+
+def caller_sweep(cwd, small_benchmark, random_ckpt, cache_dir):
+    """One tiny sweep (2 seeds, --jobs 2) run from a scratch working directory with relative DATA_FILE and
+    OUTPUT_ROOT, no DATASETS, no UNIMOL_WEIGHTS but UNIMOL_WEIGHT_DIR, and a cache folder with spaces given
+    in EXTRA_ARGS (a link to the session's cache)."""
+    cwd.mkdir()
+    weight_dir = cwd / "unimol weights"
+    weight_dir.mkdir()
+    (weight_dir / "mol_pre_no_h_220816.pt").symlink_to(random_ckpt)
+    (cwd / "inputs").mkdir()
+    shutil.copy(small_benchmark, cwd / "inputs" / "foo.json")
+    spaced = cwd / "cache dir with spaces"
+    spaced.symlink_to(cache_dir, target_is_directory=True)
+    env = sweep_env(**dict(TINY, SEEDS="1 2"), DATA_FILE="inputs/foo.json", OUTPUT_ROOT="out",
+                    UNIMOL_WEIGHT_DIR=str(weight_dir), EXTRA_ARGS=f'--cache_dir "{spaced}" --num_workers 1')
+    proc = run_sweep(env, "--jobs", "2", cwd=cwd)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    configs = {arm: json.loads((cwd / "out" / "foo" / arm / "seed1" / "config.json").read_text())
+               for arm in ("frozen", "finetuned")}
+    return cwd, weight_dir, spaced, configs, env
+
+
+def check_main_defaults_and_callers_paths(caller_sweep):
+    """No UNIMOL_WEIGHTS: main.py's default, $UNIMOL_WEIGHT_DIR/mol_pre_no_h_220816.pt; no DATASETS: the name is
+    DATA_FILE's stem; relative DATA_FILE and OUTPUT_ROOT are the caller's, not the script's folder's."""
+    cwd, weight_dir, _, configs, _ = caller_sweep
+    assert sorted(p.name for p in (cwd / "out").iterdir()) == ["foo"]
+    assert (cwd / "out" / "foo" / "comparison_summary.json").is_file()
+    for config in configs.values():
+        args = config["args"]
+        assert args["unimol_weights"] == str(weight_dir / "mol_pre_no_h_220816.pt")
+        assert config["encoder_weights"].startswith("sha256:")
+        assert args["dataset"] == "foo" and args["data_file"] == "inputs/foo.json"
+        assert args["lr"] == 1e-4 and args["data_seed"] == 42
+    finetuned = configs["finetuned"]["args"]
+    assert finetuned["finetune_encoder"] and finetuned["freeze_layers"] == "0-12" and finetuned["encoder_lr"] == 5e-6
+    assert not configs["frozen"]["args"]["finetune_encoder"]
+
+
+def check_extra_args_survive_quoting(caller_sweep):
+    cwd, _, spaced, configs, _ = caller_sweep
+    assert spaced.is_dir() and any(spaced.rglob("*"))
+    assert not (cwd / "cache").exists() and not (cwd / "dir").exists()
+    for config in configs.values():
+        assert config["args"]["cache_dir"] == str(spaced) and config["args"]["num_workers"] == 1
+
+
+def check_well_formed_summary(caller_sweep):
+    cwd, _, _, _, env = caller_sweep
+    root = cwd / "out" / "foo"
     text = (root / "comparison_summary.txt").read_text()
     assert "Energy-DPO (frozen)" in text and "Energy-DPO (finetuned)" in text and "Improvement" in text
     assert "encoder weights: pretrained Uni-Mol, sha256:" in text
@@ -76,59 +132,8 @@ def test_sweep_script_writes_a_well_formed_summary(tmp_path, small_benchmark, ra
     assert len(rows) == 2 * (len(summary["table"]) - 1)  # seeds × (arms + baselines), no Improvement row
     assert {r["encoder_weights"] for r in rows} == {summary["encoder_weights"]}
     # a rerun skips finished runs
-    again = run_sweep(env, timeout=300)
+    again = run_sweep(env, cwd=cwd, timeout=300)
     assert again.returncode == 0 and again.stdout.count("finished, skipping") == 4
-
-
-def test_sweep_stops_on_missing_data(tmp_path):
-    env = sweep_env(DATASETS="nope", OUTPUT_ROOT=str(tmp_path))
-    proc = run_sweep(env, timeout=60)
-    assert proc.returncode == 1 and "data/raw/nope.json not found" in proc.stderr
-
-
-@pytest.fixture(scope="module")
-def caller_sweep(tmp_path_factory, small_benchmark, random_ckpt):
-    """One tiny sweep run from a scratch working directory with relative DATA_FILE and OUTPUT_ROOT, no
-    DATASETS, no UNIMOL_WEIGHTS but UNIMOL_WEIGHT_DIR, and a cache folder with spaces given in EXTRA_ARGS."""
-    cwd = tmp_path_factory.mktemp("caller")
-    weight_dir = cwd / "unimol weights"
-    weight_dir.mkdir()
-    (weight_dir / "mol_pre_no_h_220816.pt").symlink_to(random_ckpt)
-    (cwd / "inputs").mkdir()
-    shutil.copy(small_benchmark, cwd / "inputs" / "foo.json")
-    spaced = cwd / "cache dir with spaces"
-    env = sweep_env(**TINY, DATA_FILE="inputs/foo.json", OUTPUT_ROOT="out", UNIMOL_WEIGHT_DIR=str(weight_dir),
-                    EXTRA_ARGS=f'--cache_dir "{spaced}" --num_workers 1')
-    proc = run_sweep(env, cwd=cwd)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    configs = {arm: json.loads((cwd / "out" / "foo" / arm / "seed1" / "config.json").read_text())
-               for arm in ("frozen", "finetuned")}
-    return cwd, weight_dir, spaced, configs, env
-
-
-def test_sweep_takes_main_defaults_and_resolves_paths_from_the_caller(caller_sweep):
-    """No UNIMOL_WEIGHTS: main.py's default, $UNIMOL_WEIGHT_DIR/mol_pre_no_h_220816.pt; no DATASETS: the name is
-    DATA_FILE's stem; relative DATA_FILE and OUTPUT_ROOT are the caller's, not the script's folder's."""
-    cwd, weight_dir, _, configs, _ = caller_sweep
-    assert sorted(p.name for p in (cwd / "out").iterdir()) == ["foo"]
-    assert (cwd / "out" / "foo" / "comparison_summary.json").is_file()
-    for config in configs.values():
-        args = config["args"]
-        assert args["unimol_weights"] == str(weight_dir / "mol_pre_no_h_220816.pt")
-        assert config["encoder_weights"].startswith("sha256:")
-        assert args["dataset"] == "foo" and args["data_file"] == "inputs/foo.json"
-        assert args["lr"] == 1e-4 and args["data_seed"] == 42
-    finetuned = configs["finetuned"]["args"]
-    assert finetuned["finetune_encoder"] and finetuned["freeze_layers"] == "0-12" and finetuned["encoder_lr"] == 5e-6
-    assert not configs["frozen"]["args"]["finetune_encoder"]
-
-
-def test_sweep_extra_args_survive_quoting(caller_sweep):
-    cwd, _, spaced, configs, _ = caller_sweep
-    assert spaced.is_dir() and any(spaced.rglob("*"))
-    assert not (cwd / "cache").exists() and not (cwd / "dir").exists()
-    for config in configs.values():
-        assert config["args"]["cache_dir"] == str(spaced) and config["args"]["num_workers"] == 1
 
 
 def test_sweep_rejects_unbalanced_extra_args_quotes(tmp_path, small_benchmark):
@@ -139,16 +144,17 @@ def test_sweep_rejects_unbalanced_extra_args_quotes(tmp_path, small_benchmark):
 
 
 def test_sweep_arms_strategies_custom_arms_and_expansions(tmp_path, small_benchmark, random_ckpt, cache_dir):
-    """Run with --jobs 2 (its three runs two at a time): the results must not depend on it."""
+    """Run with --jobs 2 (its two runs at once): the results must not depend on it. (ENCODER_LRS with several
+    values, one arm each: test_sweep_prints_one_line_per_run_then_the_summaries.)"""
     env = sweep_env(**TINY, DATASETS="tiny", DATA_FILE=str(small_benchmark), UNIMOL_WEIGHTS=str(random_ckpt),
-                    OUTPUT_ROOT=str(tmp_path / "sweep"), ARMS="frozen mine", ENCODER_LRS="1e-4 1e-3",
+                    OUTPUT_ROOT=str(tmp_path / "sweep"), ARMS="frozen mine", ENCODER_LRS="1e-4",
                     ARM_mine="--finetune_encoder --finetune_strategy ffn --freeze_layers 0-13",
                     EXTRA_ARGS=f"--cache_dir {cache_dir} --num_workers 1")
     proc = run_sweep(env, "--jobs", "2")
     root = tmp_path / "sweep" / "tiny"
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + "".join(
         log.read_text()[-2000:] for log in root.glob("*/seed1/sweep_console.log"))
-    arms = ["frozen", "mine_lr1e-4", "mine_lr1e-3"]
+    arms = ["frozen", "mine_lr1e-4"]
     assert sorted(p.name for p in root.iterdir() if p.is_dir()) == sorted(arms)
     # --jobs 2: a line when each run starts and ends, its output in RUN/sweep_console.log, the summary last
     for arm in arms:
@@ -157,13 +163,13 @@ def test_sweep_arms_strategies_custom_arms_and_expansions(tmp_path, small_benchm
     assert proc.stdout.index("== tiny: all runs finished; writing the summary") > max(
         proc.stdout.index(f"== tiny {arm} seed 1: finished in ") for arm in arms)
     summary = json.loads((root / "comparison_summary.json").read_text())
-    assert list(summary["arms"]) == ["frozen", "mine_lr1e-3", "mine_lr1e-4"]
+    assert list(summary["arms"]) == arms
     assert summary["arms"]["mine_lr1e-4"]["encoder_trainable_params"] == 2_100_736 + 1024  # layer 14's FFN + final norm
     assert "--encoder_lr 0.0001" in summary["arms"]["mine_lr1e-4"]["flags"]
     assert {k for k in summary["table"] if k.startswith("Improvement")} == {f"Improvement ({a})" for a in arms[1:]}
     assert all(summary["arms"][a]["seconds_per_epoch"] > 0 for a in arms)
     text = (root / "comparison_summary.txt").read_text()
-    assert "Improvement (mine_lr1e-3)" in text and "2,101,760" in text
+    assert "Improvement (mine_lr1e-4)" in text and "2,101,760" in text
     bad = run_sweep(dict(env, ARMS="finetuned"), timeout=60)
     assert bad.returncode == 2 and "ARMS must include frozen" in bad.stderr
     bad = run_sweep(dict(env, ARMS="frozen lora nosuch"), timeout=60)
@@ -228,10 +234,10 @@ def test_sweep_refuses_bad_encoder_settings(tmp_path, small_benchmark, settings,
     assert not (tmp_path / "out").exists()
 
 
-def test_compare_gives_one_section_per_encoder_pretrained_first(tmp_path, small_benchmark, cache_dir):
+def test_compare_and_analyze_a_sweep_over_both_encoders(tmp_path, small_benchmark, cache_dir):
     """A sweep over both encoders: SWEEP/<dataset>/<encoder>/<arm>/seed<N>/. compare writes each encoder's
     summary beside its arms and, at the root, one section per encoder with the pretrained one first, a CSV whose
-    every row names its encoder, and one plot row per encoder."""
+    every row names its encoder, and one plot row per encoder. analyze reads MiniMol's sweep folder."""
     root = tmp_path / "sweep" / "small_ec50_scaffold"
     tiny = ["--data_file", str(small_benchmark), "--dataset", "small_ec50_scaffold", "--cache_dir", str(cache_dir),
             "--epochs", "2", "--batch_size", "6", "--patience", "0", "--train_size", "12", "--val_size", "8",
@@ -261,15 +267,22 @@ def test_compare_gives_one_section_per_encoder_pretrained_first(tmp_path, small_
             {k: v for k, v in summary["encoders"][encoder == "unimol"].items() if k != "date"}
         assert (root / encoder / "comparison.png").stat().st_size > 0
     assert (root / "comparison.png").stat().st_size > 0
+    assert main(["--mode", "analyze", "--output_dir", str(root / "minimol")]) == 0
+    drift = json.loads((root / "minimol" / "analysis" / "feature_drift.json").read_text())
+    assert 0 < drift["linear_cka_to_frozen"]["lora"]["1"] <= 1 + 1e-9
+    # the default --freeze_layers 0-13: LoRA on layers 14 and 15 (14 with its virtual-node layer)
+    assert set(drift["relative_weight_change"]["lora"]["1"]) == {"layer 14", "layer 15"}
+    with open(root / "minimol" / "analysis" / "molecule_changes.csv") as f:
+        assert {r["encoder_weights"] for r in csv.DictReader(f)} == {summary["encoders"][0]["encoder_weights"]}
 
 
-def test_sweep_printed_commands_run_anywhere_and_rerun_safely(caller_sweep, tmp_path):
-    """caller_sweep's runs printed (creating nothing), then run as docs/scaling.md says, with xargs -P 2 from
+def check_printed_commands_run_anywhere_and_rerun_safely(caller_sweep, tmp_path):
+    """caller_sweep's seed-1 runs printed (creating nothing), then run as docs/scaling.md says, with xargs -P 2 from
     another folder in a shell without the sweep's settings (no UNIMOL_WEIGHT_DIR): the same folders,
     settings and numbers as the sweep's own. A line run again, as a requeued SLURM array task runs it,
     exits 0 and leaves the finished run untouched."""
     cwd, _, spaced, _, env = caller_sweep
-    env = dict(env, OUTPUT_ROOT="printed")
+    env = dict(env, OUTPUT_ROOT="printed", SEEDS="1")
     before = sorted(cwd.rglob("*"))
     runs = run_sweep(env, "--print-commands", cwd=cwd, timeout=60)
     compare = run_sweep(env, "--print-compare-commands", cwd=cwd, timeout=60)
@@ -286,9 +299,12 @@ def test_sweep_printed_commands_run_anywhere_and_rerun_safely(caller_sweep, tmp_
                           cwd=elsewhere, env=bare, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     ours, theirs = cwd / "printed" / "foo", cwd / "out" / "foo"
-    files = sorted(str(p.relative_to(ours)) for p in ours.rglob("*"))
-    assert files == sorted(str(p.relative_to(theirs)) for p in theirs.rglob("*"))
-    assert "comparison_summary.json" in files and sorted(os.listdir(elsewhere)) == ["compare.txt", "runs.txt"]
+    for arm in ("frozen", "finetuned"):  # the same files but the log of the sweep's --jobs
+        files = sorted(str(p.relative_to(ours)) for p in (ours / arm / "seed1").rglob("*"))
+        assert files == sorted(str(p.relative_to(theirs)) for p in (theirs / arm / "seed1").rglob("*")
+                               if p.name != "sweep_console.log")
+    assert sorted(p.name for p in ours.iterdir()) == sorted(p.name for p in theirs.iterdir())
+    assert sorted(os.listdir(elsewhere)) == ["compare.txt", "runs.txt"]
     for arm in ("frozen", "finetuned"):
         config, reference = (json.loads((root / arm / "seed1" / "config.json").read_text())["args"]
                              for root in (ours, theirs))
