@@ -23,9 +23,10 @@ from rdkit import Chem, RDLogger
 from rdkit.Chem import AllChem, rdDistGeom
 
 import distributed
-from settings import ConformerSettings, DataSpec
+import good
+from settings import ConformerSettings, DataSpec, GoodSpec
 from store import cached_entries
-from utils import InputError, file_sha256, progress
+from utils import InputError, atomic_write_json, file_sha256, progress, read_json
 
 RDLogger.DisableLog("rdApp.*")
 log = logging.getLogger("energy_dpo.data")
@@ -325,17 +326,31 @@ def _split_ood_val_by_domain(path, pool, domain_of, train_n, val_n, data_seed):
             _sample(val_pool, val_n, _role_rng(data_seed, "ood_val")))
 
 
-def build_roles(path, sizes, data_seed, report, ood_val_split=DataSpec.ood_val_split):
+def _split_ood_val_at(pool, fraction, train_n, val_n, data_seed):
+    """OOD train / OOD val as the reference OOD-DPO divides GOOD's OOD val: the pool shuffled, its
+    first `fraction` OOD train's pool and the rest OOD val's, each then drawn like any other role.
+    Returns {role: its pool, in file order} and the draws."""
+    order = np.random.default_rng([data_seed, len(ROLES)]).permutation(len(pool))  # a stream of its own
+    cut = int(len(pool) * fraction)
+    pools = {"ood_train": [pool[i] for i in sorted(order[:cut])], "ood_val": [pool[i] for i in sorted(order[cut:])]}
+    return pools, (_sample(pools["ood_train"], train_n, _role_rng(data_seed, "ood_train")),
+                   _sample(pools["ood_val"], val_n, _role_rng(data_seed, "ood_val")))
+
+
+def build_roles(path, sizes, data_seed, report, ood_val_split=DataSpec.ood_val_split, ood_train_fraction=None):
     """ID/OOD roles from a DrugOOD file: train→ID train, iid_val→ID val, iid_test→ID test,
     ood_val→disjoint OOD train + OOD val, ood_test→OOD test. `sizes` = (train, val, test) per side.
     ood_val_split: 'random' (disjoint molecules of the same domains, the reference protocol) or
-    'domain' (disjoint domains). Roles hold SMILES as written in the file."""
+    'domain' (disjoint domains). With 'random', ood_train_fraction (GOOD: 0.7) first cuts the shuffled
+    ood_val into OOD train's and OOD val's pools at that fraction; None draws OOD train's molecules
+    first, as the reference does on DrugOOD. Roles hold SMILES as written in the file."""
     splits = load_drugood(path)
     report.update(_new_report(path, {s: len(v) for s, v in splits.items()}))
     firsts = {s: _first_writings(_smiles_of(splits[s]), s, report) for s in SPLITS}
     pools = _exclusive_pools(firsts, ("train", "iid_val", "iid_test"), ("ood_val", "ood_test"), report)
 
     train_n, val_n, test_n = sizes
+    ood_pools = {}  # the pools OOD train and OOD val draw from, when they are not all of ood_val
     roles = {"id_train": _sample(pools["train"], train_n, _role_rng(data_seed, "id_train")),
              "id_val": _sample(pools["iid_val"], val_n, _role_rng(data_seed, "id_val")),
              "id_test": _sample(pools["iid_test"], test_n, _role_rng(data_seed, "id_test")),
@@ -347,6 +362,10 @@ def build_roles(path, sizes, data_seed, report, ood_val_split=DataSpec.ood_val_s
             train_n, val_n, data_seed)
         report["ood_val_domains"] = {r: sorted({str(domain_of.get(firsts["ood_val"][c])) for c in roles[r]})
                                      for r in ("ood_train", "ood_val")}
+    elif ood_train_fraction is not None:
+        ood_pools, (roles["ood_train"], roles["ood_val"]) = _split_ood_val_at(
+            pools["ood_val"], ood_train_fraction, train_n, val_n, data_seed)
+        report["ood_train_fraction"] = ood_train_fraction
     else:
         ood_pool = [pools["ood_val"][i] for i in _role_rng(data_seed, "ood_train").permutation(len(pools["ood_val"]))]
         n_ood_train = train_n
@@ -361,8 +380,8 @@ def build_roles(path, sizes, data_seed, report, ood_val_split=DataSpec.ood_val_s
     role_split = dict(zip(ROLES, ("train", "iid_val", "iid_test", "ood_val", "ood_val", "ood_test")))
     roles = {r: [firsts[role_split[r]][c] for c in roles[r]] for r in ROLES}
     requested = dict(zip(ROLES, (train_n, val_n, test_n, train_n, val_n, test_n)))
-    report["roles"] = {r: {"requested": requested[r], "available": len(pools[role_split[r]]), "used": len(roles[r])}
-                       for r in ROLES}
+    report["roles"] = {r: {"requested": requested[r], "available": len(ood_pools.get(r, pools[role_split[r]])),
+                           "used": len(roles[r])} for r in ROLES}
     for role in ROLES:
         if len(roles[role]) < requested[role]:
             log.warning("%s: %d molecules requested, %d available", role, requested[role], len(roles[role]))
@@ -456,13 +475,89 @@ def finalize_report(report):
 
 
 def load_benchmark(data_file, sizes, data_seed, settings=ConformerSettings(), ood_val_split=DataSpec.ood_val_split,
-                   prepare=None):
+                   prepare=None, good_spec=None):
     """Roles, their conformers (or `prepare`'s inputs, see attach_conformers) and the data report for
-    one DrugOOD file."""
-    report = {}
-    roles = build_roles(data_file, sizes, data_seed, report, ood_val_split)
+    one DrugOOD file, or with `good_spec` (a GoodSpec) for GOOD's split of the raw file data_file
+    (built once into the cache folder; OOD train / OOD val cut 70/30 as the reference does)."""
+    report, fraction = {}, None
+    if good_spec is not None:
+        data_file, good_report = good_benchmark(data_file, good_spec, settings)
+        report["good"], fraction = good_report, good.OOD_TRAIN_FRACTION
+    roles = build_roles(data_file, sizes, data_seed, report, ood_val_split, fraction)
     roles, conformers = attach_conformers(roles, report, settings, data_file, prepare)
     return roles, conformers, finalize_report(report)
+
+
+# ----------------------------------------------------------------------------- GOOD benchmarks (good.py)
+
+def good_spec(flags):
+    """The GoodSpec that resolved flags ({flag: value}: main's, or a run's config.json) name; None for
+    any other benchmark. main resolves --good_domain / --good_shift only for a GOOD --dataset given on
+    the command line, so a DrugOOD file that happens to be called good_hiv.json stays a DrugOOD file."""
+    if flags.get("dataset") not in good.CLI_DATASETS or flags.get("good_domain") is None:
+        return None
+    return GoodSpec(flags["dataset"], flags["good_domain"], flags["good_shift"])
+
+
+def benchmark_name(flags):
+    """How outputs name a run's benchmark: --dataset, for GOOD with its domain and shift."""
+    spec = good_spec(flags)
+    return spec.name if spec else flags["dataset"]
+
+
+def build_good_split(raw_file, spec, raw_sha256=None):
+    """GOOD's split `spec` of raw_file as a DrugOOD-format dict (good.build_good); a file that is not
+    the raw file GOOD expects, or too small for the split, is a one-line error naming it."""
+    try:
+        return good.build_good(raw_file, good.CLI_DATASETS[spec.dataset], spec.domain, spec.shift, raw_sha256)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+
+
+def good_report(doc, raw_file):
+    """What config.json and data_report.json say about a GOOD build: the choice, the raw file, RDKit,
+    GOOD's split sizes (DrugOOD's names), its domains, and the rows that did not parse."""
+    cfg, stats = doc["cfg"], doc["statistics"]
+    return {"dataset": f"good_{cfg['dataset']}", "domain": cfg["domain"], "shift": cfg["shift"],
+            "raw_file": str(raw_file), "raw_sha256": cfg["raw_sha256"], "rdkit_version": cfg["rdkit_version"],
+            "good_built_with_rdkit": good.GOOD_RDKIT, "code_version": cfg["code_version"],
+            "split_sizes": {split: stats[split]["n_items"] for split in SPLITS},
+            "n_domains": stats["all"]["n_domains"], "n_rows": stats["all"]["n_rows"],
+            "n_molecules": stats["all"]["n_molecules"], "skipped_rows": stats["all"]["skipped_rows"],
+            "unparsable_rows_in_splits": stats["all"]["unparsable_rows_in_splits"]}
+
+
+def log_good_report(summary):
+    """The build in two console lines."""
+    log.info("GOOD-%s %s/%s from %s (SHA-256 %s…; RDKit %s, GOOD used %s): %d rows, %d molecules in %d domains, "
+             "%d unparsable rows left out, %d kept in the splits (skipped later)",
+             summary["dataset"].removeprefix("good_").upper(), summary["domain"], summary["shift"],
+             summary["raw_file"], summary["raw_sha256"][:12], summary["rdkit_version"],
+             summary["good_built_with_rdkit"], summary["n_rows"], summary["n_molecules"], summary["n_domains"],
+             len(summary["skipped_rows"]), len(summary["unparsable_rows_in_splits"]))
+    log.info("GOOD splits: %s", ", ".join(f"{split} {n}" for split, n in summary["split_sizes"].items()))
+
+
+def good_benchmark(raw_file, spec, settings):
+    """GOOD's split `spec` of raw_file as a DrugOOD file: built once into
+    <cache_dir>/good/<good.cache_key>.json (the raw file's SHA-256, the choice, GOOD code and RDKit
+    versions) and reused, rebuilt with settings.force. Returns (its path, good_report)."""
+    name = good.CLI_DATASETS[spec.dataset]
+    if not Path(raw_file).is_file():  # e.g. a run's raw file moved since it trained
+        raise InputError(good.missing_raw_file(name, raw_file))
+    raw_sha256 = file_sha256(raw_file)
+    key = good.cache_key(raw_sha256, name, spec.domain, spec.shift)
+    path, doc = Path(settings.cache_dir) / "good" / f"{key}.json", None
+    team = distributed.current()
+    if team.leader and (settings.force or not path.is_file()):  # one process builds; the team waits below
+        log.info("building GOOD's %s split from %s into %s", spec.name, raw_file, path)
+        doc = build_good_split(raw_file, spec, raw_sha256)
+        atomic_write_json(path, doc, indent=None)
+    team.barrier()
+    doc = doc or read_json(path, "delete it, or pass --force_recompute_cache, to rebuild it")
+    summary = good_report(doc, raw_file) | {"built_file": str(path)}
+    log_good_report(summary)
+    return path, summary
 
 
 # ----------------------------------------------------------------------------- other benchmarks, user files

@@ -41,6 +41,17 @@ GOOD_SEED = 123  # GOOD's default config seed, set before each domain's generati
 GOOD_CODE_VERSION = 1  # bump whenever a change here can change a split: cached builds are then stale
 ROLES = ("train", "iid_val", "iid_test", "ood_val", "ood_test")
 
+CLI_DATASETS = {f"good_{name}": name for name in GOOD_DATASETS}  # --dataset good_hiv -> hiv
+# Where each raw file comes from: the addresses GOOD downloads from (HIV and PCBA through PyG
+# 2.0.4's MoleculeNet, ZINC from chemical_vae's repository).
+SOURCES = {"hiv": "https://deepchemdata.s3-us-west-1.amazonaws.com/datasets/HIV.csv",
+           "pcba": "https://deepchemdata.s3-us-west-1.amazonaws.com/datasets/pcba.csv.gz",
+           "zinc": "https://raw.githubusercontent.com/aspuru-guzik-group/chemical_vae/master/models/"
+                   "zinc_properties/250k_rndm_zinc_drugs_clean_3.csv"}
+GOOD_RDKIT = "2020.09.5"  # the RDKit GOOD built its splits with
+# The reference OOD-DPO's use of GOOD's OOD val: shuffled, the first 70% auxiliary OOD train, the rest OOD val.
+OOD_TRAIN_FRACTION = 0.7
+
 EXPECTED = {"hiv": "MoleculeNet's HIV.csv: smiles, activity, HIV_active",
             "pcba": "MoleculeNet's pcba.csv.gz: 128 PCBA-* assay columns, mol_id, smiles",
             "zinc": "chemical_vae's 250k_rndm_zinc_drugs_clean_3.csv: smiles, logP, qed, SAS"}
@@ -68,6 +79,13 @@ def check_choices(dataset, domain, shift):
         raise ValueError(f"unknown GOOD shift '{shift}' (choose from {', '.join(GOOD_SHIFTS)})")
 
 
+def missing_raw_file(dataset, path):
+    """What to do when GOOD-`dataset`'s raw file is not at `path` (None: not given)."""
+    where = f"{path}: file not found; " if path else ""
+    return (f"{where}GOOD-{dataset.upper()} is built from {EXPECTED[dataset].split(':')[0]}: download it from "
+            f"{SOURCES[dataset]} and pass it as --data_file")
+
+
 def cache_key(raw_sha256, dataset, domain, shift):
     """A name for one build: a new raw file, choice, code version or RDKit (scaffolds) gives a new one."""
     check_choices(dataset, domain, shift)
@@ -75,7 +93,7 @@ def cache_key(raw_sha256, dataset, domain, shift):
 
 
 def _bad_file(path, dataset, what):
-    return ValueError(f"{path}: {what} (GOOD-{dataset.upper()} expects {EXPECTED[dataset]})")
+    return ValueError(f"{path}: {what} (GOOD-{dataset.upper()} expects {EXPECTED[dataset]}, from {SOURCES[dataset]})")
 
 
 def _number(text, path, index, column):
@@ -113,17 +131,22 @@ def read_raw(path, dataset):
     """[(row index, SMILES as the file holds it, label)] for every non-blank data row, in file order;
     a .gz file is read as gzip."""
     opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8-sig", newline="") as f:
-        rows = (row for row in csv.reader(f) if row)
-        header = next(rows, None)
-        if header is None:
-            raise _bad_file(path, dataset, "empty file")
-        label_of, smiles_col = _label_reader(header, path, dataset), header.index("smiles")
-        out = []
-        for index, row in enumerate(rows):
-            if len(row) != len(header):
-                raise _bad_file(path, dataset, f"row {index} has {len(row)} fields, the header {len(header)}")
-            out.append((index, row[smiles_col], label_of(row, index)))
+    try:
+        with opener(path, "rt", encoding="utf-8-sig", newline="") as f:
+            rows = (row for row in csv.reader(f) if row)
+            header = next(rows, None)
+            if header is None:
+                raise _bad_file(path, dataset, "empty file")
+            label_of, smiles_col = _label_reader(header, path, dataset), header.index("smiles")
+            out = []
+            for index, row in enumerate(rows):
+                if len(row) != len(header):
+                    raise _bad_file(path, dataset, f"row {index} has {len(row)} fields, the header {len(header)}")
+                out.append((index, row[smiles_col], label_of(row, index)))
+    # not text, not gzip, truncated, NUL bytes: the file is not what was downloaded
+    except (UnicodeDecodeError, OSError, EOFError, csv.Error) as exc:
+        raise _bad_file(path, dataset, f"cannot be read as a {'gzipped ' if opener is gzip.open else ''}CSV "
+                        f"({str(exc)[:100]})") from None
     return out
 
 

@@ -4,29 +4,29 @@ see the argparse Namespace. torch, scikit-learn and matplotlib load only when a 
 import argparse
 import dataclasses
 import functools
-import logging
-import logging.handlers
 import math
 import sys
 from pathlib import Path
 
 import distributed
-from data import missing_data_file
+import good
+from data import benchmark_name, good_spec, missing_data_file
 from settings import (DEFAULT_DATASET, ENCODER_LAYERS, ENCODER_NAMES, FINETUNE_BATCH_SIZE, FINETUNE_EVAL_BATCH_SIZE,
                       FOUNDATION_MODELS, FROZEN_BATCH_SIZE, FROZEN_EVAL_BATCH_SIZE, MINIMOL_STRATEGIES, STRATEGIES,
-                      ConformerSettings,
-                      DataSpec, EncoderSettings, FeaturizeJob, ModelSpec, OtherBenchmark, PredictJob, RunFolder,
-                      RunMolecules, ScoreJob, ScoringSettings, TrainConfig, TrainJob, WEIGHTS_FILE,
-                      default_freeze_layers, default_weights_path, missing_weights, parse_freeze_spec)
-from utils import LOG_FORMAT, LOGGER, InputError
+                      ConformerSettings, DataSpec, EncoderSettings, FeaturizeJob, GoodSpec, ModelSpec, OtherBenchmark,
+                      PredictJob, PrepareJob, RunFolder, RunMolecules, ScoreJob, ScoringSettings, TrainConfig, TrainJob,
+                      WEIGHTS_FILE, default_freeze_layers, default_weights_path, missing_weights, parse_freeze_spec)
+from utils import InputError, setup_logging
 
-MODES = ("train", "eval", "predict", "featurize", "compare", "analyze", "weights")
+MODES = ("train", "eval", "predict", "featurize", "prepare", "compare", "analyze", "weights")
 TEAM_MODES = ("train", "featurize", "predict")  # the modes that run under torchrun
 ALL, TRAIN, EVAL, PREDICT, FEATURIZE, ANALYZE = set(MODES), {"train"}, {"eval"}, {"predict"}, {"featurize"}, {"analyze"}
+PREPARE, BENCHMARK = {"prepare"}, {"train", "eval", "prepare"}  # BENCHMARK: the modes that read a benchmark
 SCORING = EVAL | PREDICT  # modes that score with a finished run's checkpoint
 LOGGED_MODES = ("train", "eval", "analyze")  # the modes that write a log file
 MOLECULES = TRAIN | SCORING | FEATURIZE  # modes that make conformers under the molecule limits
-CROSS_EVAL_FLAGS = ("dataset", "test_size", "data_seed")  # eval honours them only with --data_file
+GOOD_FLAGS = ("good_domain", "good_shift")
+CROSS_EVAL_FLAGS = ("dataset", "test_size", "data_seed", *GOOD_FLAGS)  # eval honours them only with --data_file
 FINETUNE_ONLY = ("finetune_strategy", "lora_rank", "lora_alpha", "lora_dropout", "warmup_epochs", "lr_schedule",
                  "encoder_lr", "freeze_layers", "grad_checkpointing")
 LORA_ONLY = ("lora_rank", "lora_alpha", "lora_dropout")
@@ -45,14 +45,18 @@ def build_parser():
         action.modes, action.runtime = frozenset(modes), runtime
 
     add(p, "--mode", ALL, choices=MODES, default="train",
-        help="eval: re-score a run's test split, or with --data_file another benchmark; "
-             "compare: summarise a sweep under --output_dir; analyze: what fine-tuning changed there; "
+        help="eval: re-score a run's test split, or with --data_file another benchmark; prepare: build a GOOD "
+             "benchmark as a DrugOOD JSON; compare: summarise a sweep under --output_dir; analyze: what fine-tuning "
+             "changed there; "
              "weights: download Uni-Mol's checkpoint from the hub")
     g = p.add_argument_group("data")
-    add(g, "--dataset", TRAIN | EVAL, help=f"name used in outputs (default: the --data_file stem, else "
-        f"{DEFAULT_DATASET}); without --data_file also picks data/raw/<dataset>.json")
-    add(g, "--data_file", TRAIN | EVAL, help="DrugOOD JSON (default: ./data/raw/<dataset>.json); eval: another "
-        "benchmark, a DrugOOD JSON or a CSV with smiles and is_ood (0/1) columns")
+    add(g, "--dataset", BENCHMARK, help=f"name used in outputs (default: the --data_file stem, else "
+        f"{DEFAULT_DATASET}); without --data_file also picks data/raw/<dataset>.json; "
+        f"{', '.join(good.CLI_DATASETS)}: GOOD's benchmark, built from its raw file (--data_file)")
+    add(g, "--data_file", BENCHMARK, help="DrugOOD JSON (default: ./data/raw/<dataset>.json); eval: another "
+        "benchmark, a DrugOOD JSON or a CSV with smiles and is_ood (0/1) columns; GOOD: its raw file as downloaded")
+    add(g, "--good_domain", BENCHMARK, help=f"GOOD: {' or '.join(good.GOOD_DOMAINS)} (default {GoodSpec.domain})")
+    add(g, "--good_shift", BENCHMARK, help=f"GOOD: {' or '.join(good.GOOD_SHIFTS)} (default {GoodSpec.shift})")
     add(g, "--train_size", TRAIN, type=int, default=M.train_size, help="molecules per side (ID and OOD) for training")
     add(g, "--val_size", TRAIN, type=int, default=M.val_size, help="molecules per side for validation")
     add(g, "--test_size", TRAIN | EVAL, type=int, default=M.test_size,
@@ -61,8 +65,8 @@ def build_parser():
         help="seed of the subsampling, independent of --seed (eval --data_file: default the run's)")
     add(g, "--ood_val_split", TRAIN, choices=["random", "domain"], default=M.ood_val_split,
         help="how ood_val becomes OOD train and OOD val: random = disjoint molecules of the same domains "
-             "(the reference protocol), domain = disjoint domain_ids (honest validation)")
-    add(g, "--cache_dir", ALL, True, default=C.cache_dir, help="conformer and feature caches (eval/predict: the run's)")
+             "(the reference protocol; GOOD: cut 70/30), domain = disjoint domain_ids (honest validation)")
+    add(g, "--cache_dir", ALL, True, default=C.cache_dir, help="conformer, feature, GOOD caches (eval/predict: run's)")
     add(g, "--force_recompute_cache", ALL, True, action="store_true", help="drop and rebuild the caches used")
     add(g, "--num_workers", ALL, True, type=int, default=C.num_workers, help="processes for conformer (Uni-Mol) or graph (MiniMol) generation")
     add(g, "--max_heavy_atoms", MOLECULES, type=int, default=C.max_heavy_atoms,
@@ -141,7 +145,7 @@ def build_parser():
         "the shards' outputs, concatenated in shard order without their repeated headers, equal the unsharded output")
     add(g, "--chunk_rows", PREDICT, type=int, default=PredictJob.chunk_rows,
         help="predict: input rows read, scored and written at a time (bounds memory; the unit of --resume)")
-    add(g, "--output", PREDICT | FEATURIZE, help="predict: CSV to write; featurize: .npy to write")
+    add(g, "--output", PREDICT | FEATURIZE | PREPARE, help="predict: CSV to write; featurize: .npy; prepare: .json")
     return p
 
 
@@ -203,6 +207,22 @@ def check_numbers(args):
     return None
 
 
+def check_good(args, given):
+    """Resolve a GOOD dataset's domain and shift (settings.GoodSpec's defaults); an error message for
+    GOOD flags that do not fit, or None."""
+    name, gave = good.CLI_DATASETS.get(args.dataset), given & set(GOOD_FLAGS)
+    if not name:
+        what = f"{_flags(gave)} appl{'y' if len(gave) > 1 else 'ies'} to" if gave else "--mode prepare builds"
+        return (f"{what} a GOOD benchmark only: pass --dataset {', '.join(good.CLI_DATASETS)}"
+                if gave or args.mode == "prepare" else None)
+    args.good_domain, args.good_shift = args.good_domain or GoodSpec.domain, args.good_shift or GoodSpec.shift
+    try:
+        good.check_choices(name, args.good_domain, args.good_shift)
+    except ValueError as exc:
+        return f"--good_domain {args.good_domain} --good_shift {args.good_shift}: {exc}"
+    return None if args.data_file and Path(args.data_file).is_file() else good.missing_raw_file(name, args.data_file)
+
+
 def validate(args, given, parser):
     """Resolve defaults in `args` and reject inconsistent flags; returns an error message or None."""
     accepted = {dest for dest, a in flag_actions(parser).items() if args.mode in a.modes}
@@ -212,7 +232,7 @@ def validate(args, given, parser):
     if given - accepted:
         source = " (they come from the run's checkpoint)" if args.mode in SCORING else ""
         return f"--mode {args.mode} does not use {_flags(given - accepted)}{source}"
-    error = check_numbers(args)
+    error = check_numbers(args) or check_good(args, given)
     if error:
         return error
     n_layers, name = ENCODER_LAYERS[args.foundation_model], ENCODER_NAMES[args.foundation_model]
@@ -247,9 +267,9 @@ def validate(args, given, parser):
         parts = args.shard.split("/")
         if len(parts) != 2 or not all(p.isdigit() for p in parts) or not 1 <= int(parts[0]) <= int(parts[1]):
             return f"--shard {args.shard}: expected I/N with 1 ≤ I ≤ N, e.g. 1/4"
-    if args.mode in PREDICT | FEATURIZE:
-        if bool(args.input) == bool(args.smiles):
-            return f"--mode {args.mode} needs exactly one of --input FILE or --smiles ..."
+    if args.mode in PREDICT | FEATURIZE and bool(args.input) == bool(args.smiles):
+        return f"--mode {args.mode} needs exactly one of --input FILE or --smiles ..."
+    if args.mode in PREDICT | FEATURIZE | PREPARE:
         if not args.output:
             return f"--mode {args.mode} needs --output"
         out = Path(args.output)
@@ -271,8 +291,8 @@ def validate(args, given, parser):
                              else (FROZEN_BATCH_SIZE, FROZEN_EVAL_BATCH_SIZE))
         args.batch_size = args.batch_size or batch
         args.eval_batch_size = args.eval_batch_size or eval_batch
-        args.output_dir = (args.output_dir
-                           or f"outputs/{args.dataset}/{args.foundation_model}_{args.loss_type}_seed{args.seed}")
+        args.output_dir = args.output_dir or (f"outputs/{benchmark_name(vars(args))}/"
+                                              f"{args.foundation_model}_{args.loss_type}_seed{args.seed}")
         if not Path(args.data_file).is_file():
             return missing_data_file(args.data_file)
     if args.foundation_model == "minimol":
@@ -323,7 +343,8 @@ def resume_ignores(args, parser):
 
 
 def train_job(args, parser):
-    return TrainJob(data=_fields(DataSpec, args), conformers=conformer_settings(args), encoder=encoder_settings(args),
+    return TrainJob(data=_fields(DataSpec, args, dataset=benchmark_name(vars(args)), good=good_spec(vars(args))),
+                    conformers=conformer_settings(args), encoder=encoder_settings(args),
                     model=model_spec(args),
                     train=_fields(TrainConfig, args),
                     run=RunFolder(Path(args.output_dir), args.overwrite, args.resume, args.auto_resume),
@@ -364,8 +385,9 @@ def featurize_job(args):
 def other_benchmark(args, given):
     if not args.data_file:
         return None
-    return OtherBenchmark(args.data_file, args.dataset or Path(args.data_file).stem,
-                          given_value(args, given, "test_size"), given_value(args, given, "data_seed"))
+    return OtherBenchmark(args.data_file, benchmark_name(vars(args)) if args.dataset else Path(args.data_file).stem,
+                          given_value(args, given, "test_size"), given_value(args, given, "data_seed"),
+                          good_spec(vars(args)))
 
 
 def dispatch(args, given, parser):
@@ -387,34 +409,15 @@ def dispatch(args, given, parser):
         pipeline.run_eval(score_job(args, given), other_benchmark(args, given))
     elif args.mode == "featurize":
         pipeline.run_featurize(featurize_job(args))
+    elif args.mode == "prepare":
+        pipeline.run_prepare(PrepareJob(good_spec(vars(args)), args.data_file, Path(args.output)))
     elif args.mode == "compare":
         pipeline.run_compare(Path(args.output_dir))
     elif args.mode == "analyze":
         pipeline.run_analyze(score_job(args, given))
 
 
-# ----------------------------------------------------------------------------- logging, docs, main
-
-def setup_logging(hold):
-    """Console (stderr) logging, one logger per module under 'energy_dpo'. With `hold` (the modes
-    that write a log file) the records are also held in memory until utils.attach_log_file names
-    the file: a run folder is only touched once its inputs have checked out, and its log still
-    starts at the beginning."""
-    root = logging.getLogger(LOGGER)
-    root.setLevel(logging.INFO)
-    for handler in list(root.handlers):
-        handler.close()
-        root.removeHandler(handler)
-    team, console = distributed.current(), logging.StreamHandler(sys.stderr)
-    if not team.leader:  # the leader logs for the team; the others speak only of errors
-        root.setLevel(logging.ERROR)
-        console.setFormatter(logging.Formatter(f"%(asctime)s rank {team.rank} %(levelname)s %(message)s", "%H:%M:%S"))
-        return root.addHandler(console)
-    held = [logging.handlers.MemoryHandler(capacity=1 << 20, flushLevel=logging.CRITICAL + 1)] if hold else []
-    for handler in (console, *held):
-        handler.setFormatter(LOG_FORMAT)
-        root.addHandler(handler)
-
+# ----------------------------------------------------------------------------- main
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)

@@ -13,8 +13,9 @@ import numpy as np
 import analyze
 import distributed
 from baselines import baseline_metrics, baseline_scores, descriptor
-from data import (attach_conformers, canonical, finalize_report, item_field, load_benchmark,
-                  load_test_roles, prepare_inputs, read_table)
+from data import (SPLITS, attach_conformers, benchmark_name, build_good_split, canonical, finalize_report,
+                  good_benchmark, good_report, good_spec, item_field, load_benchmark, load_test_roles,
+                  log_good_report, prepare_inputs, read_table)
 from evaluate import (finite_scores, id_threshold, plot_training_curves, read_test_scores, results_table,
                       write_test_results)
 from features import frozen_features, model_inputs, prepare_molecules, preparer
@@ -116,7 +117,10 @@ def run_train(job):
     team.barrier()  # every rank has looked at the run folder before the leader changes it
     roles, conformers, report = load_benchmark(job.data.data_file, job.data.sizes, job.data.data_seed,
                                                job.conformers, job.data.ood_val_split,
-                                               preparer(encoder, job.conformers, job.encoder.encode_batch_size))
+                                               preparer(encoder, job.conformers, job.encoder.encode_batch_size),
+                                               job.data.good)
+    if job.data.good:  # what the run's DrugOOD file was built from, and how
+        config["good"] = report["good"]
     if team.leader:  # every input has checked out: only now may an earlier run in this folder go
         if overwrite:
             clear_run_dir(run_dir)
@@ -148,7 +152,7 @@ def run_train(job):
         log.warning("%s", stalled)
         labels["training_warning"] = stalled
     baselines, skipped, baseline_s = run_baselines(
-        run_dir, frozen_twin(encoder, job.encoder.weights), roles, conformers, labels_from=job.data.data_file,
+        run_dir, frozen_twin(encoder, job.encoder.weights), roles, conformers, labels_from=report["data_file"],
         seed=job.train.seed, conf=job.conformers, batch_size=job.encoder.encode_batch_size, device=job.train.device)
     metrics = finish_run(run_dir, net, inputs, roles, job.train.eval_batch_size, job.train.device, labels)
     log_results_table(metrics, baselines, skipped, encoder.identity)
@@ -180,6 +184,11 @@ def finish_run(run_dir, net, inputs, roles, batch_size, device, labels):
 
 # ----------------------------------------------------------------------------- eval
 
+def run_data_file(run):
+    """The DrugOOD file a run read: its --data_file, or the GOOD build it made from that raw file."""
+    return run.state.get("config", {}).get("good", {}).get("built_file", run.stored["data_file"])
+
+
 def run_eval(job, other=None):
     """Re-score a finished run's own test split (same file, checked; same roles), or with `other`
     (an OtherBenchmark) another benchmark's test molecules into RUN/eval/<name>/, with the
@@ -192,31 +201,37 @@ def run_eval(job, other=None):
         if (out_dir / FINISHED).exists() and not job.overwrite:
             raise InputError(f"{out_dir}: holds an earlier evaluation; pass --overwrite to replace it")
         seen = trained_molecules(run.folder)
-        roles, report = load_test_roles(other.data_file, from_run(other.test_size, stored, "test_size"),
+        data_file, good = (good_benchmark(other.data_file, other.good, run.conformers) if other.good
+                           else (other.data_file, None))
+        roles, report = load_test_roles(data_file, from_run(other.test_size, stored, "test_size"),
                                         from_run(other.data_seed, stored, "data_seed"), seen)
+        if good:
+            report["good"] = good
         roles, conformers = attach_conformers(roles, report, run.conformers, other.data_file, run.preparer())
         out_dir.mkdir(parents=True, exist_ok=True)
         attach_log_file(out_dir / EVAL_LOG)
         log.info("%s: removed %s molecules that %s trained or validated on", other.data_file,
                  report["removed_seen_in_run"], run.folder)
         atomic_write_json(out_dir / "data_report.json", finalize_report(report))
-        title = f"{dataset} (detector trained on {stored['dataset']})\n{run.identity.label}"
+        title = f"{dataset} (detector trained on {benchmark_name(stored)})\n{run.identity.label}"
     else:  # the run's own test split, as it was: same file (checked), same roles
-        out_dir, dataset = run.folder, stored["dataset"]
+        out_dir, dataset = run.folder, benchmark_name(stored)
         recorded = run.state.get("config", {}).get("data_file_sha256")
         if recorded and Path(stored["data_file"]).is_file() and file_sha256(stored["data_file"]) != recorded:
             raise InputError(f"{stored['data_file']}: changed since the run was trained (SHA-256 differs from "
                              f"{recorded[:12]}…); restore it, or score it as another benchmark with --data_file")
         roles, conformers, _ = load_benchmark(stored["data_file"], (stored["train_size"], stored["val_size"],
                                               stored["test_size"]), stored["data_seed"], run.conformers,
-                                              stored.get("ood_val_split", DataSpec.ood_val_split), run.preparer())
+                                              stored.get("ood_val_split", DataSpec.ood_val_split), run.preparer(),
+                                              good_spec(stored))
         roles = {r: roles[r] for r in ("id_test", "ood_test")}
         attach_log_file(run.folder / EVAL_LOG)
         title = f"{dataset}\n{run.identity.label}"
     scores = finite_scores(run.score(roles, conformers, job.device), run.checkpoint, dataset)
     extra = {"best_epoch": run.state["epoch"], "val_auroc": run.state["val_auroc"],
              "threshold_95_id_val": run.threshold, "encoder_weights": run.identity.text,
-             "random_init_encoder": run.identity.is_random_init, "dataset": dataset, "trained_on": stored["dataset"],
+             "random_init_encoder": run.identity.is_random_init, "dataset": dataset,
+             "trained_on": benchmark_name(stored),
              "title": title, "ood_val_split": stored.get("ood_val_split", DataSpec.ood_val_split)}
     if other is not None:  # the baselines of the run's own training data, on the other benchmark's molecules
         own_roles = trained_roles(run.folder)
@@ -225,13 +240,24 @@ def run_eval(job, other=None):
         own_roles = {r: [s for s in mols if s in own] for r, mols in own_roles.items()}
         baselines, skipped, _ = run_baselines(
             out_dir, frozen_twin(run.encoder, run.weights), own_roles | roles, conformers | own,
-            labels_from=stored["data_file"], seed=stored["seed"], conf=run.conformers,
+            labels_from=run_data_file(run), seed=stored["seed"], conf=run.conformers,
             batch_size=run.scoring.encode_batch_size, device=job.device)
     metrics = write_test_results(out_dir, roles, scores, extra, heavy_atom_counts(roles))
     if other is not None:
         log_results_table(metrics, baselines, skipped, run.identity)
     log.info("%s", result_line(dataset, metrics))
     print(f"wrote {out_dir / FINISHED}")
+
+
+# ----------------------------------------------------------------------------- prepare
+
+def run_prepare(job):
+    """GOOD's split of a raw file written as a DrugOOD JSON (whole or not at all), to inspect, keep, or
+    run every mode on as a plain DrugOOD file."""
+    doc = build_good_split(job.raw_file, job.good)
+    atomic_write_json(job.output, doc, indent=None)
+    log_good_report(good_report(doc, job.raw_file))
+    print(f"wrote {job.output}: " + ", ".join(f"{split} {len(doc['split'][split])}" for split in SPLITS))
 
 
 # ----------------------------------------------------------------------------- featurize

@@ -118,8 +118,22 @@ ENCODER_NAMES = {"unimol": "Uni-Mol", "minimol": "MiniMol"}
 
 
 @dataclasses.dataclass(frozen=True)
+class GoodSpec:
+    """A GOOD benchmark (--dataset good_hiv, good_pcba or good_zinc), rebuilt from its raw file by good.py."""
+    dataset: str  # as --dataset names it: good_hiv, good_pcba or good_zinc
+    domain: str = "scaffold"  # or size
+    shift: str = "covariate"  # or concept (no_shift has no OOD molecules)
+
+    @property
+    def name(self):
+        """How outputs name it: one folder per dataset, domain and shift."""
+        return f"{self.dataset}_{self.domain}_{self.shift}"
+
+
+@dataclasses.dataclass(frozen=True)
 class DataSpec:
-    """Which benchmark a run trains on and how its roles are drawn."""
+    """Which benchmark a run trains on and how its roles are drawn. With `good`, data_file is GOOD's
+    raw file, built into a DrugOOD file under the cache folder."""
     data_file: str
     dataset: str
     train_size: int = 2000  # molecules per side (ID and OOD)
@@ -127,6 +141,7 @@ class DataSpec:
     test_size: int = 1000
     data_seed: int = 42  # the subsampling's own seed, independent of --seed
     ood_val_split: str = "random"  # random (the reference protocol) or domain (honest validation)
+    good: Optional[GoodSpec] = None
 
     @property
     def sizes(self):
@@ -272,6 +287,15 @@ class OtherBenchmark:
     dataset: str
     test_size: Optional[int] = None
     data_seed: Optional[int] = None
+    good: Optional[GoodSpec] = None  # data_file is GOOD's raw file
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareJob:
+    """--mode prepare: GOOD's split of a raw file written as a DrugOOD JSON."""
+    good: GoodSpec
+    raw_file: str
+    output: Path
 
 
 @dataclasses.dataclass(frozen=True)

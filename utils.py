@@ -80,8 +80,9 @@ def atomic_write_text(path, text):
         tmp.write_text(text)
 
 
-def atomic_write_json(path, obj):
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+def atomic_write_json(path, obj, indent=2):
+    """indent=None: one line, for files too large to read by eye (a GOOD build of PCBA)."""
+    atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=False) + "\n")
 
 
 def write_csv(path, rows, columns):
@@ -146,3 +147,24 @@ def attach_log_file(path):
         root.removeHandler(held)
         held.close()
     root.addHandler(file_handler)
+
+
+def setup_logging(hold):
+    """Console (stderr) logging, one logger per module under 'energy_dpo'. With `hold` (the modes
+    that write a log file) the records are also held in memory until attach_log_file names
+    the file: a run folder is only touched once its inputs have checked out, and its log still
+    starts at the beginning."""
+    root = logging.getLogger(LOGGER)
+    root.setLevel(logging.INFO)
+    for handler in list(root.handlers):
+        handler.close()
+        root.removeHandler(handler)
+    team, console = distributed.current(), logging.StreamHandler(sys.stderr)
+    if not team.leader:  # the leader logs for the team; the others speak only of errors
+        root.setLevel(logging.ERROR)
+        console.setFormatter(logging.Formatter(f"%(asctime)s rank {team.rank} %(levelname)s %(message)s", "%H:%M:%S"))
+        return root.addHandler(console)
+    held = [logging.handlers.MemoryHandler(capacity=1 << 20, flushLevel=logging.CRITICAL + 1)] if hold else []
+    for handler in (console, *held):
+        handler.setFormatter(LOG_FORMAT)
+        root.addHandler(handler)

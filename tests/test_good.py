@@ -1,19 +1,24 @@
 """GOOD's molecular splits rebuilt from raw files: a covariate split worked out by hand, the rules of
 reference_facts §10 checked on every domain and shift, a re-derivation of both shifts from the prose,
-the ZINC and PCBA layouts, and the one-line errors."""
+the ZINC and PCBA layouts, and the one-line errors; then the command line: --mode prepare, training
+on a GOOD dataset (built once into the cache, OOD val cut 70/30), eval on one, and the flag errors."""
 import csv
 import gzip
 import hashlib
 import json
 import random
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
-from rdkit import Chem
+from rdkit import Chem, rdBase
 from rdkit.Chem.Scaffolds import MurckoScaffold
 
+import data
 import good
 from conftest import DEMO
+from main import main
 
 UNPARSEABLE = "C1CC(N"
 
@@ -339,3 +344,152 @@ def test_cfg_and_cache_key(hiv_file):
     assert doc["cfg"]["code_version"] == good.GOOD_CODE_VERSION
     keys = {good.cache_key(sha, "hiv", d, s) for d in good.GOOD_DOMAINS for s in good.GOOD_SHIFTS}
     assert len(keys) == 4 and good.cache_key("f" * 64, "hiv", "size", "concept") not in keys
+
+
+# ----------------------------------------------------------------------------- the command line
+
+# Few and small molecules: Uni-Mol features of each cost about 0.4 s on one core.
+SMALL = ["--train_size", "6", "--val_size", "3", "--test_size", "3", "--epochs", "2", "--patience", "0",
+         "--num_workers", "1"]
+
+
+@pytest.fixture(scope="module")
+def good_raw(tmp_path_factory):
+    """120 small demo molecules (at most 24 heavy atoms) and one unparseable row, in HIV.csv's layout;
+    its scaffold/concept split: train 43, iid_val 8, iid_test 8, ood_val 31, ood_test 30."""
+    smiles = [s for s in demo_smiles(10000) if Chem.MolFromSmiles(s).GetNumAtoms() <= 24][:120]
+    return write_hiv(tmp_path_factory.mktemp("good_cli") / "HIV.csv", smiles[:60] + [UNPARSEABLE] + smiles[60:])
+
+
+def good_flags(raw, shift="concept"):
+    return ["--dataset", "good_hiv", "--good_domain", "scaffold", "--good_shift", shift, "--data_file", str(raw)]
+
+
+@pytest.fixture(scope="module")
+def good_run(tmp_path_factory, good_raw, random_ckpt, cache_dir):
+    """A frozen run trained directly on GOOD-HIV scaffold/concept (built into cache_dir/good/)."""
+    run = tmp_path_factory.mktemp("good_runs") / "run"
+    assert main(["--mode", "train", *good_flags(good_raw), "--unimol_weights", str(random_ckpt),
+                 "--cache_dir", str(cache_dir), *SMALL, "--output_dir", str(run)]) == 0
+    return run
+
+
+def read_json(path):
+    return json.loads(path.read_text())
+
+
+def test_prepare_writes_the_build_and_it_trains_as_a_drugood_file(good_raw, good_run, random_ckpt, cache_dir,
+                                                                    tmp_path, capsys):
+    out = tmp_path / "good_hiv.json"
+    assert main(["--mode", "prepare", *good_flags(good_raw), "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    doc = read_json(out)
+    assert doc == good.build_good(good_raw, "hiv", "scaffold", "concept")
+    assert f"wrote {out}: train {len(doc['split']['train'])}, iid_val" in printed
+    assert out.stat().st_mode & 0o777 == 0o644 and not list(tmp_path.glob(".*tmp*"))  # umask 022: a normal file
+    assert main(["--mode", "prepare", *good_flags(good_raw), "--output", str(out)]) == 2  # never replaced unasked
+    assert "pass --overwrite" in capsys.readouterr().err
+    # the prepared file is a plain DrugOOD file (its name, good_hiv, makes no GOOD run): every mode takes it
+    run = tmp_path / "run"
+    assert main(["--mode", "train", "--data_file", str(out), "--unimol_weights", str(random_ckpt),
+                 "--cache_dir", str(cache_dir), *SMALL, "--output_dir", str(run)]) == 0
+    metrics, report = read_json(run / "test_metrics.json"), read_json(run / "data_report.json")
+    assert metrics["dataset"] == "good_hiv" and "good" not in report and "ood_train_fraction" not in report
+    own = read_json(good_run / "data_report.json")
+    assert report["roles"]["id_train"] == own["roles"]["id_train"]  # the same pools, drawn alike
+
+
+def test_training_on_good_builds_once_and_records_it(good_raw, good_run, cache_dir, tmp_path, monkeypatch):
+    sha = hashlib.sha256(good_raw.read_bytes()).hexdigest()
+    built = cache_dir / "good" / f"{good.cache_key(sha, 'hiv', 'scaffold', 'concept')}.json"
+    assert read_json(built) == good.build_good(good_raw, "hiv", "scaffold", "concept")
+    config, report = read_json(good_run / "config.json"), read_json(good_run / "data_report.json")
+    for record in (config["good"], report["good"]):
+        assert (record["dataset"], record["domain"], record["shift"], record["raw_sha256"]) == \
+            ("good_hiv", "scaffold", "concept", sha)
+        assert record["rdkit_version"] == rdBase.rdkitVersion and record["skipped_rows"] == [60]
+        assert record["split_sizes"] == {s: len(v) for s, v in read_json(built)["split"].items()}
+        assert record["n_domains"] == read_json(built)["statistics"]["all"]["n_domains"]
+    assert config["data_file_sha256"] == sha and report["data_file"] == str(built)
+    log = (good_run / "training.log").read_text()
+    assert "GOOD-HIV scaffold/concept" in log and f"SHA-256 {sha[:12]}" in log and "1 unparsable rows left out" in log
+    assert read_json(good_run / "test_metrics.json")["dataset"] == "good_hiv_scaffold_concept"
+    # OOD val cut 70/30 before the draws (reference OOD-DPO), not filled OOD train first as on DrugOOD
+    pool = report["roles"]["ood_train"]["available"] + report["roles"]["ood_val"]["available"]
+    assert report["ood_train_fraction"] == 0.7 and report["roles"]["ood_train"]["available"] == int(0.7 * pool)
+    assert report["roles"]["ood_train"]["available"] == 21 and report["roles"]["ood_val"]["available"] == 10
+    assert (report["roles"]["ood_train"]["used"], report["roles"]["ood_val"]["used"]) == (6, 3)
+    # a second use reads the cached build: re-scoring the run's own split builds nothing
+    run = shutil.copytree(good_run, tmp_path / "run")
+    monkeypatch.setattr(good, "build_good", lambda *a, **k: pytest.fail("rebuilt a cached GOOD split"))
+    stamp = built.stat().st_mtime_ns
+    assert main(["--mode", "eval", "--output_dir", str(run)]) == 0
+    assert read_json(run / "test_metrics.json")["auroc"] == read_json(good_run / "test_metrics.json")["auroc"]
+    assert built.stat().st_mtime_ns == stamp
+
+
+def test_the_70_30_split_of_ood_val(good_raw, tmp_path):
+    path = tmp_path / "good.json"
+    path.write_text(json.dumps(good.build_good(good_raw, "hiv", "scaffold", "concept")))
+    roles = data.build_roles(path, (1000, 1000, 1000), 42, {}, "random", good.OOD_TRAIN_FRACTION)
+    ood_val = {data.canonical(item["smiles"]) for item in read_json(path)["split"]["ood_val"]}
+    train, val = ({data.canonical(s) for s in roles[r]} for r in ("ood_train", "ood_val"))
+    assert not train & val and train | val == ood_val and len(train) == int(0.7 * len(ood_val))
+    report = {}
+    small = data.build_roles(path, (5, 2, 3), 42, report, "random", good.OOD_TRAIN_FRACTION)
+    assert set(small["ood_train"]) <= set(roles["ood_train"]) and set(small["ood_val"]) <= set(roles["ood_val"])
+    assert report["roles"]["ood_val"]["available"] == len(val) and len(small["ood_val"]) == 2
+    other_seed = data.build_roles(path, (1000, 1000, 1000), 7, {}, "random", good.OOD_TRAIN_FRACTION)
+    assert set(other_seed["ood_train"]) != set(roles["ood_train"])  # shuffled with --data_seed
+
+
+def test_eval_on_a_good_benchmark(good_raw, good_run, tmp_path, monkeypatch):
+    run = shutil.copytree(good_run, tmp_path / "run")
+    monkeypatch.setattr(good, "build_good", lambda *a, **k: pytest.fail("rebuilt a cached GOOD split"))
+    assert main(["--mode", "eval", "--output_dir", str(run), *good_flags(good_raw)]) == 0  # the run's --test_size
+    out = run / "eval" / "good_hiv_scaffold_concept"
+    metrics, report = read_json(out / "test_metrics.json"), read_json(out / "data_report.json")
+    assert (metrics["n_id"], metrics["n_ood"], metrics["trained_on"]) == (3, 3, "good_hiv_scaffold_concept")
+    assert report["good"]["shift"] == "concept"
+    split = read_json(Path(report["good"]["built_file"]))["split"]
+    with open(out / "test_scores.csv") as f:
+        for row in csv.DictReader(f):  # ID test from GOOD's id_test, OOD test from its OOD test
+            drawn_from = split["ood_test" if row["is_ood"] == "1" else "iid_test"]
+            assert row["smiles"] in {item["smiles"] for item in drawn_from}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--mode", "prepare", "--dataset", "lbap", "--data_file", "RAW", "--output", "o.json"],
+     "--mode prepare builds a GOOD benchmark only: pass --dataset good_hiv, good_pcba, good_zinc"),
+    (["--good_domain", "size", "--data_file", "RAW"],
+     "--good_domain applies to a GOOD benchmark only: pass --dataset good_hiv"),
+    (["--mode", "prepare", "--dataset", "good_hiv", "--good_shift", "no_shift", "--data_file", "RAW", "--output",
+      "o.json"], "no_shift split has no OOD molecules"),
+    (["--mode", "prepare", "--dataset", "good_hiv", "--good_domain", "assay", "--data_file", "RAW", "--output",
+      "o.json"], "unknown GOOD domain 'assay' (choose from scaffold, size)"),
+    (["--dataset", "good_hiv"], "download it from https://deepchemdata.s3-us-west-1.amazonaws.com/datasets/HIV.csv"),
+    (["--mode", "prepare", "--dataset", "good_pcba", "--data_file", "nope.csv.gz", "--output", "o.json"],
+     "nope.csv.gz: file not found; GOOD-PCBA is built from MoleculeNet's pcba.csv.gz"),
+    (["--mode", "eval", "--output_dir", "run", "--good_shift", "concept"], "only to another benchmark"),
+    (["--mode", "prepare", "--dataset", "good_hiv", "--data_file", "RAW"], "--mode prepare needs --output"),
+])
+def test_good_flag_errors(argv, message, good_raw, capsys):
+    assert main([str(good_raw) if a == "RAW" else a for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
+
+
+def test_bad_raw_files_are_one_line_errors(tmp_path, capsys):
+    columns = tmp_path / "HIV.csv"
+    columns.write_text("smiles,activity\nCCO,CI\n")
+    not_gzip = tmp_path / "pcba.csv.gz"
+    not_gzip.write_text("smiles\nCCO\n")
+    small = write_hiv(tmp_path / "small.csv", demo_smiles(8))
+    for dataset, raw, message in (("good_hiv", columns, "no column HIV_active"),
+                                  ("good_pcba", not_gzip, "cannot be read as a gzipped CSV"),
+                                  ("good_hiv", small, "too few molecules for GOOD-HIV scaffold covariate")):
+        out = tmp_path / "out.json"
+        assert main(["--mode", "prepare", "--dataset", dataset, "--data_file", str(raw), "--output", str(out)]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {raw}: ") and message in err and len(err.splitlines()) == 1, err
+        assert not out.exists() and not list(tmp_path.glob(".*tmp*"))
