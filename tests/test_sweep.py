@@ -212,6 +212,9 @@ def test_sweep_prints_one_line_per_run_then_the_summaries(tmp_path, small_benchm
     last = lambda words, name: words[len(words) - 1 - words[::-1].index(name) + 1]  # noqa: E731
     assert {(("/minimol/" in flag(w, "--output_dir")), last(w, "--epochs"), "--batch_size" in w) for w in demo_lines} == \
         {(True, "20", True), (False, "5", False)}
+    # random-init Uni-Mol (no checkpoint here) is a pipeline check at half the molecules
+    assert {(("/minimol/" in flag(w, "--output_dir")), last(w, "--train_size"), last(w, "--test_size"))
+            for w in demo_lines} == {(True, "200", "200"), (False, "100", "100")}
     root = "./outputs/finetune_comparison_demo/demo_ec50_scaffold"
     assert [flag(w, "--output_dir") for w in demo_lines[:4]] == [
         f"{root}/{e}/{a}/seed42" for e in ("minimol", "unimol") for a in ("frozen", "finetuned")]
