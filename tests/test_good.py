@@ -397,6 +397,13 @@ def test_prepare_writes_the_build_and_it_trains_as_a_drugood_file(good_raw, good
     assert metrics["dataset"] == "good_hiv" and "good" not in report and "ood_train_fraction" not in report
     own = read_json(good_run / "data_report.json")
     assert report["roles"]["id_train"] == own["roles"]["id_train"]  # the same pools, drawn alike
+    assert main(["--mode", "eval", "--output_dir", str(run)]) == 0  # re-scores from the prepared file
+    assert read_json(run / "test_metrics.json")["auroc"] == pytest.approx(metrics["auroc"])
+    smiles = [item["smiles"] for item in doc["split"]["ood_test"][:2]]
+    assert main(["--mode", "predict", "--output_dir", str(run), "--smiles", *smiles, "--output",
+                 str(tmp_path / "scores.csv")]) == 0
+    with open(tmp_path / "scores.csv", newline="") as f:
+        assert [np.isfinite(float(r["energy"])) for r in csv.DictReader(f)] == [True, True]
 
 
 def test_training_on_good_builds_once_and_records_it(good_raw, good_run, cache_dir, tmp_path, monkeypatch):
