@@ -481,8 +481,8 @@ def load_benchmark(data_file, sizes, data_seed, settings=ConformerSettings(), oo
     (built once into the cache folder; OOD train / OOD val cut 70/30 as the reference does)."""
     report, fraction = {}, None
     if good_spec is not None:
-        data_file, good_report = good_benchmark(data_file, good_spec, settings)
-        report["good"], fraction = good_report, good.OOD_TRAIN_FRACTION
+        data_file, report["good"] = good_benchmark(data_file, good_spec, settings)
+        fraction = good.OOD_TRAIN_FRACTION
     roles = build_roles(data_file, sizes, data_seed, report, ood_val_split, fraction)
     roles, conformers = attach_conformers(roles, report, settings, data_file, prepare)
     return roles, conformers, finalize_report(report)
@@ -656,15 +656,18 @@ def fragment_warning(smiles):
     return f"{n} fragments (salt or mixture) scored as one molecule; strip counter-ions first" if n > 1 else ""
 
 
-def load_test_roles(path, test_size, data_seed, seen):
+def load_test_roles(path, test_size, data_seed, seen, good_spec=None, settings=ConformerSettings()):
     """ID test / OOD test roles of another benchmark, for scoring a trained detector on it.
 
     A DrugOOD JSON gives iid_test → ID and ood_test → OOD; a CSV gives its `smiles` rows by an
-    `is_ood` column of 0 / 1. Molecules in `seen` (canonical SMILES of the run's training and
-    validation roles) are removed and counted; at most `test_size` per side are drawn with
-    `data_seed`, by the same streams as a run's own test roles."""
-    path = Path(path)
+    `is_ood` column of 0 / 1; with `good_spec`, path is GOOD's raw file, read through its build
+    (good_benchmark, cached under settings.cache_dir) as a DrugOOD file. Molecules in `seen`
+    (canonical SMILES of the run's training and validation roles) are removed and counted; at most
+    `test_size` per side are drawn with `data_seed`, by the same streams as a run's own test roles."""
     report = {}
+    if good_spec is not None:
+        path, report["good"] = good_benchmark(path, good_spec, settings)
+    path = Path(path)
     if path.suffix.lower() == ".csv":
         columns, rows, smiles = read_table(path)
         label_col = [i for i, c in enumerate(columns) if c.strip().lower() == "is_ood"]

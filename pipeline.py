@@ -14,7 +14,7 @@ import analyze
 import distributed
 from baselines import baseline_metrics, baseline_scores, descriptor
 from data import (SPLITS, attach_conformers, benchmark_name, build_good_split, canonical, finalize_report,
-                  good_benchmark, good_report, good_spec, item_field, load_benchmark, load_test_roles,
+                  good_report, good_spec, item_field, load_benchmark, load_test_roles,
                   log_good_report, prepare_inputs, read_table)
 from evaluate import (finite_scores, id_threshold, plot_training_curves, read_test_scores, results_table,
                       write_test_results)
@@ -201,12 +201,9 @@ def run_eval(job, other=None):
         if (out_dir / FINISHED).exists() and not job.overwrite:
             raise InputError(f"{out_dir}: holds an earlier evaluation; pass --overwrite to replace it")
         seen = trained_molecules(run.folder)
-        data_file, good = (good_benchmark(other.data_file, other.good, run.conformers) if other.good
-                           else (other.data_file, None))
-        roles, report = load_test_roles(data_file, from_run(other.test_size, stored, "test_size"),
-                                        from_run(other.data_seed, stored, "data_seed"), seen)
-        if good:
-            report["good"] = good
+        roles, report = load_test_roles(other.data_file, from_run(other.test_size, stored, "test_size"),
+                                        from_run(other.data_seed, stored, "data_seed"), seen, other.good,
+                                        run.conformers)
         roles, conformers = attach_conformers(roles, report, run.conformers, other.data_file, run.preparer())
         out_dir.mkdir(parents=True, exist_ok=True)
         attach_log_file(out_dir / EVAL_LOG)
