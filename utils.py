@@ -3,6 +3,7 @@ file permissions and progress bars. Imports nothing heavy (no torch), so every p
 import contextlib
 import csv
 import errno
+import functools
 import hashlib
 import json
 import logging
@@ -118,6 +119,15 @@ def read_csv_rows(path, what):
 
 
 def file_sha256(path):
+    """SHA-256 of a file's bytes; a file unchanged since it was last hashed in this process (same
+    inode, size and modification time) is not read again: a run hashes its weights and data file
+    more than once, and the Uni-Mol checkpoint alone is 190 MB."""
+    st = os.stat(path)
+    return _sha256_of(os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=32)
+def _sha256_of(path, dev, inode, size, mtime_ns):
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

@@ -5,6 +5,7 @@ on a GOOD dataset (built once into the cache, OOD val cut 70/30), eval on one, a
 import csv
 import gzip
 import hashlib
+import itertools
 import json
 import random
 import shutil
@@ -357,7 +358,7 @@ SMALL = ["--train_size", "6", "--val_size", "3", "--test_size", "3", "--epochs",
 def good_raw(tmp_path_factory):
     """120 small demo molecules (at most 24 heavy atoms) and one unparseable row, in HIV.csv's layout;
     its scaffold/concept split: train 43, iid_val 8, iid_test 8, ood_val 31, ood_test 30."""
-    smiles = [s for s in demo_smiles(10000) if Chem.MolFromSmiles(s).GetNumAtoms() <= 24][:120]
+    smiles = list(itertools.islice((s for s in demo_smiles(10000) if Chem.MolFromSmiles(s).GetNumAtoms() <= 24), 120))
     return write_hiv(tmp_path_factory.mktemp("good_cli") / "HIV.csv", smiles[:60] + [UNPARSEABLE] + smiles[60:])
 
 
