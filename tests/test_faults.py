@@ -338,9 +338,10 @@ def test_a_really_full_disk_ends_in_one_line_and_keeps_earlier_results(small_dis
     assert main([*train, "--cache_dir", str(cache_dir), "--output_dir", str(out / "run")]) == 1
     one_line_error(capsys, f"no space left on device: {out / 'run' / 'best_model.pt'}")
     assert not [p.name for p in (out / "run").iterdir() if p.name.startswith(".")]  # no partial files
-    # the cache folder fills up while features are stored
-    cache = small_disk("cache", size_kb=64)
-    assert main([*train, "--cache_dir", str(cache), "--output_dir", str(out / "run2")]) == 1
+    # the cache folder fills up while conformers and features are stored (16 molecules into 8 KB)
+    cache = small_disk("cache", size_kb=8)
+    assert main([*train, "--train_size", "4", "--val_size", "2", "--test_size", "2", "--cache_dir", str(cache),
+                 "--output_dir", str(out / "run2")]) == 1
     one_line_error(capsys, f"no space left on device: {cache}")
     assert not list(cache.rglob(".tmp-*"))
     # an earlier result survives a command that finds the disk full

@@ -305,17 +305,20 @@ def test_lora_starts_as_the_frozen_encoder(conformers):
 
 @pytest.fixture(scope="module", params=["attention", "ffn", "lora"])
 def strategy_runs(request, tmp_path_factory, small_benchmark, random_ckpt, cache_dir):
-    """Per strategy: a finished 3-epoch run and the same run interrupted after its first epoch, then resumed."""
+    """Per strategy a finished 3-epoch run; for lora also the same run interrupted after its first epoch, then
+    resumed. (Resuming restores the tensors that train by name, whichever they are: attention and ffn go the
+    same way as layers, which test_minimol resumes; lora's are parameters peft added to the network.)"""
     args = ["--mode", "train", "--finetune_encoder", "--finetune_strategy", request.param, "--encoder_lr", "1e-3",
             "--data_file", str(small_benchmark), "--unimol_weights", str(random_ckpt), "--cache_dir", str(cache_dir),
             "--num_workers", "1", "--train_size", "12", "--val_size", "8", "--test_size", "8", "--epochs", "3",
             "--batch_size", "6", "--warmup_epochs", "2", "--lr_schedule", "cosine", "--patience", "0"]
     root = tmp_path_factory.mktemp(request.param)
     assert main([*args, "--output_dir", str(root / "full")]) == 0
-    resumed = root / "resumed"
-    interrupted(lambda: (resumed / "last.pt").exists(), lambda: main([*args, "--output_dir", str(resumed)]))
-    assert not (resumed / "test_metrics.json").exists()
-    assert main([*args, "--output_dir", str(root / "resumed"), "--resume"]) == 0
+    if request.param == "lora":
+        resumed = root / "resumed"
+        interrupted(lambda: (resumed / "last.pt").exists(), lambda: main([*args, "--output_dir", str(resumed)]))
+        assert not (resumed / "test_metrics.json").exists()
+        assert main([*args, "--output_dir", str(root / "resumed"), "--resume"]) == 0
     return request.param, root
 
 
@@ -323,9 +326,10 @@ def strategy_runs(request, tmp_path_factory, small_benchmark, random_ckpt, cache
 def test_strategy_runs_resume_and_rescore_exactly(strategy_runs, cache_dir):
     strategy, root = strategy_runs
     full, resumed = root / "full", root / "resumed"
-    with open(full / "history.csv") as f, open(resumed / "history.csv") as g:
-        without_time = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
-        assert without_time(csv.DictReader(f)) == without_time(csv.DictReader(g))
+    if strategy == "lora":
+        with open(full / "history.csv") as f, open(resumed / "history.csv") as g:
+            without_time = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+            assert without_time(csv.DictReader(f)) == without_time(csv.DictReader(g))
     state = load_checkpoint(full / "best_model.pt")
     assert state["model_spec"]["finetune_strategy"] == strategy
     trained = set(state["model"]["encoder_trainable"])

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from main import build_parser, main, runtime_flags
+from main import build_parser, given_flags, main, runtime_flags, validate
 
 pytestmark = pytest.mark.slow  # every test here runs whole commands in subprocesses
 
@@ -281,11 +281,22 @@ def test_compare_and_analyze_a_sweep_over_both_encoders(tmp_path, small_benchmar
 
 def check_printed_commands_run_anywhere_and_rerun_safely(caller_sweep, tmp_path):
     """caller_sweep's seed-1 runs printed (creating nothing), then run as docs/scaling.md says, with xargs -P 2 from
-    another folder in a shell without the sweep's settings (no UNIMOL_WEIGHT_DIR): the same folders,
-    settings and numbers as the sweep's own. A line run again, as a requeued SLURM array task runs it,
-    exits 0 and leaves the finished run untouched."""
-    cwd, _, spaced, _, env = caller_sweep
-    env = dict(env, OUTPUT_ROOT="printed", SEEDS="1")
+    another folder in a shell without the sweep's settings (no UNIMOL_WEIGHT_DIR), and one line again as a
+    requeued SLURM array task runs it. The interpreter in the lines records where and with what it was started:
+    main.py would resolve the same settings there as it did for the sweep's own runs, into the printed folders.
+    (What main.py does with a finished run's line: test_interrupted_run_resumes_to_the_same_result.)"""
+    cwd, _, spaced, configs, env = caller_sweep
+    calls = tmp_path / "calls.jsonl"
+    recorder = tmp_path / "python"
+    recorder.write_text(f"""#!{sys.executable}
+import json, os, sys
+if sys.argv[1:2] == ["-c"]:  # the sweep asking main.py's default checkpoint
+    os.execv({sys.executable!r}, [{sys.executable!r}, *sys.argv[1:]])
+with open({str(calls)!r}, "a") as f:
+    f.write(json.dumps({{"cwd": os.getcwd(), "argv": sys.argv[1:]}}) + "\\n")
+""")
+    recorder.chmod(0o755)
+    env = dict(env, OUTPUT_ROOT="printed", SEEDS="1", PYTHON=str(recorder))
     before = sorted(cwd.rglob("*"))
     runs = run_sweep(env, "--print-commands", cwd=cwd, timeout=60)
     compare = run_sweep(env, "--print-compare-commands", cwd=cwd, timeout=60)
@@ -299,33 +310,41 @@ def check_printed_commands_run_anywhere_and_rerun_safely(caller_sweep, tmp_path)
     (elsewhere / "compare.txt").write_text(compare.stdout)
     bare = sweep_env()
     proc = subprocess.run(["bash", "-c", r"xargs -d '\n' -n 1 -P 2 bash -c < runs.txt && bash compare.txt"],
-                          cwd=elsewhere, env=bare, capture_output=True, text=True, timeout=600)
+                          cwd=elsewhere, env=bare, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    ours, theirs = cwd / "printed" / "foo", cwd / "out" / "foo"
-    for arm in ("frozen", "finetuned"):  # the same files but the log of the sweep's --jobs
-        files = sorted(str(p.relative_to(ours)) for p in (ours / arm / "seed1").rglob("*"))
-        assert files == sorted(str(p.relative_to(theirs)) for p in (theirs / arm / "seed1").rglob("*")
-                               if p.name != "sweep_console.log")
-    assert sorted(p.name for p in ours.iterdir()) == sorted(p.name for p in theirs.iterdir())
     assert sorted(os.listdir(elsewhere)) == ["compare.txt", "runs.txt"]
+    recorded = [json.loads(line) for line in calls.read_text().splitlines()]
+    assert {call["cwd"] for call in recorded} == {str(cwd)}
+    assert sorted(call["argv"][1:3] for call in recorded) == [["--mode", "compare"], ["--mode", "train"],
+                                                             ["--mode", "train"]]
+    runtime = runtime_flags(build_parser())
     for arm in ("frozen", "finetuned"):
-        config, reference = (json.loads((root / arm / "seed1" / "config.json").read_text())["args"]
-                             for root in (ours, theirs))
-        assert config["auto_resume"] and not reference["overwrite"]
-        runtime = runtime_flags(build_parser())
-        assert {k: v for k, v in config.items() if k not in runtime} == \
+        argv = next(call["argv"][1:] for call in recorded if f"printed/foo/{arm}/seed1" in call["argv"])
+        printed = resolved_flags(argv, cwd)
+        assert printed["output_dir"] == f"printed/foo/{arm}/seed1" and printed["auto_resume"]
+        reference = configs[arm]["args"]
+        assert {k: v for k, v in printed.items() if k not in runtime} == \
             {k: v for k, v in reference.items() if k not in runtime}
-        metrics, reference = (json.loads((root / arm / "seed1" / "test_metrics.json").read_text())
-                              for root in (ours, theirs))
-        for name in ("auroc", "aupr", "fpr95", "auroc_size_matched", "val_auroc"):
-            assert metrics[name] == pytest.approx(reference[name], abs=1e-6), name
-    run = ours / "frozen" / "seed1"
-    stamps = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    compare_argv = next(call["argv"][1:] for call in recorded if "compare" in call["argv"])
+    assert compare_argv == ["--mode", "compare", "--output_dir", "printed/foo"]
+    calls.unlink()
     again = subprocess.run(["bash", "-c", 'sed -n "${SLURM_ARRAY_TASK_ID}p" runs.txt | bash'], cwd=elsewhere,
-                           env=dict(bare, SLURM_ARRAY_TASK_ID="1"), capture_output=True, text=True, timeout=120)
+                           env=dict(bare, SLURM_ARRAY_TASK_ID="2"), capture_output=True, text=True, timeout=60)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert "frozen/seed1" in again.stdout + again.stderr
-    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == stamps
+    assert json.loads(calls.read_text())["argv"][1:] == words_of(runs.stdout.splitlines()[1].split(" && ", 1)[1])[2:]
+
+
+def resolved_flags(argv, cwd):
+    """The settings main.py resolves from `argv` in folder `cwd` (config.json's "args")."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    here = os.getcwd()
+    os.chdir(cwd)
+    try:
+        assert validate(args, given_flags(parser, argv), parser) is None
+    finally:
+        os.chdir(here)
+    return vars(args)
 
 
 def test_sweep_jobs_stop_at_a_failed_run_and_give_each_slot_its_gpu(tmp_path, small_benchmark):
