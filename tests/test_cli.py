@@ -13,7 +13,7 @@ from sklearn.metrics import roc_auc_score
 
 import model
 from conftest import DEMO, ROOT, csv_rows, interrupted, rewritten, unimol_tools_features
-from data import canonical
+from data import canonical, conformer_store_dir
 from main import main
 from runs import RUN_FILES
 
@@ -91,7 +91,12 @@ def test_benchmark_path_equals_unimol_tools_for_non_canonical_smiles(finished_ru
 def test_eval_reproduces_test_metrics(finished_run, tmp_path, cache_dir):
     run = shutil.copytree(finished_run, tmp_path / "run")  # eval rewrites the run's test results
     before = json.loads((run / "test_metrics.json").read_text())
-    assert main(["--mode", "eval", "--output_dir", str(run), "--cache_dir", str(tmp_path / "cold")]) == 0
+    # features made again by the encoder the checkpoint names, in a cache that holds the session's conformers only
+    cold = tmp_path / "cold"
+    cold.mkdir()
+    (cold / conformer_store_dir(".").name).symlink_to(conformer_store_dir(cache_dir), target_is_directory=True)
+    assert main(["--mode", "eval", "--output_dir", str(run), "--cache_dir", str(cold)]) == 0
+    assert list(cold.glob("features-*/shard-*"))
     after = json.loads((run / "test_metrics.json").read_text())
     for key in ("auroc", "aupr", "aupr_in", "fpr95", "threshold_95_id_val", "best_epoch", "n_id", "n_ood"):
         assert after[key] == pytest.approx(before[key], abs=1e-6), key
