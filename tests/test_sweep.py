@@ -1,5 +1,6 @@
 """run_finetune_comparison.sh: the frozen-vs-fine-tuned sweep over seeds and datasets."""
 import csv
+import itertools
 import json
 import os
 import re
@@ -66,6 +67,13 @@ def caller_sweep(cwd, small_benchmark, random_ckpt, cache_dir):
                     UNIMOL_WEIGHT_DIR=str(weight_dir), EXTRA_ARGS=f'--cache_dir "{spaced}" --num_workers 1')
     proc = run_sweep(env, "--jobs", "2", cwd=cwd)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    # --jobs 2: a line when each run starts and ends, its output in RUN/sweep_console.log, the summary last
+    runs = list(itertools.product(("frozen", "finetuned"), (1, 2)))
+    for arm, seed in runs:
+        assert f"== foo {arm} seed {seed} -> " in proc.stdout and f"== foo {arm} seed {seed}: finished in " in proc.stdout
+        assert "roles:" in (cwd / "out" / "foo" / arm / f"seed{seed}" / "sweep_console.log").read_text()
+    assert proc.stdout.index("== foo: all runs finished; writing the summary") > max(
+        proc.stdout.index(f"== foo {arm} seed {seed}: finished in ") for arm, seed in runs)
     configs = {arm: json.loads((cwd / "out" / "foo" / arm / "seed1" / "config.json").read_text())
                for arm in ("frozen", "finetuned")}
     return cwd, weight_dir, spaced, configs, env
@@ -144,24 +152,22 @@ def test_sweep_rejects_unbalanced_extra_args_quotes(tmp_path, small_benchmark):
 
 
 def test_sweep_arms_strategies_custom_arms_and_expansions(tmp_path, small_benchmark, random_ckpt, cache_dir):
-    """Run with --jobs 2 (its two runs at once): the results must not depend on it. (ENCODER_LRS with several
-    values, one arm each: test_sweep_prints_one_line_per_run_then_the_summaries.)"""
+    """A custom arm (ARM_mine) expanded by ENCODER_LRS: the sweep's printed lines run here as main.py's arguments
+    (in this process), then compare's summary of them. (ENCODER_LRS with several values, one arm each:
+    test_sweep_prints_one_line_per_run_then_the_summaries; the sweep running its runs itself, --jobs 2 included:
+    test_a_sweep_from_the_callers_folder.)"""
     env = sweep_env(**TINY, DATASETS="tiny", DATA_FILE=str(small_benchmark), UNIMOL_WEIGHTS=str(random_ckpt),
                     OUTPUT_ROOT=str(tmp_path / "sweep"), ARMS="frozen mine", ENCODER_LRS="1e-4",
                     ARM_mine="--finetune_encoder --finetune_strategy ffn --freeze_layers 0-13",
                     EXTRA_ARGS=f"--cache_dir {cache_dir} --num_workers 1")
-    proc = run_sweep(env, "--jobs", "2")
+    printed = run_sweep(env, "--print-commands", timeout=60)
+    assert printed.returncode == 0, printed.stderr
+    for line in printed.stdout.splitlines():
+        assert main(words_of(line.split(" && ", 1)[1])[2:]) == 0  # cd -- DIR && PYTHON main.py ARGS...
     root = tmp_path / "sweep" / "tiny"
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + "".join(
-        log.read_text()[-2000:] for log in root.glob("*/seed1/sweep_console.log"))
+    assert main(["--mode", "compare", "--output_dir", str(root)]) == 0
     arms = ["frozen", "mine_lr1e-4"]
     assert sorted(p.name for p in root.iterdir() if p.is_dir()) == sorted(arms)
-    # --jobs 2: a line when each run starts and ends, its output in RUN/sweep_console.log, the summary last
-    for arm in arms:
-        assert f"== tiny {arm} seed 1 -> " in proc.stdout and f"== tiny {arm} seed 1: finished in " in proc.stdout
-        assert "roles:" in (root / arm / "seed1" / "sweep_console.log").read_text()
-    assert proc.stdout.index("== tiny: all runs finished; writing the summary") > max(
-        proc.stdout.index(f"== tiny {arm} seed 1: finished in ") for arm in arms)
     summary = json.loads((root / "comparison_summary.json").read_text())
     assert list(summary["arms"]) == arms
     assert summary["arms"]["mine_lr1e-4"]["encoder_trainable_params"] == 2_100_736 + 1024  # layer 14's FFN + final norm
