@@ -99,10 +99,7 @@ def frozen_features(encoder, smiles, conformers, cache_dir, batch_size=BATCH, de
     minimol = encoder.identity.kind == "minimol"
 
     def compute(missing):
-        if minimol:
-            rows = encoder.encode([conformers[s] for s in missing], batch_size)
-        else:
-            rows = encoder.encode([conformers[s][:2] for s in missing], batch_size, device)
+        rows = encoder.encode([conformers[s] if minimol else conformers[s][:2] for s in missing], batch_size, device)
         bad = [s for s, row in zip(missing, rows) if not np.isfinite(row).all()]
         if bad:
             raise InputError(f"{ENCODER_NAMES[encoder.identity.kind]} ({encoder.weights_id}) gives non-finite "

