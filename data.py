@@ -73,6 +73,18 @@ def _crop_rng(smiles):
     return np.random.default_rng(int.from_bytes(hashlib.sha256(smiles.encode()).digest()[:8], "little"))
 
 
+def parse_within(smiles, max_heavy_atoms):
+    """The RDKit molecule of a SMILES as written, or ValueError when it does not parse or has more
+    than `max_heavy_atoms` heavy atoms (checked before any encoder input is made: a 5,000-atom
+    polymer would stall a batch for minutes)."""
+    mol = Chem.MolFromSmiles(smiles)
+    if mol is None:
+        raise ValueError("RDKit cannot parse SMILES")
+    if mol.GetNumHeavyAtoms() > max_heavy_atoms:
+        raise ValueError(f"{mol.GetNumHeavyAtoms()} heavy atoms, above --max_heavy_atoms {max_heavy_atoms}")
+    return mol
+
+
 def make_conformer(smiles, max_heavy_atoms=ConformerSettings.max_heavy_atoms, timeout_s=ConformerSettings.timeout_s):
     """Heavy atoms and centred coordinates exactly as unimol_tools prepares them for the no-H model,
     from the SMILES string as given (its atom order seeds the embedding).
@@ -81,12 +93,7 @@ def make_conformer(smiles, max_heavy_atoms=ConformerSettings.max_heavy_atoms, ti
     conformer it cannot make with zeros; here that molecule fails instead, and so does one above
     `max_heavy_atoms` (checked before any 3D work) or whose embedding runs past `timeout_s`.
     """
-    mol = Chem.MolFromSmiles(smiles)
-    if mol is None:
-        raise ValueError("RDKit cannot parse SMILES")
-    if mol.GetNumHeavyAtoms() > max_heavy_atoms:
-        raise ValueError(f"{mol.GetNumHeavyAtoms()} heavy atoms, above --max_heavy_atoms {max_heavy_atoms}")
-    mol = Chem.AddHs(mol)
+    mol = Chem.AddHs(parse_within(smiles, max_heavy_atoms))
     params = rdDistGeom.ETKDGv3()  # what EmbedMolecule(mol, randomSeed=42) uses, plus a time limit
     params.randomSeed = CONFORMER_SEED
     params.timeout = max(1, math.ceil(timeout_s))

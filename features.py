@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 
 import distributed
-from data import PREPROCESS_VERSION, get_conformers, in_workers
-from minimol import featurizer_settings, graph_arrays
+from data import PREPROCESS_VERSION, get_conformers, in_workers, parse_within
+from minimol import featurizer_id, featurizer_settings, graph_arrays
 from model import ConformerInputs, FeatureInputs, GraphInputs, GraphPrefixInputs, PrefixInputs, finetuning
-from settings import ENCODER_NAMES, EncoderSettings, ModelSpec
+from settings import ENCODER_NAMES, ConformerSettings, EncoderSettings, ModelSpec
 from store import cached_entries
 from utils import InputError, progress
 
@@ -50,16 +50,17 @@ def _transposed_bonds(entry):
     return {k: (np.ascontiguousarray(v.T) if k == "edge_index" else v) for k, v in entry.items()}
 
 
-def minimol_graphs(smiles, cache_dir, force=False, num_workers=1):
+def minimol_graphs(smiles, cache_dir, force=False, num_workers=1, max_heavy_atoms=ConformerSettings.max_heavy_atoms):
     """MiniMol's featurised graphs ({SMILES: {key: array}}, {SMILES: reason}) for SMILES as written,
     cached per featuriser settings, made in `num_workers` processes; the molecules its featuriser
-    cannot take are failures (not cached, never a placeholder)."""
+    cannot take, or above `max_heavy_atoms`, are failures (not cached, never a placeholder)."""
     settings = featurizer_settings()
-    meta = {"kind": "minimol-graphs", "featurizer": settings}
+    meta = {"kind": "minimol-graphs", "featurizer": featurizer_id()}
     directory = Path(cache_dir) / "minimol-graphs"
 
     def compute(missing):
-        made = in_workers(functools.partial(_graph_job, settings=settings), missing, num_workers,
+        made = in_workers(functools.partial(_graph_job, settings=settings, max_heavy_atoms=max_heavy_atoms), missing,
+                          num_workers,
                           f"MiniMol graphs ({num_workers} workers)")
         graphs = {s: graph for s, (graph, _) in zip(missing, made) if graph is not None}
         return graphs, {s: reason for s, (graph, reason) in zip(missing, made) if graph is None}
@@ -68,9 +69,10 @@ def minimol_graphs(smiles, cache_dir, force=False, num_workers=1):
     return {s: _transposed_bonds(e) for s, e in entries.items()}, failures
 
 
-def _graph_job(smiles, settings):
+def _graph_job(smiles, settings, max_heavy_atoms):
     """(graph, None) or (None, why not), in a featurisation worker."""
     try:
+        parse_within(smiles, max_heavy_atoms)
         return _transposed_bonds(graph_arrays(smiles, settings)), None
     except ValueError as exc:
         return None, str(exc)
@@ -81,7 +83,7 @@ def preparer(encoder, conf, batch_size=BATCH):
     Uni-Mol (conformers made with `conf`), else a function SMILES → (entries, failures)."""
     if encoder.identity.kind == "minimol":
         return functools.partial(minimol_graphs, cache_dir=conf.cache_dir, force=conf.force,
-                                 num_workers=conf.num_workers)
+                                 num_workers=conf.num_workers, max_heavy_atoms=conf.max_heavy_atoms)
     return None
 
 
@@ -93,7 +95,7 @@ def prepare_molecules(encoder, smiles, conf, batch_size=BATCH):
 
 def frozen_features(encoder, smiles, conformers, cache_dir, batch_size=BATCH, device="cpu", force=False):
     """Frozen features (n, 512) for SMILES, from the feature cache or the encoder. `conformers`:
-    the molecules' prepared inputs (for MiniMol its fingerprints already, see preparer)."""
+    the molecules' prepared inputs (conformers for Uni-Mol, featurised graphs for MiniMol; see preparer)."""
     if not smiles:
         return np.zeros((0, ModelSpec.in_dim), np.float32)
     minimol = encoder.identity.kind == "minimol"
@@ -106,7 +108,7 @@ def frozen_features(encoder, smiles, conformers, cache_dir, batch_size=BATCH, de
                              f"features for {len(bad)} molecules, e.g. {bad[0]}; nothing was written")
         return rows
     meta = ({"kind": "minimol-fingerprints", "encoder_weights": encoder.weights_id,
-             "featurizer": encoder.featurizer_settings} if minimol else _meta(encoder, "unimol-cls-features"))
+             "featurizer": encoder.featurizer} if minimol else _meta(encoder, "unimol-cls-features"))
     return cached_features(smiles, feature_store_dir(encoder, cache_dir), meta, compute, force)
 
 
@@ -129,7 +131,7 @@ def prefix_inputs(encoder, smiles, conformers, cache_dir, batch_size=BATCH, devi
     minimol = encoder.identity.kind == "minimol"
     if minimol:
         meta = {"kind": "minimol-prefix-states", "encoder_weights": encoder.weights_id, "dtype": "float32",
-                "featurizer": encoder.featurizer_settings, "frozen_prefix_layers": encoder.frozen_prefix}
+                "featurizer": encoder.featurizer, "frozen_prefix_layers": encoder.frozen_prefix}
     else:
         meta = _meta(encoder, "unimol-prefix-states", dtype="float16", frozen_prefix_layers=encoder.frozen_prefix)
     directory = prefix_store_dir(encoder, cache_dir)

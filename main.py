@@ -70,7 +70,7 @@ def build_parser():
     add(g, "--force_recompute_cache", ALL, True, action="store_true", help="drop and rebuild the caches used")
     add(g, "--num_workers", ALL, True, type=int, default=C.num_workers, help="processes for conformer (Uni-Mol) or graph (MiniMol) generation")
     add(g, "--max_heavy_atoms", MOLECULES, type=int, default=C.max_heavy_atoms,
-        help="skip larger molecules (reported) before 3D embedding, which they could exhaust memory in")
+        help="skip larger molecules (reported) before 3D embedding or MiniMol's graph, which they could exhaust memory in")
     add(g, "--conformer_timeout", MOLECULES, type=float, default=C.timeout_s,
         help="seconds of 3D embedding per molecule before it is skipped (reported)")
     g = p.add_argument_group("encoder")
@@ -80,18 +80,18 @@ def build_parser():
         help=f"checkpoint path, 'random' for a seeded random-init encoder, or 'download' (from the hub) (default: "
              f"$UNIMOL_WEIGHT_DIR/{WEIGHTS_FILE} if set, else ./weights/{WEIGHTS_FILE}; eval/predict: the run's)")
     add(g, "--encode_batch_size", ALL, True, type=int, default=E.encode_batch_size,
-        help="molecules per frozen Uni-Mol forward pass")
+        help="molecules per frozen encoder forward pass (Uni-Mol; MiniMol: graphs per ONNX call)")
     add(g, "--amp", TRAIN | FEATURIZE, choices=["off", "bf16"], default="bf16" if D.amp else "off",
         help="bf16 autocast of the Uni-Mol forward")
     g = p.add_argument_group("fine-tuning the encoder")
-    add(g, "--finetune_encoder", TRAIN, action="store_true", help="train part of Uni-Mol with the head")
+    add(g, "--finetune_encoder", TRAIN, action="store_true", help="train part of the encoder with the head")
     add(g, "--encoder_lr", TRAIN, type=float, default=T.encoder_lr, help="learning rate of the encoder parameters")
     add(g, "--freeze_layers", TRAIN, default=D.freeze_layers,
         help="frozen layers (Uni-Mol's 15 transformer layers, MiniMol's 16 message-passing layers): ranges and lists "
              "(0-12, 0-5,7,9-12), none, all; default all but the last two (0-12 for Uni-Mol, 0-13 for MiniMol)")
     add(g, "--finetune_strategy", TRAIN, choices=STRATEGIES, default=D.finetune_strategy,
         help="what trains in the layers --freeze_layers leaves: whole layers, the attention, the FFN, "
-             "or LoRA adapters (peft) on in_proj / out_proj / fc1 / fc2")
+             "or LoRA adapters (peft) on linear maps (Uni-Mol: in_proj/out_proj/fc1/fc2); MiniMol: layers or lora")
     add(g, "--lora_rank", TRAIN, type=int, default=D.lora_rank, help="rank r of the LoRA adapters")
     add(g, "--lora_alpha", TRAIN, type=float, default=D.lora_alpha, help="LoRA scale: updates are (alpha/r)·BA")
     add(g, "--lora_dropout", TRAIN, type=float, default=D.lora_dropout,
@@ -301,8 +301,8 @@ def validate(args, given, parser):
         if args.finetune_strategy not in MINIMOL_STRATEGIES:
             return (f"--finetune_strategy {args.finetune_strategy} is for Uni-Mol's transformer layers; MiniMol "
                     f"takes {' or '.join(MINIMOL_STRATEGIES)}")
-        if args.grad_checkpointing:
-            return "--grad_checkpointing applies to Uni-Mol only (MiniMol's layers are small)"
+        if args.grad_checkpointing or args.amp != "off":
+            return f"{'--grad_checkpointing' if args.grad_checkpointing else '--amp bf16'} applies to Uni-Mol only (MiniMol: fp32)"
     if args.foundation_model == "unimol" and args.mode in TRAIN | FEATURIZE:
         args.unimol_weights = args.unimol_weights or default_weights_path()
     if args.unimol_weights not in (None, "random", "download") and not Path(args.unimol_weights).is_file():

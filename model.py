@@ -171,7 +171,7 @@ class MiniMolEncoder(nn.Module):
         self.onnx_path = minimol.onnx_path()
         self.identity = EncoderId("minimol", sha256=file_sha256(self.onnx_path))
         self.weights_id = self.identity.text
-        self.featurizer_settings = minimol.featurizer_settings()
+        self.featurizer = minimol.featurizer_id()  # what its cached inputs depend on
         self.total_params = None  # its weights live in the ONNX graph, not in torch parameters
         self.amp = False
         self.sessions = {}
@@ -229,7 +229,7 @@ class FinetunableMiniMolEncoder(nn.Module):
         self.net = minimol.MiniMolNet()
         self.net.load_onnx_weights(path)
         self.amp, self.strategy, self.lora = False, strategy, lora
-        self.featurizer_settings = minimol.featurizer_settings()
+        self.featurizer = minimol.featurizer_id()  # what its cached inputs depend on
         self.n_layers = minimol.N_LAYERS
         self.frozen = set(frozen_layers)
         self.frozen_prefix = next((i for i in range(self.n_layers) if i not in self.frozen), self.n_layers)

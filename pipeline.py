@@ -332,7 +332,7 @@ def run_analyze(job):
         analyze.molecule_grid(out / f"{name}.png", smiles, is_ood, mean_improvement,
                               f"{title}\n{'away from' if worst else 'toward'} the correct side after fine-tuning "
                               f"(rank fraction, mean over {', '.join(tuned)} and {len(seeds)} seeds)", worst=worst)
-    weights = run_weights(job.weights, stored)
+    weights = run_weights(job.weights, stored, identity.kind, root)
     conf = run_conformers(job.molecules, stored)
     frozen = frozen_encoder(identity.kind, weights, amp=stored.get("amp") == "bf16")
     if frozen.identity != identity:

