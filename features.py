@@ -13,7 +13,7 @@ import numpy as np
 
 import distributed
 from data import PREPROCESS_VERSION, get_conformers, in_workers, parse_within
-from minimol import featurizer_id, featurizer_settings, graph_arrays
+from minimol import featurizer_id, graph_arrays
 from model import ConformerInputs, FeatureInputs, GraphInputs, GraphPrefixInputs, PrefixInputs, finetuning
 from settings import ENCODER_NAMES, ConformerSettings, EncoderSettings, ModelSpec
 from store import cached_entries
@@ -54,14 +54,13 @@ def minimol_graphs(smiles, cache_dir, force=False, num_workers=1, max_heavy_atom
     """MiniMol's featurised graphs ({SMILES: {key: array}}, {SMILES: reason}) for SMILES as written,
     cached per featuriser settings, made in `num_workers` processes; the molecules its featuriser
     cannot take, or above `max_heavy_atoms`, are failures (not cached, never a placeholder)."""
-    settings = featurizer_settings()
-    meta = {"kind": "minimol-graphs", "featurizer": featurizer_id()}
+    featurizer = featurizer_id()
+    meta = {"kind": "minimol-graphs", "featurizer": featurizer}
     directory = Path(cache_dir) / "minimol-graphs"
+    job = functools.partial(_graph_job, settings=featurizer["settings"], max_heavy_atoms=max_heavy_atoms)
 
     def compute(missing):
-        made = in_workers(functools.partial(_graph_job, settings=settings, max_heavy_atoms=max_heavy_atoms), missing,
-                          num_workers,
-                          f"MiniMol graphs ({num_workers} workers)")
+        made = in_workers(job, missing, num_workers, f"MiniMol graphs ({num_workers} workers)")
         graphs = {s: graph for s, (graph, _) in zip(missing, made) if graph is not None}
         return graphs, {s: reason for s, (graph, reason) in zip(missing, made) if graph is None}
     entries, failures = cached_entries(list(dict.fromkeys(smiles)), directory, meta, compute, distributed.current(),
