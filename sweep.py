@@ -12,7 +12,8 @@ import numpy as np
 
 from evaluate import BETTER, METRIC_LABELS, pyplot, save_figure, validation_warning
 from runs import FINISHED
-from settings import FOUNDATION_MODELS, DataSpec, EncoderId, ModelSpec, TrainConfig
+from encoders import FOUNDATION_MODELS, EncoderId
+from settings import DataSpec, ModelSpec, TrainConfig
 from utils import InputError, atomic_write_csv, atomic_write_json, atomic_write_text, read_json
 
 REFERENCE_ARM = "frozen"  # every other arm of a sweep is compared with it, seed by seed

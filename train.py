@@ -11,8 +11,9 @@ import torch
 import torch.distributed as dist
 
 import distributed
+from batching import Subset, energies
 from evaluate import ood_metrics
-from model import Subset, energies, load_checkpoint, pair_diagnostics, save_checkpoint
+from model import load_checkpoint, pair_diagnostics, save_checkpoint
 from utils import InputError, atomic_write_text, progress
 
 log = logging.getLogger("energy_dpo.train")

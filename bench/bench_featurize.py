@@ -19,16 +19,17 @@ import torch
 
 from common import demo_molecules, machine, random_checkpoint
 
-from data import MAX_ATOMS, prepare_inputs, unimol_dict_path
+from encoders.base import prepare_rows
+from encoders.unimol import UniMolEncoder, _import_unimol_model
+from encoders.unimol_conformers import MAX_ATOMS, unimol_dict_path
 from features import frozen_features
-from settings import ConformerSettings
-from model import UniMolEncoder, _import_unimol_model
+from settings import MoleculeSettings
 
 
 def ours(weights, smiles, cache_dir, workers, batch_size, device, amp=False):
     encoder = UniMolEncoder(str(weights), amp=amp)
     start = time.perf_counter()
-    written, conformers, failed = prepare_inputs(smiles, ConformerSettings(cache_dir, num_workers=workers))
+    written, conformers, failed = prepare_rows(encoder, smiles, MoleculeSettings(cache_dir, num_workers=workers))
     feats = frozen_features(encoder, list(written.values()), conformers, cache_dir, batch_size, device)
     return time.perf_counter() - start, feats, set(written.values()), conformers
 

@@ -4,7 +4,6 @@ step, on the same molecules, batches and seed. Each arm runs in its own process 
 memory is its own. The last line prints the speed-up.
 """
 import argparse
-import dataclasses
 import json
 import tempfile
 import time
@@ -13,28 +12,28 @@ import torch
 
 from common import demo_molecules, isolated, machine, peak_rss_mb
 
-from data import get_conformers
+from encoders.unimol_conformers import get_conformers
 from features import model_inputs
-from model import ConformerInputs, EnergyDPOModel, spec_encoder
-from settings import ConformerSettings, ModelSpec, TrainConfig
+from model import EnergyDPOModel
+from settings import ModelSpec, MoleculeSettings, TrainConfig
 from train import EnergyDPOTrainer
 
 
 def run_arm(arm, n, batch_size, epochs, device, cache_dir, strategy="layers", lora_dropout=ModelSpec.lora_dropout):
     torch.manual_seed(0)
     smiles_id, smiles_ood = demo_molecules(n, seed=1, split="train"), demo_molecules(n, seed=2, split="ood_val")
-    conformers, _ = get_conformers(smiles_id + smiles_ood, ConformerSettings(cache_dir, num_workers=2))
+    conformers, _ = get_conformers(smiles_id + smiles_ood, MoleculeSettings(cache_dir, num_workers=2))
     smiles_id = [s for s in smiles_id if s in conformers and s not in smiles_ood]
     smiles_ood = [s for s in smiles_ood if s in conformers]
     spec = ModelSpec(finetune_encoder=True, finetune_strategy=strategy, lora_dropout=lora_dropout)  # freeze 0-12
-    encoder = spec_encoder(spec, "random")
-    net = EnergyDPOModel(dataclasses.replace(spec, encoder_weights=encoder.weights_id), encoder, seed=42)
+    net = EnergyDPOModel.from_settings(spec, "random", seed=42)
+    encoder = net.encoder
     roles = {"id_train": smiles_id, "ood_train": smiles_ood}
     start = time.perf_counter()
     if arm == "cached":
         inputs = model_inputs(encoder, roles, conformers, cache_dir, device=device)
     else:
-        inputs = {r: ConformerInputs([conformers[s][:2] for s in m], encoder.dictionary) for r, m in roles.items()}
+        inputs = {r: encoder.role_inputs([conformers[s] for s in m]) for r, m in roles.items()}
     setup = time.perf_counter() - start
     trainer = EnergyDPOTrainer(net, TrainConfig(batch_size=batch_size, device=device), None)
     if device.startswith("cuda"):

@@ -10,7 +10,6 @@ batches and seed, each arm in its own process so that its peak memory is its own
 The first arm featurises the molecules (not timed); the others read its graph cache. The last lines print the ratios.
 """
 import argparse
-import dataclasses
 import json
 import tempfile
 import time
@@ -19,9 +18,10 @@ import torch
 
 from common import demo_molecules, isolated, machine, peak_rss_mb
 
-from features import minimol_graphs, model_inputs
-from model import EnergyDPOModel, GraphInputs, spec_encoder
-from settings import ModelSpec, TrainConfig
+from encoders.minimol import minimol_graphs
+from features import model_inputs
+from model import EnergyDPOModel
+from settings import ModelSpec, MoleculeSettings, TrainConfig
 from train import EnergyDPOTrainer
 
 ARMS = {"all": ("none", "layers", False), "uncached": ("0-13", "layers", False), "cached": ("0-13", "layers", True),
@@ -30,19 +30,20 @@ ARMS = {"all": ("none", "layers", False), "uncached": ("0-13", "layers", False),
 
 def run_arm(arm, n, batch_size, epochs, device, cache_dir):
     ids, oods = demo_molecules(n, seed=1, split="train"), demo_molecules(n, seed=2, split="ood_val")
-    graphs, _ = minimol_graphs(ids + oods, cache_dir)  # the first arm featurises, the others read the cache
+    # the first arm featurises, the others read the cache
+    graphs, _ = minimol_graphs(ids + oods, MoleculeSettings(cache_dir, num_workers=1))
     ids, oods = [s for s in ids if s in graphs and s not in oods], [s for s in oods if s in graphs]
     freeze, strategy, cached = ARMS[arm]
     torch.manual_seed(0)
     spec = ModelSpec(foundation_model="minimol", finetune_encoder=True, freeze_layers=freeze, finetune_strategy=strategy)
-    encoder = spec_encoder(spec, None)
-    net = EnergyDPOModel(dataclasses.replace(spec, encoder_weights=encoder.weights_id), encoder, seed=42)
+    net = EnergyDPOModel.from_settings(spec, seed=42)
+    encoder = net.encoder
     roles = {"id_train": ids, "ood_train": oods}
     start = time.perf_counter()
     if cached:
         inputs = model_inputs(encoder, roles, graphs, cache_dir, device=device)
     else:
-        inputs = {r: GraphInputs([graphs[s] for s in m]) for r, m in roles.items()}
+        inputs = {r: encoder.role_inputs([graphs[s] for s in m]) for r, m in roles.items()}
     setup = time.perf_counter() - start
     trainer = EnergyDPOTrainer(net, TrainConfig(batch_size=batch_size, device=device), None)
     start = time.perf_counter()

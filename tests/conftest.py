@@ -8,9 +8,9 @@ import pytest
 import torch
 from rdkit import Chem
 
-from data import unimol_dict_path
+from encoders.unimol import _import_unimol_model, build_unimol
+from encoders.unimol_conformers import unimol_dict_path
 from main import main
-from model import _import_unimol_model, build_unimol
 
 _import_unimol_model()  # before any test module imports unimol_tools, which would write ./logs/
 if os.environ.get("PYTEST_XDIST_WORKER"):

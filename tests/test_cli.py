@@ -13,7 +13,8 @@ from sklearn.metrics import roc_auc_score
 
 import model
 from conftest import DEMO, ROOT, csv_rows, interrupted, rewritten, unimol_tools_features
-from data import canonical, conformer_store_dir
+from encoders.unimol_conformers import conformer_store_dir
+from molecules import canonical
 from main import main
 from runs import RUN_FILES
 

@@ -9,10 +9,16 @@ from unimol_tools.data.conformer import coords2unimol, inner_smi2coords
 from unimol_tools.data.dictionary import Dictionary
 
 import data
+import tables
 import utils
 from conftest import DEMO, write_drugood
-from data import build_roles, canonicalize, get_conformers, load_benchmark
-from settings import ConformerSettings
+from data import build_roles, load_benchmark
+from encoders import unimol_conformers
+from encoders.unimol import UniMolEncoder
+from encoders.unimol_conformers import get_conformers
+from features import attach_inputs
+from molecules import canonicalize
+from settings import MoleculeSettings
 from utils import InputError
 
 GOOD = {"train": ["CCO", "CCN", "CCC"], "iid_val": ["CCCl", "CCBr"], "iid_test": ["CCF", "CCS"],
@@ -119,9 +125,9 @@ WRITINGS = ["CC(=O)Oc1ccccc1C(=O)O", "OC(=O)c1ccccc1OC(C)=O", "CN1CCC[C@H]1c1ccc
 
 @pytest.mark.parametrize("smiles", WRITINGS)
 def test_conformer_matches_unimol_tools(smiles):
-    atoms, coords, is_2d = data.make_conformer(smiles)
+    atoms, coords, is_2d = unimol_conformers.make_conformer(smiles)
     ref_atoms, ref_coords, _ = inner_smi2coords(smiles, seed=42, mode="fast", remove_hs=True)
-    dictionary = Dictionary.load(str(data.unimol_dict_path()))
+    dictionary = Dictionary.load(str(unimol_conformers.unimol_dict_path()))
     dictionary.add_symbol("[MASK]", is_special=True)
     ref = coords2unimol(ref_atoms, ref_coords, dictionary, remove_hs=True)
     assert list(atoms) == list(ref_atoms) and not is_2d
@@ -133,29 +139,29 @@ def test_crop_is_reproducible_and_bounded():
     rng = np.random.default_rng(0)
     atoms = np.array(["C"] * 250 + ["N"] * 50)
     coords = rng.normal(size=(300, 3)).astype(np.float32)
-    a1, c1 = data.crop_and_centre("X", atoms, coords)
-    a2, c2 = data.crop_and_centre("X", atoms, coords)
-    _, c3 = data.crop_and_centre("Y", atoms, coords)
-    assert len(a1) == data.MAX_ATOMS and np.array_equal(c1, c2) and np.array_equal(a1, a2)
+    a1, c1 = unimol_conformers.crop_and_centre("X", atoms, coords)
+    a2, c2 = unimol_conformers.crop_and_centre("X", atoms, coords)
+    _, c3 = unimol_conformers.crop_and_centre("Y", atoms, coords)
+    assert len(a1) == unimol_conformers.MAX_ATOMS and np.array_equal(c1, c2) and np.array_equal(a1, a2)
     assert not np.array_equal(c1, c3)  # the choice depends on the molecule
-    small, small_c = data.crop_and_centre("X", atoms[:10], coords[:10])
+    small, small_c = unimol_conformers.crop_and_centre("X", atoms[:10], coords[:10])
     assert len(small) == 10 and np.allclose(small_c.mean(axis=0), 0, atol=1e-6)
 
 
 def test_conformer_cache_reuses_and_survives_corruption(tmp_path, caplog):
     smiles = ["CCO", "c1ccccc1O", "CC(C)N"]
-    first, failures = get_conformers(smiles, ConformerSettings(tmp_path))
+    first, failures = get_conformers(smiles, MoleculeSettings(tmp_path))
     assert not failures and set(first) == set(smiles)
-    store = data.conformer_store_dir(tmp_path)
+    store = unimol_conformers.conformer_store_dir(tmp_path)
     shards = sorted(store.glob("shard-*"))
     assert len(shards) == 1 and (shards[0] / "coords.npy").is_file()
-    again, _ = get_conformers(smiles, ConformerSettings(tmp_path))
+    again, _ = get_conformers(smiles, MoleculeSettings(tmp_path))
     assert sorted(store.glob("shard-*")) == shards  # nothing recomputed
     for s in smiles:
         np.testing.assert_array_equal(first[s][1], again[s][1])
     (shards[0] / "coords.npy").write_bytes((shards[0] / "coords.npy").read_bytes()[:150])  # truncated
     with caplog.at_level(logging.WARNING, logger="energy_dpo"):
-        rebuilt, _ = get_conformers(smiles, ConformerSettings(tmp_path))
+        rebuilt, _ = get_conformers(smiles, MoleculeSettings(tmp_path))
     assert "corrupt cache shard" in caplog.text
     for s in smiles:
         np.testing.assert_array_equal(first[s][1], rebuilt[s][1])
@@ -166,10 +172,12 @@ def test_conformer_failures_are_reported_not_replaced(tmp_path, monkeypatch):
         if smiles == "CCN":
             raise ValueError("conformer generation failed (test)")
         return real(smiles, *limits)
-    real = data.make_conformer
-    monkeypatch.setattr(data, "make_conformer", broken)
+    real = unimol_conformers.make_conformer
+    monkeypatch.setattr(unimol_conformers, "make_conformer", broken)
     path = write_drugood(tmp_path / "d.json", GOOD)
-    roles, conformers, report = load_benchmark(path, (10, 10, 10), 42, ConformerSettings(tmp_path / "cache"))
+    settings = MoleculeSettings(tmp_path / "cache")
+    roles, report = load_benchmark(path, (10, 10, 10), 42, settings)
+    roles, conformers = attach_inputs(UniMolEncoder("random"), roles, report, settings, path)
     assert "CCN" not in roles["id_train"] and "CCN" not in conformers
     assert {"split": "id_train", "index": None, "value": "CCN", "reason": "conformer generation failed (test)"} \
         in report["skipped"]
@@ -178,26 +186,26 @@ def test_conformer_failures_are_reported_not_replaced(tmp_path, monkeypatch):
 
 def test_parallel_conformers_equal_serial(tmp_path):
     smiles = ["CCO", "c1ccccc1O", "CC(C)N", "CCOC(=O)C", "c1ccncc1", "OCCO"]
-    serial, _ = get_conformers(smiles, ConformerSettings(tmp_path / "a", num_workers=1))
-    parallel, _ = get_conformers(smiles, ConformerSettings(tmp_path / "b", num_workers=2))
+    serial, _ = get_conformers(smiles, MoleculeSettings(tmp_path / "a", num_workers=1))
+    parallel, _ = get_conformers(smiles, MoleculeSettings(tmp_path / "b", num_workers=2))
     for s in smiles:
         np.testing.assert_array_equal(serial[s][1], parallel[s][1])
 
 
 def test_read_table_keeps_every_column(tmp_path):
     (tmp_path / "a.smi").write_text("smiles\nCCO  mol 1\n\n# a comment\nc1ccccc1\n")
-    assert data.read_table(tmp_path / "a.smi") == (["smiles", "name"], [["CCO", "mol 1"], ["c1ccccc1", ""]],
+    assert tables.read_table(tmp_path / "a.smi") == (["smiles", "name"], [["CCO", "mol 1"], ["c1ccccc1", ""]],
                                                    ["CCO", "c1ccccc1"])
     (tmp_path / "a.csv").write_bytes("\ufeffid,SMILES,pIC50\n1,CCO,5.2\n2,CCN\n".encode())  # Excel: BOM
-    assert data.read_table(tmp_path / "a.csv") == (["id", "SMILES", "pIC50"], [["1", "CCO", "5.2"], ["2", "CCN", ""]],
+    assert tables.read_table(tmp_path / "a.csv") == (["id", "SMILES", "pIC50"], [["1", "CCO", "5.2"], ["2", "CCN", ""]],
                                                    ["CCO", "CCN"])
     (tmp_path / "b.csv").write_text("id,structure\n1,CCO\n")
     with pytest.raises(InputError, match="no 'smiles' column.*--smiles_column"):
-        data.read_table(tmp_path / "b.csv")
-    assert data.read_table(tmp_path / "b.csv", "structure")[2] == ["CCO"]
+        tables.read_table(tmp_path / "b.csv")
+    assert tables.read_table(tmp_path / "b.csv", "structure")[2] == ["CCO"]
     (tmp_path / "c.csv").write_bytes(b"smiles\n\xff\xfeC\x00C\n")
     with pytest.raises(InputError, match="c.csv: not a UTF-8 text file"):
-        data.read_table(tmp_path / "c.csv")
+        tables.read_table(tmp_path / "c.csv")
 
 
 def test_other_benchmark_test_roles(tmp_path):

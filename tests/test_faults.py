@@ -12,15 +12,21 @@ import numpy as np
 import pytest
 import torch
 
+from pathlib import Path
+
+from rdkit import Chem
+
 import data
 import features
 import model
 import settings
 import store
 from conftest import SIZES, write_drugood
-from settings import ConformerSettings
-from utils import InputError
+from encoders import unimol_conformers
+from encoders.base import prepare_rows
 from main import main
+from settings import MoleculeSettings
+from utils import InputError
 
 
 def one_line_error(capsys, *fragments):
@@ -46,7 +52,7 @@ def snapshot(run):
 
 def test_oversized_molecules_are_skipped_before_embedding(tmp_path, capsys):
     huge = "C" * 2000  # embedding this exhausts the machine; the limit stops it at once
-    written, _, failed = data.prepare_inputs([huge, "CCO"], ConformerSettings(tmp_path))
+    written, _, failed = prepare_rows(model.UniMolEncoder("random"), [huge, "CCO"], MoleculeSettings(tmp_path))
     assert list(written.values()) == ["CCO"] and failed == {0: "2000 heavy atoms, above --max_heavy_atoms 350"}
     out = tmp_path / "f.npy"
     assert main(["--mode", "featurize", "--smiles", huge, "CCO", "--output", str(out), "--unimol_weights", "random",
@@ -58,16 +64,16 @@ def test_oversized_molecules_are_skipped_before_embedding(tmp_path, capsys):
 def test_slow_embeddings_are_skipped_after_the_time_limit():
     with pytest.raises(ValueError, match="3D embedding exceeded --conformer_timeout 1 s"):
         # C160 takes ~10 s to embed on 2 cores; RDKit checks its time limit late for much larger ones
-        data.make_conformer("C" * 160, max_heavy_atoms=400, timeout_s=1)
+        unimol_conformers.make_conformer("C" * 160, max_heavy_atoms=400, timeout_s=1)
 
 
 def test_every_demo_molecule_passes_the_default_heavy_atom_limit():
-    for path in (data.Path(__file__).parent.parent / "data" / "demo").glob("*.json"):
+    for path in (Path(__file__).parent.parent / "data" / "demo").glob("*.json"):
         doc = json.loads(path.read_text())
         # parsed without sanitising (3x faster): the heavy-atom count is the same either way
-        largest = max(data.Chem.MolFromSmiles(it["smiles"], sanitize=False).GetNumHeavyAtoms()
+        largest = max(Chem.MolFromSmiles(it["smiles"], sanitize=False).GetNumHeavyAtoms()
                       for s in doc["split"].values() for it in s)
-        assert largest <= settings.ConformerSettings.max_heavy_atoms, path
+        assert largest <= settings.MoleculeSettings.max_heavy_atoms, path
 
 
 def test_deeply_nested_json_is_invalid_json(tmp_path):
@@ -91,7 +97,7 @@ def test_weights_with_nan_are_refused(tmp_path, random_ckpt, capsys):
 def test_non_finite_features_stop_with_the_molecules_named(tmp_path):
     encoder = model.UniMolEncoder("random")
     encoder.unimol.encoder.layers[5].fc2.bias.data[:] = float("inf")  # weights damaged in memory
-    conformers = {"CCO": data.make_conformer("CCO")}
+    conformers = {"CCO": unimol_conformers.make_conformer("CCO")}
     with pytest.raises(InputError, match="non-finite features for 1 molecules, e.g. CCO"):
         features.frozen_features(encoder, ["CCO"], conformers, tmp_path)
     assert not list(tmp_path.glob("features-*/shard-*"))  # nothing cached
@@ -355,13 +361,13 @@ def test_a_really_full_disk_ends_in_one_line_and_keeps_earlier_results(small_dis
 
 
 def test_stale_temporaries_of_a_killed_process_are_cleaned(tmp_path, finished_run, base_args):
-    store = data.conformer_store_dir(tmp_path / "c")
+    store = unimol_conformers.conformer_store_dir(tmp_path / "c")
     store.mkdir(parents=True)
     dead = store / f".tmp-{socket.gethostname()}-999999999-abc"  # no such pid
     alive = store / f".tmp-{socket.gethostname()}-{os.getpid()}-def"
     dead.mkdir()
     alive.mkdir()
-    data.get_conformers(["CCO"], ConformerSettings(tmp_path / "c"))
+    unimol_conformers.get_conformers(["CCO"], MoleculeSettings(tmp_path / "c"))
     assert not dead.exists() and alive.exists()
     run = copy_run(finished_run, tmp_path)
     (run / ".config.json.x1y2.tmp").write_text("half")
@@ -389,7 +395,7 @@ def test_unknown_elements_and_2d_fallbacks_are_warned_on_the_console(caplog):
     conformers = {"A": (atoms, np.zeros((3, 3), np.float32), True), "B": (np.array(["C"]), np.zeros((1, 3)), False)}
     report = {}
     with caplog.at_level(logging.WARNING, logger="energy_dpo"):
-        data.summarize_conformers(report, conformers, ["A", "B"])
+        unimol_conformers.summarize_conformers(report, conformers, ["A", "B"])
     assert "1 molecules got 2D coordinates" in caplog.text
     assert "1 molecules hold elements outside the Uni-Mol dictionary, read as [UNK]: Pt ×2" in caplog.text
 

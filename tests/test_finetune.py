@@ -1,6 +1,5 @@
 """Partial fine-tuning of Uni-Mol: flags, which parameters train, the prefix cache, fine-tuned runs."""
 import csv
-import dataclasses
 import json
 import math
 from contextlib import nullcontext
@@ -9,17 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-import data
-import model
 import settings
 import train
+from batching import FeatureInputs, energies
 from conftest import DEMO, interrupted
-from features import model_inputs, prefix_store_dir
+from encoders import build_encoder, unimol_conformers
+from encoders.unimol import ConformerInputs, PrefixInputs, build_unimol, collate
+from features import model_inputs
 from main import build_parser, given_flags, main, validate
-from model import (ConformerInputs, EnergyDPOModel, FeatureInputs, FinetunableUniMolEncoder, PrefixInputs, UniMolEncoder,
-                   collate, energies, load_checkpoint, spec_encoder)
-from runs import load_run
-from settings import ModelSpec, RunMolecules, ScoreJob, ScoringSettings, TrainConfig, parse_freeze_spec
+from model import EnergyDPOModel, FinetunableUniMolEncoder, UniMolEncoder, load_checkpoint
+from scoring import load_run
+from settings import ModelSpec, ScoringSettings, TrainConfig, parse_freeze_spec
 from train import EnergyDPOTrainer
 
 SMILES = ["CCO", "c1ccccc1O", "CC(C)Nc1ncccc1", "CCOC(=O)C", "c1ccncc1C#N", "OCCOc1ccccc1", "CC(=O)Nc1ccc(O)cc1",
@@ -34,12 +33,12 @@ def parsed(*argv):
 
 def tuned_encoder(freeze="0-12", strategy="layers"):
     spec = ModelSpec(finetune_encoder=True, freeze_layers=freeze, finetune_strategy=strategy)
-    return spec_encoder(spec, "random")
+    return build_encoder(spec, "random")
 
 
 @pytest.fixture(scope="module")
 def conformers():
-    return [data.make_conformer(s)[:2] for s in SMILES]
+    return [unimol_conformers.make_conformer(s)[:2] for s in SMILES]
 
 
 def finetuned_model(freeze="0-12", seed=0):
@@ -53,10 +52,12 @@ def test_defaults_are_the_frozen_pipeline():
     assert (args.encoder_lr, args.freeze_layers, args.grad_accum_steps, args.amp) == (5e-6, "0-12", 1, "off")
     assert (args.batch_size, args.eval_batch_size) == (4096, 2048)
     assert args.dataset == "demo_ec50_scaffold"  # the --data_file stem, not the official file's name
-    encoder = spec_encoder(ModelSpec(), "random")
+    encoder = build_encoder(ModelSpec(), "random")
     assert type(encoder) is UniMolEncoder and not any(p.requires_grad for p in encoder.parameters())
-    with pytest.raises(ValueError, match="frozen one takes features"):
-        EnergyDPOModel(ModelSpec(encoder.weights_id), encoder)
+    frozen = EnergyDPOModel(ModelSpec(encoder.weights_id), encoder)  # holds its frozen encoder, takes features too
+    assert not frozen.finetune_encoder and frozen(torch.zeros(2, 512)).shape == (2,)
+    with pytest.raises(ValueError, match="needs its fine-tunable encoder"):
+        EnergyDPOModel(ModelSpec(encoder.weights_id, finetune_encoder=True), encoder)
 
 
 def test_finetune_batch_sizes_default_small_but_user_values_stand():
@@ -70,13 +71,13 @@ def test_finetune_batch_sizes_default_small_but_user_values_stand():
     ("0-12", list(range(13))), ("0-5,7,9-12", [0, 1, 2, 3, 4, 5, 7, 9, 10, 11, 12]), ("none", []),
     ("all", list(range(15))), (" 3 , 1-2 ", [1, 2, 3]), ("14", [14])])
 def test_freeze_spec_parsing(spec, frozen):
-    assert parse_freeze_spec(spec) == frozen
+    assert parse_freeze_spec(spec, 15) == frozen
 
 
 @pytest.mark.parametrize("spec", ["0-15", "5-3", "abc", "", "1,,2", "-1"])
 def test_bad_freeze_specs(spec):
     with pytest.raises(ValueError, match="--freeze_layers"):
-        parse_freeze_spec(spec)
+        parse_freeze_spec(spec, 15)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -96,7 +97,7 @@ def trainable_names(encoder):
 
 
 def test_exactly_the_documented_parameters_train():
-    enc = FinetunableUniMolEncoder("random", parse_freeze_spec("0-12"))
+    enc = FinetunableUniMolEncoder("random", "0-12")
     names = trainable_names(enc)
     assert names and all(n.startswith(("encoder.layers.13.", "encoder.layers.14.", "encoder.final_layer_norm."))
                          for n in names)
@@ -104,18 +105,18 @@ def test_exactly_the_documented_parameters_train():
     assert sum(p.numel() for p in enc.parameters() if p.requires_grad) == 6_305_792
     assert sum(p.numel() for p in enc.parameters()) == 47_330_626
 
-    inner = FinetunableUniMolEncoder("random", parse_freeze_spec("1-14"))  # layer 0 trains: embeddings too
+    inner = FinetunableUniMolEncoder("random", "1-14")  # layer 0 trains: embeddings too
     names = trainable_names(inner)
     assert {"embed_tokens.weight", "gbf.means.weight", "gbf_proj.linear1.weight", "encoder.emb_layer_norm.weight"} <= names
     assert not any(n.startswith(("encoder.final_layer_norm", "encoder.layers.1.")) for n in names)
 
-    middle = FinetunableUniMolEncoder("random", parse_freeze_spec("0-5,7,9-14"))
+    middle = FinetunableUniMolEncoder("random", "0-5,7,9-14")
     assert {n.split(".")[2] for n in trainable_names(middle)} == {"6", "8"}
     assert middle.frozen_prefix == 6
 
 
 def test_frozen_prefix_is_deterministic_and_trainable_part_is_not(conformers):
-    enc = FinetunableUniMolEncoder("random", parse_freeze_spec("0-12")).train()
+    enc = FinetunableUniMolEncoder("random", "0-12").train()
     batch = collate(conformers[:4], enc.dictionary, "cpu")
     x1, b1 = enc.prefix(*batch)
     x2, b2 = enc.prefix(*batch)
@@ -160,7 +161,7 @@ def test_grad_accumulation_steps_and_checkpointing_gradients(conformers):
 
     grads = []
     for checkpointing in (False, True):
-        enc = FinetunableUniMolEncoder("random", parse_freeze_spec("0-12"), grad_checkpointing=checkpointing).eval()
+        enc = FinetunableUniMolEncoder("random", "0-12", grad_checkpointing=checkpointing).eval()
         enc.forward_chunks(ConformerInputs(conformers, enc.dictionary).batch(torch.arange(8), "cpu")).sum().backward()
         grads.append(enc.unimol.encoder.layers[13].fc1.weight.grad)
     assert torch.allclose(grads[0], grads[1], atol=1e-5)
@@ -190,15 +191,17 @@ def test_finetuned_run_scores_with_its_own_encoder(finetuned_run, random_ckpt, c
     base = UniMolEncoder(str(random_ckpt))
     head_only = EnergyDPOModel(ModelSpec(base.weights_id))
     head_only.head.load_state_dict(state["model"]["head"])
-    confs, _ = data.get_conformers([r["smiles"] for r in rows], settings.ConformerSettings(cache_dir))
+    confs, _ = unimol_conformers.get_conformers([r["smiles"] for r in rows], settings.MoleculeSettings(cache_dir))
     feats = base.encode([confs[r["smiles"]][:2] for r in rows])
     frozen_scores = energies(head_only, FeatureInputs(feats), 64, "cpu").numpy()
     assert np.abs(frozen_scores - recorded).max() > 1e-3
     # eval and predict reproduce the fine-tuned scores, scoring with the run's own batch size (512)
     before = json.loads((finetuned_run / "test_metrics.json").read_text())
-    job = ScoreJob(finetuned_run / "best_model.pt", None, RunMolecules(cache_dir=str(cache_dir)), ScoringSettings())
-    assert load_run(job).scoring == ScoringSettings(eval_batch_size=512, encode_batch_size=64)
-    assert load_run(dataclasses.replace(job, scoring=ScoringSettings(eval_batch_size=7))).scoring.eval_batch_size == 7
+    molecules = {"cache_dir": str(cache_dir)}
+    assert load_run(finetuned_run, molecules=molecules).scoring == ScoringSettings(eval_batch_size=512,
+                                                                                   encode_batch_size=64)
+    assert load_run(finetuned_run, molecules=molecules,
+                    scoring=ScoringSettings(eval_batch_size=7)).scoring.eval_batch_size == 7
     assert main(["--mode", "eval", "--output_dir", str(finetuned_run), "--cache_dir", str(cache_dir)]) == 0
     after = json.loads((finetuned_run / "test_metrics.json").read_text())
     assert after["auroc"] == pytest.approx(before["auroc"], abs=1e-9)
@@ -221,7 +224,7 @@ def test_prefix_cache_gives_the_full_forward_within_fp16(tmp_path, conformers):
     confs = dict(zip(SMILES, [(a, c, False) for a, c in conformers]))
     inputs = model_inputs(enc, {"id_train": SMILES[:5], "ood_train": SMILES[5:]}, confs, tmp_path, batch_size=3)
     assert type(inputs["id_train"]) is PrefixInputs and len(inputs["ood_train"]) == 3
-    store = prefix_store_dir(enc, tmp_path)
+    store = enc.store_dir(tmp_path, "prefix")
     assert sorted(tmp_path.iterdir()) == [store] and store.name.endswith("-k13")  # the 13 frozen layers
     with torch.no_grad():
         for role, part in (("id_train", slice(0, 5)), ("ood_train", slice(5, 8))):
@@ -263,7 +266,7 @@ def test_layer0_trainable_means_no_prefix_cache(tmp_path, conformers):
 
 def expected_trainable(strategy, layers=(13, 14)):
     """Trainable encoder parameters per strategy, from the module shapes."""
-    enc = model.build_unimol().encoder
+    enc = build_unimol().encoder
     linear = lambda m: m.in_features * m.out_features + m.out_features  # noqa: E731
     norm = lambda m: 2 * m.normalized_shape[0]  # noqa: E731
     per_layer = {

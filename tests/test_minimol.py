@@ -10,13 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-import minimol
 from conftest import DEMO, SIZES, interrupted, rewritten
-from features import minimol_graphs
+from encoders import EncoderId, minimol, minimol_net
+from encoders.minimol import GraphInputs, minimol_graphs
 from main import main
-from model import (EnergyHead, FinetunableMiniMolEncoder, GraphInputs, GraphPrefixInputs, MiniMolEncoder, energy_loss,
-                   load_checkpoint)
-from settings import EncoderId, LoraSpec
+from model import EnergyHead, FinetunableMiniMolEncoder, MiniMolEncoder, energy_loss, load_checkpoint
+from settings import LoraSpec, MoleculeSettings
 
 NON_CANONICAL = [rewritten("CC(=O)Nc1ccc(O)cc1", seed=1), rewritten("OC(=O)c1ccccc1O", seed=2), "C1=CC=CC=C1N"]
 
@@ -113,9 +112,10 @@ def test_eval_and_predict_rebuild_a_minimol_run_from_its_checkpoint(minimol_run,
 
 def test_minimol_skips_molecules_above_max_heavy_atoms_before_featurising(tmp_path):
     small, large = "CCO", "CCCCCCCCCCCCCCCCCCCCC(=O)O"
-    graphs, failures = minimol_graphs([small, large], tmp_path, max_heavy_atoms=10)
+    graphs, failures = minimol_graphs([small, large], MoleculeSettings(tmp_path, max_heavy_atoms=10))
     assert list(graphs) == [small] and failures == {large: "23 heavy atoms, above --max_heavy_atoms 10"}
-    graphs, failures = minimol_graphs([small, large], tmp_path, max_heavy_atoms=30)  # not cached: a larger limit takes it
+    # the failure was not cached: a larger limit takes the molecule
+    graphs, failures = minimol_graphs([small, large], MoleculeSettings(tmp_path, max_heavy_atoms=30))
     assert list(graphs) == [small, large] and not failures
 
 
@@ -124,8 +124,10 @@ def test_minimol_skips_molecules_above_max_heavy_atoms_before_featurising(tmp_pa
     (["--finetune_encoder", "--finetune_strategy", "attention"], "error: --finetune_strategy attention is for Uni-Mol"),
     (["--finetune_encoder", "--freeze_layers", "all"], "error: --freeze_layers all leaves no MiniMol layer"),
     (["--finetune_encoder", "--freeze_layers", "0-16"], "error: --freeze_layers '0-16': '0-16' is outside layers 0-15"),
-    (["--finetune_encoder", "--grad_checkpointing"], "error: --grad_checkpointing applies to Uni-Mol only"),
-    (["--amp", "bf16"], "error: --amp bf16 applies to Uni-Mol only")])
+    (["--finetune_encoder", "--grad_checkpointing"],
+     "error: --foundation_model minimol takes no --grad_checkpointing: --grad_checkpointing is for Uni-Mol"),
+    (["--amp", "bf16"], "error: --foundation_model minimol takes no --amp: --amp is for Uni-Mol"),
+    (["--conformer_timeout", "5"], "error: --foundation_model minimol takes no --conformer_timeout")])
 def test_what_minimol_cannot_take_is_a_one_line_error(argv, words, small_benchmark, tmp_path, capsys):
     assert main(["--foundation_model", "minimol", "--data_file", str(small_benchmark), *argv,
                  "--output_dir", str(tmp_path / "run")]) == 2
@@ -159,7 +161,7 @@ def test_parameter_counts_follow_minimols_shapes():
     # the per-layer sizes of the shipped graph's named weights (reference facts §9)
     assert (gine_params(128, 336), gine_params(336, 336), gine_params(336, 512), VIRTUAL_NODE) == \
         (82_416, 284_592, 344_256, 227_136)
-    net = minimol.MiniMolNet()
+    net = minimol_net.MiniMolNet()
     sizes = {name: sum(p.numel() for p in module.parameters()) for name, module in
              [("layer0", net.gnn.layers[0]), ("layer1", net.gnn.layers[1]), ("layer15", net.gnn.layers[15]),
               ("vn0", net.gnn.virtual_node_layers[0])]}
@@ -236,7 +238,7 @@ def test_cached_and_uncached_steps_give_the_same_loss_and_gradients(demo_graphs,
                            head(enc.forward_chunks(inputs.batch(oods, "cpu"))))
         loss.backward()
         return loss.item(), {n: p.grad.clone() for n, p in enc.named_parameters() if p.requires_grad}
-    cached_loss, cached = step(GraphPrefixInputs(enc.prefix_states(graphs, batch_size=7)))
+    cached_loss, cached = step(enc.prefix_inputs(enc.prefix_states(graphs, batch_size=7)))
     loss, grads = step(GraphInputs(graphs))
     assert enc.frozen_prefix == 13 and abs(cached_loss - loss) < 1e-5
     assert set(cached) == set(grads) and max((cached[n] - grads[n]).abs().max().item() for n in grads) < 1e-5

