@@ -83,8 +83,10 @@ class EnergyDPOModel(nn.Module):
         when `finetune_encoder` and `foundation_model` is 'unimol', the frozen UniMolEncoder() when not
         fine-tuned (and the other encoders' forms likewise). `settings`: a ModelSpec, or flags named
         like its fields (an argparse Namespace of main.py's flags, or a dict). `weights`: Uni-Mol's
-        checkpoint path or 'random' (None: its default place)."""
+        checkpoint path or 'random' (None: the flags' --unimol_weights, else its default place)."""
         spec = settings if isinstance(settings, ModelSpec) else ModelSpec.from_flags(settings)
+        if weights is None and not isinstance(settings, ModelSpec):  # flags may name them (--unimol_weights)
+            weights = (settings if isinstance(settings, dict) else vars(settings)).get("unimol_weights")
         encoder = build_encoder(spec, weights, grad_checkpointing)
         return cls(dataclasses.replace(spec, encoder_weights=encoder.weights_id, in_dim=encoder.width), encoder, seed)
 

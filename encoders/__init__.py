@@ -12,6 +12,8 @@ below, its tests and its docs; CONTRIBUTING.md walks through it."""
 import dataclasses
 import importlib
 
+from utils import InputError
+
 # Flags that only some encoders take. An encoder's EncoderInfo.flags names those it honours; the
 # others are one-line errors when given for it (main.py), never quietly unused.
 ENCODER_FLAGS = ("unimol_weights", "amp", "grad_checkpointing", "conformer_timeout")
@@ -130,12 +132,22 @@ def build_encoder(spec, weights=None, grad_checkpointing=False):
     """The encoder a ModelSpec describes: frozen, or with spec.finetune_encoder its fine-tunable form
     with the layers spec.freeze_layers leaves trainable (by spec.finetune_strategy). `weights`:
     Uni-Mol's checkpoint path or 'random' (None: its default place)."""
-    return encoder_info(spec.foundation_model).load().build(spec, weights, grad_checkpointing)
+    info = _taking(spec.foundation_model, unimol_weights=weights, amp=spec.amp, grad_checkpointing=grad_checkpointing)
+    return info.load().build(spec, weights, grad_checkpointing)
 
 
 def frozen_encoder(kind, weights=None, amp=False):
     """The frozen encoder `kind` on the base weights `weights` (Uni-Mol: a path or 'random')."""
-    return encoder_info(kind).load().frozen(weights, amp)
+    return _taking(kind, unimol_weights=weights, amp=amp).load().frozen(weights, amp)
+
+
+def _taking(kind, **flags):
+    """The EncoderInfo of `kind`, once the encoder flags given (true values) are checked to apply to it."""
+    info = encoder_info(kind)
+    error = refusal(info, [flag for flag, value in flags.items() if value])
+    if error:
+        raise InputError(error)
+    return info
 
 
 def refusal(info, flags, who=None):

@@ -64,10 +64,9 @@ def build_unimol(init_seed=RANDOM_INIT_SEED):
 
 def pretrained_unimol(path):
     """Uni-Mol with the official checkpoint at `path`, loaded and checked by load_unimol_weights."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(missing_weights(path))
-    st = path.stat()
+    if not Path(path).is_file():
+        raise InputError(missing_weights(path))  # the path as given, as the command line says it
+    st = Path(path).stat()
     return copy.deepcopy(_base_unimol(("file", os.path.realpath(path), st.st_dev, st.st_ino, st.st_size,
                                        st.st_mtime_ns)))
 
@@ -244,9 +243,9 @@ class UniMolEncoder(Encoder):
     def __init__(self, weights=None, amp=False):
         weights = default_weights_path() if weights is None else str(weights)
         if weights == "random":
-            unimol, identity = build_unimol(), EncoderId("unimol", random_init_seed=RANDOM_INIT_SEED)
+            unimol, identity = build_unimol(), EncoderId(self.info.name, random_init_seed=RANDOM_INIT_SEED)
         else:
-            unimol, identity = pretrained_unimol(weights), EncoderId("unimol", sha256=file_sha256(weights))
+            unimol, identity = pretrained_unimol(weights), EncoderId(self.info.name, sha256=file_sha256(weights))
         super().__init__(identity)
         self.weights = weights  # where its base weights came from: a checkpoint path or 'random'
         self.unimol = unimol
