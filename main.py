@@ -170,6 +170,8 @@ def _flags(names):
 
 def resolve_device(device):
     """auto → cuda when there is one; an error message for a device this machine lacks."""
+    if device == "cpu":
+        return device, None
     import torch  # noqa: PLC0415 - the one heavy import before dispatch: `--help` stays light
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu", None
@@ -197,10 +199,10 @@ def check_numbers(args):
         return "--lora_rank must be at least 1, --lora_alpha positive, --lora_dropout in [0, 1), --warmup_epochs ≥ 0"
     if not 0 <= args.head_dropout < 1:
         return "--head_dropout must be in [0, 1)"
-    if args.lambda_reg < 0 or args.weight_decay < 0 or args.patience < 0 or args.num_workers < 0:
-        return "--lambda_reg, --weight_decay, --patience and --num_workers cannot be negative"
-    if args.data_seed < 0:
-        return "--data_seed cannot be negative"
+    negative = [name for name in ("lambda_reg", "weight_decay", "patience", "num_workers", "data_seed")
+                if getattr(args, name) < 0]
+    if negative:
+        return f"--{negative[0]} cannot be negative"
     if args.max_heavy_atoms < 1 or not args.conformer_timeout > 0 or not math.isfinite(args.conformer_timeout):
         return "--max_heavy_atoms and --conformer_timeout must be positive"
     return None
@@ -256,10 +258,7 @@ def validate(args, given, parser):
     if given - accepted:
         source = " (they come from the run's checkpoint)" if args.mode in SCORING else ""
         return f"--mode {args.mode} does not use {_flags(given - accepted)}{source}"
-    error = check_numbers(args) or check_good(args, given)
-    if error:
-        return error
-    error = check_encoder(args, given)
+    error = check_numbers(args) or check_good(args, given) or check_encoder(args, given)
     if error:
         return error
     if args.mode == "train" and given & set(FINETUNE_ONLY) and not args.finetune_encoder:

@@ -23,11 +23,12 @@ from evaluate import (finite_scores, id_threshold, plot_training_curves, read_te
 from features import attach_inputs, frozen_features, model_inputs
 from model import EnergyDPOModel, load_checkpoint, load_model, save_checkpoint
 from molecules import canonical
-from runs import (EVAL_FOLDER, EVAL_LOG, FINISHED, check_resumable, check_run_dir, clear_run_dir,
-                  remove_stale_temporaries, run_config, run_state, trained_molecules, trained_roles, write_roles)
+from runs import (EVAL_FOLDER, EVAL_LOG, FINISHED, REFERENCE_ARM, check_resumable, check_run_dir, clear_run_dir,
+                  remove_stale_temporaries, run_config, run_folder, run_state, trained_molecules, trained_roles,
+                  write_roles)
 from scoring import from_run, load_job_run, run_molecules
 from settings import DataSpec
-from sweep import REFERENCE_ARM, collect_arm_runs, run_folder, write_comparison
+from sweep import collect_arm_runs, write_comparison
 from train import EnergyDPOTrainer, learning_warning
 from tables import read_table
 from utils import (InputError, atomic_path, atomic_write_json, attach_log_file, file_sha256, full_disk_is_one_line,

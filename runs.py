@@ -19,6 +19,9 @@ RUN_FILES = ("config.json", "training.log", "history.csv", "best_model.pt", "las
 EVAL_LOG = "eval.log"  # added by --mode eval, which rewrites the test results in place
 EVAL_FOLDER = "eval"  # RUN/eval/<benchmark>/: the run scored on other benchmarks
 TRAINED_ROLES = ("id_train", "id_val", "ood_train", "ood_val")
+# A sweep folder holds run folders <arm>/seed<N>/ (sweep.py compares them, sweep_cli.py plans them).
+REFERENCE_ARM = "frozen"  # every other arm of a sweep is compared with it, seed by seed
+SEED_PREFIX = "seed"
 # The packages behind every result; an encoder adds its own (EncoderInfo.packages).
 PACKAGES = ("torch", "rdkit", "numpy", "scipy", "scikit-learn", "matplotlib", "tqdm", "peft")
 
@@ -116,3 +119,13 @@ def trained_roles(run_dir):
 def trained_molecules(run_dir):
     """Canonical SMILES of the molecules a run trained or validated on (its roles.csv)."""
     return {row["canonical_smiles"] for row in _roles_rows(run_dir) if row["role"] in TRAINED_ROLES}
+
+
+def seed_of(folder):
+    """N of a seed<N> run folder, or None for any other name."""
+    digits = folder.name.removeprefix(SEED_PREFIX)
+    return int(digits) if folder.name.startswith(SEED_PREFIX) and digits.isdigit() else None
+
+
+def run_folder(root, arm, seed):
+    return Path(root) / arm / f"{SEED_PREFIX}{seed}"

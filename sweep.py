@@ -7,29 +7,18 @@ import math
 import textwrap
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
-from evaluate import BETTER, METRIC_LABELS, pyplot, save_figure, validation_warning
-from runs import FINISHED
 from encoders import FOUNDATION_MODELS, EncoderId
+from evaluate import BETTER, METRIC_LABELS, pyplot, save_figure, validation_warning
+from runs import FINISHED, REFERENCE_ARM, SEED_PREFIX, run_folder, seed_of
 from settings import DataSpec, ModelSpec, TrainConfig
 from utils import InputError, atomic_write_csv, atomic_write_json, atomic_write_text, read_json
 
-REFERENCE_ARM = "frozen"  # every other arm of a sweep is compared with it, seed by seed
 COMPARED = ("auroc", "aupr", "fpr95", "auroc_size_matched")  # test metrics, with a paired Improvement
 COLUMNS = (*COMPARED, "val_auroc")
-SEED_PREFIX = "seed"
-
-
-def seed_of(folder):
-    """N of a seed<N> run folder, or None for any other name."""
-    digits = folder.name.removeprefix(SEED_PREFIX)
-    return int(digits) if folder.name.startswith(SEED_PREFIX) and digits.isdigit() else None
-
-
-def run_folder(root, arm, seed):
-    return Path(root) / arm / f"{SEED_PREFIX}{seed}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,16 +84,16 @@ def collect_arm_runs(root):
                                  f"rerun that run with --overwrite") from None
             runs[arm][seed_of(run)] = ArmRun(metrics, config, _epoch_seconds(run))
     seeds = {arm: sorted(r) for arm, r in runs.items()}
-    if REFERENCE_ARM not in runs or len(runs) < 2 or any(s != seeds[REFERENCE_ARM] for s in seeds.values()):
-        raise InputError(f"{root}: need frozen/seed* and at least one other arm's runs for the same seeds, "
-                         f"found {seeds}")
+    if REFERENCE_ARM not in runs or any(s != seeds[REFERENCE_ARM] for s in seeds.values()):
+        raise InputError(f"{root}: need frozen/seed* and every other arm's runs for the same seeds (a frozen-only "
+                         f"encoder has the frozen arm alone), found {seeds}")
     weights = {run.config["encoder_weights"] for arm in runs.values() for run in arm.values()}
     if len(weights) != 1:
         raise InputError(f"{root}: runs used different encoder weights {sorted(weights)}; compare like with like")
     return runs
 
 
-def sweep_baselines(root, runs, seeds):
+def sweep_baselines(root, seeds):
     """{baseline: {seed: metrics}} from the frozen arm's baselines.json files (the feature baselines
     use frozen features in both arms, so one arm holds them all); {} when a run predates them."""
     out = {}
@@ -143,20 +132,21 @@ def write_comparison(root):
     encoder, pretrained encoders first; every CSV row names its encoder. Returns (summary, text)."""
     folders = encoder_folders(root)
     if not folders:
-        summary, text, rows, part = _compare_arms(Path(root))
-        plot_comparison(Path(root) / "comparison.png", [part])
+        one = _compare_arms(Path(root))
+        summary, text, rows = one.summary, one.text, one.rows
+        plot_comparison(Path(root) / "comparison.png", [one.arms])
     else:
-        with_folders = sorted(((_compare_arms(folder), folder) for folder in folders),  # stable: otherwise
-                              key=lambda pf: EncoderId.parse(pf[0][0]["encoder_weights"]).is_random_init)  # FOUNDATION_MODELS' order
-        for (summary, text, rows, part), folder in with_folders:  # one encoder of several: its files beside its arms
-            _write_summary(folder, summary, text, rows)
-            plot_comparison(folder / "comparison.png", [part])
-        parts = [compared for compared, _ in with_folders]
-        summary = {"encoders": [p[0] for p in parts]}
-        text = "\n\n".join([f"Energy-DPO on {parts[0][0]['dataset']}, per encoder (pretrained first): "
-                             + ", ".join(p[0]["encoder"] for p in parts)] + [p[1] for p in parts])
-        rows = [row for p in parts for row in p[2]]
-        plot_comparison(Path(root) / "comparison.png", [p[3] for p in parts])
+        # pretrained encoders first; the sort is stable, so otherwise in FOUNDATION_MODELS' order
+        parts = sorted((_compare_arms(folder) for folder in folders),
+                       key=lambda part: EncoderId.parse(part.summary["encoder_weights"]).is_random_init)
+        for part in parts:  # one encoder of several: its files beside its arms
+            _write_summary(part.folder, part.summary, part.text, part.rows)
+            plot_comparison(part.folder / "comparison.png", [part.arms])
+        summary = {"encoders": [part.summary for part in parts]}
+        text = "\n\n".join([f"Energy-DPO on {parts[0].summary['dataset']}, per encoder (pretrained first): "
+                             + ", ".join(part.summary["encoder"] for part in parts)] + [part.text for part in parts])
+        rows = [row for part in parts for row in part.rows]
+        plot_comparison(Path(root) / "comparison.png", [part.arms for part in parts])
     _write_summary(Path(root), summary, text, rows)
     return summary, text
 
@@ -167,8 +157,27 @@ def _write_summary(folder, summary, text, rows):
     atomic_write_csv(folder / "comparison_summary.csv", rows, SUMMARY_COLUMNS)
 
 
+class ComparedArms(NamedTuple):
+    """One encoder's arms compared, as its plot row draws them."""
+    runs: dict  # {arm: {seed: ArmRun}}
+    seeds: list
+    table: dict  # {method: {metric: (mean, std)}}
+    baselines: dict  # {baseline: {seed: metrics}}
+    dataset: str
+    label: str  # the encoder, as results name it
+
+
+class Comparison(NamedTuple):
+    """One encoder's comparison, as its folder's summary files and its plot row show it."""
+    folder: Path
+    summary: dict
+    text: str
+    rows: list  # comparison_summary.csv's
+    arms: ComparedArms
+
+
 def _compare_arms(root):
-    """One encoder's comparison: (summary, text, CSV rows, plot part)."""
+    """One encoder's comparison (its runs under `root`)."""
     runs = collect_arm_runs(root)
     arms = list(runs)
     seeds = sorted(runs[REFERENCE_ARM])
@@ -178,7 +187,7 @@ def _compare_arms(root):
     random_init = identity.is_random_init
     arm_of = {_arm_label(arm): arm for arm in arms}
     methods = {label: {s: runs[arm][s].metrics for s in seeds} for label, arm in arm_of.items()}
-    baselines = sweep_baselines(root, runs, seeds)
+    baselines = sweep_baselines(root, seeds)
     methods.update({_baseline_label(name): per_seed for name, per_seed in baselines.items()})
     table = {name: {k: _mean_std([_value(per_seed[s], k) for s in seeds]) for k in COLUMNS}
              for name, per_seed in methods.items()}
@@ -241,8 +250,8 @@ def _compare_arms(root):
         lines.append(f"{identity.short_label}: these numbers do not measure pretrained Uni-Mol.")
     rows = [(identity.short_label, r["seed"], r["method"], *("" if np.isnan(r[k]) else f"{r[k]:.6f}" for k in COLUMNS),
              r["best_epoch"], weights) for r in per_seed]
-    part = (runs, seeds, table, baselines, args["dataset"], identity.short_label)
-    return summary, "\n".join(lines), rows, part
+    return Comparison(root, summary, "\n".join(lines), rows,
+                      ComparedArms(runs, seeds, table, baselines, args["dataset"], identity.short_label))
 
 
 def _arm_flags(args):
@@ -268,19 +277,18 @@ def _json_safe(obj):
 
 
 def plot_comparison(path, parts):
-    """Per part (one encoder's runs, seeds, table, baselines, dataset and encoder label) a row of
-    panels, one per compared metric: each seed's arms joined (paired), their mean, and the best
-    baseline. Several parts: the encoder labels the row."""
-    widest = max(len(p[0]) for p in parts)
+    """Per part (ComparedArms: one encoder's arms) a row of panels, one per compared metric: each seed's
+    arms joined (paired), their mean, and the best baseline. Several parts: the encoder labels the row."""
+    widest = max(len(p.runs) for p in parts)
     cols = len(COMPARED) if widest <= 2 or len(parts) > 1 else 2  # many arms alone: a 2 × 2 grid
     rows = math.ceil(len(COMPARED) / cols)
     panel = max(4.0, 1.0 * widest + 1.0)
     fig, axes = pyplot().subplots(rows * len(parts), cols, figsize=(panel * cols, 3.8 * rows * len(parts)),
                                   squeeze=False)
-    for n, (runs, seeds, table, baselines, _, label) in enumerate(parts):
-        _plot_panels(axes[n * rows:(n + 1) * rows].ravel(), runs, seeds, table, baselines,
-                     textwrap.fill(label, 24) if len(parts) > 1 else "")
-    dataset, label = parts[0][4:]
+    for n, part in enumerate(parts):
+        _plot_panels(axes[n * rows:(n + 1) * rows].ravel(), part.runs, part.seeds, part.table, part.baselines,
+                     textwrap.fill(part.label, 24) if len(parts) > 1 else "")
+    dataset, label = parts[0].dataset, parts[0].label
     fig.suptitle(f"{dataset} · {label}" if len(parts) == 1 else f"{dataset} · one row per encoder", y=1.03)
     fig.tight_layout()
     save_figure(fig, path)

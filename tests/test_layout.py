@@ -14,7 +14,7 @@ from runs import RUN_FILES
 LAYERS = ["distributed", "utils", "encoders", "settings", "flagdoc", "download", "good", "store", "molecules", "tables",
           "data", "encoders.unimol_conformers", "encoders.minimol_net", "batching", "encoders.base", "encoders.unimol",
           "encoders.minimol", "model", "evaluate", "baselines", "analyze", "features", "train", "runs", "scoring",
-          "sweep", "pipeline", "predict", "main"]
+          "sweep", "pipeline", "predict", "main", "sweep_cli"]
 
 
 def module_path(module):

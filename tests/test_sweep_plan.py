@@ -1,0 +1,130 @@
+"""The sweep's plan (sweep_cli.py, behind run_finetune_comparison.sh), in this process: the printed lines in the
+sweep's order, the demo's defaults, every run's flags checked by main.py before anything runs, and the one-line
+errors for settings that do not fit. (The sweep running its runs: tests/test_sweep.py.)"""
+import shlex
+import sys
+
+import pytest
+
+import sweep_cli
+from conftest import ROOT
+
+SWEEP_VARS = ("SEEDS", "DATASETS", "DATA_FILE", "EPOCHS", "TRAIN_SIZE", "VAL_SIZE", "TEST_SIZE", "DATA_SEED",
+              "OOD_VAL_SPLIT", "UNIMOL_WEIGHTS", "UNIMOL_WEIGHT_DIR", "OUTPUT_ROOT", "DEVICE", "FREEZE_LAYERS",
+              "ENCODER_LR", "EXTRA_ARGS", "PYTHON", "ARMS", "ENCODER_LRS", "FREEZE_SPECS", "JOB_GPUS",
+              "FOUNDATION_MODELS", "BATCH_SIZE", "MINIMOL_ARGS", "UNIMOL_ARGS", "ECFP_ARGS", "ARM_mine")
+
+
+@pytest.fixture
+def sweep(monkeypatch, capsys):
+    """sweep(*argv, **environment) → (exit status, stdout lines as words, stderr), with none of the caller's
+    own sweep settings and PYTHON this interpreter."""
+    def call(*argv, **values):
+        for name in SWEEP_VARS:
+            monkeypatch.delenv(name, raising=False)
+        for name, value in dict({"PYTHON": sys.executable}, **values).items():
+            monkeypatch.setenv(name, value)
+        status = sweep_cli.main(list(argv))
+        out, err = capsys.readouterr()
+        return status, [shlex.split(line) for line in out.splitlines()], err
+    return call
+
+
+def flag(words, name, last=False):
+    """The value after `name` (its last one: argparse takes the last)."""
+    at = len(words) - 1 - words[::-1].index(name) if last else words.index(name)
+    return words[at + 1]
+
+
+def test_one_line_per_run_in_the_sweeps_order_then_the_summaries(sweep, small_benchmark, tmp_path):
+    values = dict(SEEDS="1 2 3", DATASETS="tiny", DATA_FILE=str(small_benchmark), OUTPUT_ROOT="out",
+                  ARMS="frozen finetuned lora", ENCODER_LRS="1e-5 1e-4", UNIMOL_WEIGHTS="random")
+    status, lines, err = sweep("--print-commands", "--print-compare-commands", **values)
+    assert status == 0 and not err, err
+    arms = ["frozen", "finetuned_lr1e-5", "finetuned_lr1e-4", "lora_lr1e-5", "lora_lr1e-4"]
+    assert len(lines) == 3 * len(arms) + 1
+    for words in lines:
+        assert words[:5] == ["cd", "--", str(tmp_path), "&&", sys.executable] and words[5] == str(ROOT / "main.py")
+    assert [flag(w, "--output_dir") for w in lines[:-1]] == [f"out/tiny/{a}/seed{s}" for s in (1, 2, 3) for a in arms]
+    assert all("--auto_resume" in w and "--overwrite" not in w and flag(w, "--data_file") == str(small_benchmark)
+               for w in lines[:-1])
+    assert [flag(w, "--encoder_lr") for w in lines[1:5]] == ["1e-5", "1e-4", "1e-5", "1e-4"]
+    assert lines[-1][6:] == ["--mode", "compare", "--output_dir", "out/tiny"]
+    status, forced, _ = sweep("--force", "--print-commands", **values)
+    assert status == 0 and len(forced) == 3 * len(arms)
+    assert all("--overwrite" in w and "--auto_resume" not in w for w in forced)
+    assert not any(tmp_path.iterdir())  # printing creates nothing
+
+
+def test_the_demo_runs_every_encoder_with_its_own_recipe(sweep, tmp_path):
+    status, lines, err = sweep("--demo", "--print-commands")
+    assert status == 0 and err.startswith("== demo: no checkpoint at ./weights/mol_pre_no_h_220816.pt")
+    # MiniMol (pretrained) first; only Uni-Mol's runs name Uni-Mol weights
+    assert len(lines) == 3 * 2 * 2 and all(flag(w, "--train_size") == "200" for w in lines)
+    # MiniMol's recipe (its head learns: 20 epochs of 7 steps) after the common --epochs 5; argparse takes the last
+    assert {("/minimol/" in flag(w, "--output_dir"), flag(w, "--epochs", last=True), "--batch_size" in w)
+            for w in lines} == {(True, "20", True), (False, "5", False)}
+    # random-init Uni-Mol (no checkpoint here) is a pipeline check at half the molecules
+    assert {("/minimol/" in flag(w, "--output_dir"), flag(w, "--train_size", last=True),
+             flag(w, "--test_size", last=True)) for w in lines} == {(True, "200", "200"), (False, "100", "100")}
+    root = "./outputs/finetune_comparison_demo/demo_ec50_scaffold"
+    assert [flag(w, "--output_dir") for w in lines[:4]] == [
+        f"{root}/{e}/{a}/seed42" for e in ("minimol", "unimol") for a in ("frozen", "finetuned")]
+    for words in lines:
+        minimol = "/minimol/" in flag(words, "--output_dir")
+        assert ("--unimol_weights" in words) == (not minimol)
+        assert ("--foundation_model" in words and flag(words, "--foundation_model") == "minimol") == minimol
+    assert flag(lines[-1], "--output_dir") == f"{root}/unimol/finetuned/seed44"
+    assert not any(tmp_path.iterdir())
+
+
+def test_every_runs_flags_are_checked_before_the_first_run(sweep, small_benchmark, tmp_path):
+    """A bad arm is main.py's one-line error, naming the arm, before anything runs or is created."""
+    common = dict(DATA_FILE=str(small_benchmark), OUTPUT_ROOT=str(tmp_path / "out"), UNIMOL_WEIGHTS="random")
+    for arm, message in (("--no_such_flag", "arm 'mine': main.py does not know --no_such_flag"),
+                         ("--finetune_encoder --epochs none", "arm 'mine': argument --epochs: invalid int value"),
+                         ("--finetune_encoder --freeze_layers 0-20", "arm 'mine': --freeze_layers '0-20'"),
+                         ("--lora_rank 4", "arm 'mine': --lora_rank apply to fine-tuning only")):
+        status, lines, err = sweep("--jobs", "2", ARMS="frozen mine", ARM_mine=arm, **common)
+        assert status == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1 and not lines, err
+    # a GPU the planning machine lacks is the machine that runs the lines' business
+    status, lines, err = sweep("--print-commands", DEVICE="cuda", **common)
+    assert status == 0 and {flag(w, "--device") for w in lines} == {"cuda"}
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("args, settings, message", [
+    (["--jobs", "0"], {}, "--jobs takes the number of runs at once, 1 or more, not '0'"),
+    (["--jobs=two"], {}, "not 'two'"),
+    (["--jobs"], {}, "--jobs needs the number of runs at once"),
+    (["--bogus"], {}, "unknown argument --bogus (see --help)"),
+    (["--print-commands", "--jobs", "2"], {}, "--jobs runs the sweep on this machine"),
+    (["--print-compare-commands"], {"JOB_GPUS": "0 1"}, "JOB_GPUS assigns GPUs to --jobs slots"),
+    (["--jobs", "2"], {"JOB_GPUS": " "}, "JOB_GPUS names no GPU"),
+    (["--print-commands"], {"PYTHON": "no-such-python"}, "PYTHON: 'no-such-python' is not an executable"),
+    (["--jobs", "2"], {"SEEDS": "1 2 1"}, "SEEDS gives seed 1 twice"),
+    (["--print-commands"], {"ENCODER_LRS": "1e-5 1e-5"}, "ARMS gives arm finetuned_lr1e-5 twice"),
+    (["--jobs", "2"], {"EXTRA_ARGS": "--force_recompute_cache"}, "would delete caches other runs are reading"),
+    ([], {"EXTRA_ARGS": '--cache_dir "oops'}, "EXTRA_ARGS: No closing quotation"),
+    ([], {"ARMS": "finetuned"}, "ARMS must include frozen"),
+    ([], {"ARMS": "frozen lora nosuch"}, "ARMS: unknown arm 'nosuch'"),
+    ([], {"ARMS": "frozen bad-name"}, "ARMS: 'bad-name' is not a valid arm name"),
+    ([], {"FOUNDATION_MODELS": "minimol chemprop"}, "FOUNDATION_MODELS: unknown encoder 'chemprop'"),
+    ([], {"FOUNDATION_MODELS": "minimol minimol"}, "FOUNDATION_MODELS gives minimol twice"),
+    ([], {"FOUNDATION_MODELS": "unimol minimol", "ARMS": "frozen ffn"},
+     "arm 'minimol/ffn': --finetune_strategy ffn is for Uni-Mol; MiniMol takes layers or lora"),
+], ids=["jobs-0", "jobs-word", "jobs-no-value", "unknown-argument", "print-with-jobs", "print-with-job-gpus",
+        "blank-job-gpus", "print-no-python", "seed-twice", "arm-twice", "force-cache-with-jobs", "extra-args-quotes",
+        "no-frozen-arm", "unknown-arm", "arm-name", "unknown-encoder", "encoder-twice", "strategy-for-encoder"])
+def test_settings_that_do_not_fit_are_one_line_errors(sweep, small_benchmark, tmp_path, args, settings, message):
+    """Exit 2, one line, nothing created; a seed or arm given twice would be one run folder twice."""
+    values = dict(DATA_FILE=str(small_benchmark), OUTPUT_ROOT=str(tmp_path / "out"), UNIMOL_WEIGHTS="random")
+    status, lines, err = sweep(*args, **dict(values, **settings))
+    assert status == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert not lines and not any(tmp_path.iterdir())
+
+
+def test_a_missing_data_file_stops_the_sweep(sweep, tmp_path):
+    status, _, err = sweep(DATASETS="nope", OUTPUT_ROOT=str(tmp_path))
+    assert status == 1 and err == "error: ./data/raw/nope.json not found for dataset nope (set DATA_FILE, or see " \
+                                  "README 'Getting the real inputs')\n"
