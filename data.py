@@ -15,7 +15,7 @@ import good
 from molecules import canonical, canonicalize, reason_kind
 from settings import DataSpec, GoodSpec, MoleculeSettings
 from tables import read_table
-from utils import InputError, atomic_write_json, file_sha256, progress, read_json
+from utils import InputError, atomic_write_json, file_sha256, progress
 
 log = logging.getLogger("energy_dpo.data")
 
@@ -319,15 +319,33 @@ def good_benchmark(raw_file, spec, settings):
     key = good.cache_key(raw_sha256, name, spec.domain, spec.shift)
     path, doc = Path(settings.cache_dir) / "good" / f"{key}.json", None
     team = distributed.current()
-    if team.leader and (settings.force or not path.is_file()):  # one process builds; the team waits below
+    # one process builds (again, when the cached build is damaged); the team waits below
+    if team.leader and (settings.force or not path.is_file() or _build_summary(path, raw_file) is None):
         log.info("building GOOD's %s split from %s into %s", spec.name, raw_file, path)
         doc = build_good_split(raw_file, spec, raw_sha256)
         atomic_write_json(path, doc, indent=None)
     team.barrier()
-    doc = doc or read_json(path, "delete it, or pass --force_recompute_cache, to rebuild it")
-    summary = good_report(doc, raw_file) | {"built_file": str(path)}
+    summary = good_report(doc, raw_file) if doc else _build_summary(path, raw_file)
+    if summary is None:
+        raise InputError(f"{path}: not a complete GOOD build; delete it, or pass --force_recompute_cache, to "
+                         f"rebuild it")
+    summary |= {"built_file": str(path)}
     log_good_report(summary)
     return path, summary
+
+
+def _build_summary(path, raw_file):
+    """good_report of a cached GOOD build, or None (with a warning) when the file is not a complete build:
+    valid JSON of another shape ({}), splits that are not lists, a cut file."""
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+        summary = good_report(doc, raw_file)
+        if not all(isinstance(doc["split"][split], list) for split in SPLITS):
+            raise TypeError("a split is not a list of items")
+        return summary
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        log.warning("%s: not a complete GOOD build (%s: %s)", path, type(exc).__name__, str(exc)[:80])
+        return None
 
 
 # ----------------------------------------------------------------------------- other benchmarks

@@ -39,7 +39,9 @@ def download_unimol_weights(path):
     """`path` (…/mol_pre_no_h_220816.pt) holding the hub's checkpoint, fetched if missing or not the
     hub's. The bytes go to a hidden partial file beside it, which a later run continues (an HTTP
     Range request) after an interruption; the file is renamed into place only once its SHA-256 is
-    the hub's, and a partial file that turns out corrupt is deleted and reported."""
+    the hub's, and a partial file that turns out corrupt is deleted and reported. A partial file that
+    is already whole is only renamed; one the server has nothing to add to (416) but that is not the
+    hub's file is downloaded again from the start."""
     path = Path(path)
     if path.name != WEIGHTS_FILE:
         raise InputError(f"{path}: the hub's file is {WEIGHTS_FILE}; name the folder, not another file")
@@ -50,15 +52,39 @@ def download_unimol_weights(path):
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{expected[:16]}.partial")  # the hub's version in its name
     url = hf_hub_url(HUB_REPO, WEIGHTS_FILE, endpoint=_endpoint())
+    # a partial file may already be whole (the rename into place was interrupted): then only finish
+    if not (partial.exists() and file_sha256(partial) == expected):
+        if not _fetch(url, partial, path):  # 416: the server has no bytes after the partial file's
+            log.warning("%s: the hub has no bytes after its %s bytes, and they are not the hub's file: "
+                        "downloading it again from the start", partial, f"{partial.stat().st_size:,}")
+            partial.unlink()
+            _fetch(url, partial, path)
+        actual = file_sha256(partial)
+        if actual != expected:
+            partial.unlink()
+            raise InputError(f"{path}: SHA-256 {actual[:12]}… is not the hub's {expected[:12]}…: the download is "
+                             f"corrupt and was deleted; run the same command again")
+    normal_permissions(partial)
+    os.replace(partial, path)
+    log.info("%s: SHA-256 %s… checked against the hub", path, expected[:12])
+    return path
+
+
+def _fetch(url, partial, path):
+    """Append the bytes after the partial file's to it (all of them when there is none); False when the
+    server answers 416 (Range Not Satisfiable: it has no bytes after the partial file's)."""
     start = partial.stat().st_size if partial.exists() else 0
     log.info("downloading %s from %s into %s%s", WEIGHTS_FILE, HUB_REPO, path.parent,
              f" (continuing after {start:,} bytes)" if start else "")
     try:
         with full_disk_is_one_line(path), requests.get(url, headers={"Range": f"bytes={start}-"} if start else {},
                                                        stream=True, timeout=60) as response:
+            if start and response.status_code == 416:
+                return False
             response.raise_for_status()
             if start and response.status_code != 206:  # the server sent the whole file again
                 partial.unlink()
+                start = 0
             total = start + int(response.headers.get("Content-Length", 0))
             with open(partial, "ab") as f, progress(total=total, initial=start, unit="B", unit_scale=True,
                                                      desc=WEIGHTS_FILE) as bar:
@@ -68,12 +94,4 @@ def download_unimol_weights(path):
     except requests.RequestException as exc:
         raise InputError(f"{path}: the download stopped ({str(exc).splitlines()[0][:120]}); run the same command "
                          f"again: it continues where it stopped") from None
-    actual = file_sha256(partial)
-    if actual != expected:
-        partial.unlink()
-        raise InputError(f"{path}: SHA-256 {actual[:12]}… is not the hub's {expected[:12]}…: the download is "
-                         f"corrupt and was deleted; run the same command again")
-    normal_permissions(partial)
-    os.replace(partial, path)
-    log.info("%s: SHA-256 %s… checked against the hub", path, actual[:12])
-    return path
+    return True

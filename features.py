@@ -80,7 +80,7 @@ def prefix_inputs(encoder, smiles, prepared, cache_dir, batch_size=BATCH, device
             states = encoder.prefix_states([prepared[s] for s in missing], batch_size, device)
             return dict(zip(missing, states)), {}
         found, _ = cached_entries(unique[start:start + PREFIX_CHUNK], directory, meta, compute,
-                                  distributed.current(), force and start == 0)
+                                  distributed.current(), force and start == 0, encoder.store_check("prefix"))
         entries.update(found)
     return encoder.prefix_inputs([entries[s] for s in smiles])
 

@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from encoders import build_encoder
+from encoders.base import load_weights_only
 # The design's public encoder classes, importable from here as it shows them (`from model import ...`).
 from encoders.minimol import FinetunableMiniMolEncoder, MiniMolEncoder  # noqa: F401
 from encoders.unimol import FinetunableUniMolEncoder, UniMolEncoder  # noqa: F401
@@ -146,10 +147,7 @@ def load_checkpoint(path):
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such checkpoint; train first (--mode train) or pass --model_path")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for bad files
-        raise InputError(f"{path}: not a checkpoint of this tool ({str(exc).splitlines()[0][:150]})") from None
+    state = load_weights_only(path, "a checkpoint of this tool", "restore the run's own file, or train it again")
     if not isinstance(state, dict) or not {"model_spec", "model"} <= set(state):
         raise InputError(f"{path}: not a checkpoint of this tool (no model_spec / model entries); "
                          f"it may predate self-describing checkpoints: retrain the run")

@@ -1,6 +1,6 @@
 """Molecules as RDKit reads them: a SMILES' identity (its canonical form), the size limit checked
-before any encoder input is made, fragment warnings, why a molecule was skipped, and preparing many
-molecules in worker processes. No torch: worker processes stay light."""
+before any encoder input is made, warnings about what an encoder makes of a molecule, why a molecule
+was skipped, and preparing many molecules in worker processes. No torch: worker processes stay light."""
 import functools
 import multiprocessing
 import re
@@ -85,7 +85,16 @@ def reason_kind(reason):
     return re.sub(r"\s*\(.*\)|\s*\b[\d.]+\b\s*(s\b)?", " ", reason).strip().replace("  ", " ")
 
 
-def fragment_warning(smiles):
-    """A warning for salts and mixtures, which an encoder reads as one molecule; '' otherwise."""
-    n = len(Chem.GetMolFrags(Chem.MolFromSmiles(smiles)))
-    return f"{n} fragments (salt or mixture) scored as one molecule; strip counter-ions first" if n > 1 else ""
+def molecule_warning(smiles):
+    """Why an encoder's reading of a molecule may mislead ('' when nothing): salts and mixtures are read
+    as one molecule, and a dummy atom (*, an R-group or attachment point) as an unknown atom."""
+    mol = Chem.MolFromSmiles(smiles)
+    warnings = []
+    fragments = len(Chem.GetMolFrags(mol))
+    if fragments > 1:
+        warnings.append(f"{fragments} fragments (salt or mixture) scored as one molecule; strip counter-ions first")
+    dummies = sum(atom.GetAtomicNum() == 0 for atom in mol.GetAtoms())
+    if dummies:
+        warnings.append(f"{dummies} dummy atom{'s' if dummies > 1 else ''} (*) scored as an unknown atom; write the "
+                        f"real substituent or cap it with H")
+    return "; ".join(warnings)

@@ -172,7 +172,9 @@ def finish_run(run_dir, net, inputs, roles, batch_size, device, labels):
     scores = finite_scores({role: energies(net, inputs[role], batch_size, device).numpy()
                             for role in ("id_val", "id_test", "ood_test")}, best, "this run's molecules")
     threshold = id_threshold(scores.pop("id_val"))
-    save_checkpoint(best, state | {"threshold_95_id_val": threshold})
+    # the threshold predict flags at, and the training warning that eval's results must repeat
+    save_checkpoint(best, state | {"threshold_95_id_val": threshold,
+                                   "training_warning": labels.get("training_warning")})
     identity = EncoderId.parse(net.spec.encoder_weights)
     extra = {"best_epoch": state["epoch"], "val_auroc": state["val_auroc"], "threshold_95_id_val": threshold,
              "encoder_weights": identity.text, "random_init_encoder": identity.is_random_init, **labels}
@@ -185,6 +187,17 @@ def finish_run(run_dir, net, inputs, roles, batch_size, device, labels):
 def run_data_file(run):
     """The DrugOOD file a run read: its --data_file, or the GOOD build it made from that raw file."""
     return run.state.get("config", {}).get("good", {}).get("built_file", run.stored["data_file"])
+
+
+def training_warning(run):
+    """The run's training warning (its checkpoint's; for runs that finished before it was kept there,
+    its test_metrics.json's), or None."""
+    if "training_warning" in run.state:
+        return run.state["training_warning"]
+    try:
+        return json.loads((run.folder / FINISHED).read_text()).get("training_warning")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def run_eval(job, other=None):
@@ -223,8 +236,12 @@ def run_eval(job, other=None):
         attach_log_file(run.folder / EVAL_LOG)
         title = f"{dataset}\n{run.identity.label}"
     scores = finite_scores(run.score(roles, prepared), run.checkpoint, dataset)
+    warning = training_warning(run)
+    if warning:
+        log.warning("%s", warning)
     extra = {"best_epoch": run.state["epoch"], "val_auroc": run.state["val_auroc"],
              "threshold_95_id_val": run.threshold, "encoder_weights": run.identity.text,
+             **({"training_warning": warning} if warning else {}),
              "random_init_encoder": run.identity.is_random_init, "dataset": dataset,
              "trained_on": benchmark_name(stored),
              "title": title, "ood_val_split": stored.get("ood_val_split", DataSpec.ood_val_split)}

@@ -83,7 +83,7 @@ class PredictOutput:
                 self.partial.unlink(missing_ok=True)
                 raise
         self.state = {"job": self.job, "rows": 0, "bytes": self.partial.stat().st_size,
-                      "scored": 0, "flagged": 0, "failed": 0, "fragments": 0}
+                      "scored": 0, "flagged": 0, "failed": 0, "fragments": 0, "dummies": 0}
         atomic_write_json(self.progress, self.state)
 
     def append(self, out, counts):
@@ -114,7 +114,9 @@ def score_chunk(run, chunk, device):
                      if row.error == "" else ["", "", "", "", row.error, weights])
            for (fields, _), row in zip(chunk, scored)]
     counts = {"scored": sum(row.energy is not None for row in scored), "flagged": sum(bool(row.is_ood) for row in scored),
-              "failed": sum(row.error != "" for row in scored), "fragments": sum(row.warning != "" for row in scored)}
+              "failed": sum(row.error != "" for row in scored),
+              "fragments": sum("fragments" in row.warning for row in scored),
+              "dummies": sum("dummy atom" in row.warning for row in scored)}
     return out, counts
 
 
@@ -158,6 +160,9 @@ def run_predict(score_job, job):
     if totals["fragments"]:
         log.warning("%d inputs have several fragments (salts, mixtures): scored as one molecule, see the warning "
                     "column", totals["fragments"])
+    if totals["dummies"]:
+        log.warning("%d inputs hold dummy atoms (*): scored as unknown atoms, see the warning column",
+                    totals["dummies"])
     print(f"wrote {job.output}: {totals['scored']} scored ({totals['flagged']} flagged OOD at energy > "
           f"{run.threshold:.4f}, the 95th percentile of validation ID), {totals['failed']} failed; encoder "
           f"{run.identity.label}")

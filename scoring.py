@@ -18,7 +18,7 @@ from encoders.base import prepare_rows
 from evaluate import finite_scores
 from features import model_inputs
 from model import load_checkpoint, load_model
-from molecules import canonical, forget_parsed, fragment_warning
+from molecules import canonical, forget_parsed, molecule_warning
 from settings import (FINETUNE_EVAL_BATCH_SIZE, FROZEN_EVAL_BATCH_SIZE, EncoderSettings, MoleculeSettings,
                       ScoringSettings, missing_weights)
 from train import team_energies
@@ -42,7 +42,7 @@ class Scored(NamedTuple):
     canonical_smiles: str  # '' when it could not be scored
     energy: Optional[float]  # higher is more out-of-distribution; None when it could not be scored
     is_ood: Optional[bool]  # energy above the run's threshold (the 95th percentile of its validation ID)
-    warning: str  # e.g. a salt or mixture scored as one molecule
+    warning: str  # e.g. a salt or mixture, or a dummy atom, scored as one molecule / an unknown atom
     error: str  # why it could not be scored ('' when it was)
 
 
@@ -88,8 +88,8 @@ class FinishedRun:
         if written:  # molecules scored once: their frozen prefix is not worth caching
             scores = self.score({"input": list(written.values())}, prepared, device, cache_prefix=False)
             energy = dict(zip(written, finite_scores(scores, self.checkpoint, "the input")["input"].tolist()))
-        rows = [Scored(s, canonical(written[i]), energy[i], energy[i] > self.threshold, fragment_warning(written[i]), "")
-                if i in energy else Scored(s, "", None, None, "", failed[i]) for i, s in enumerate(smiles)]
+        rows = [Scored(s, canonical(written[i]), energy[i], energy[i] > self.threshold, molecule_warning(written[i]),
+                       "") if i in energy else Scored(s, "", None, None, "", failed[i]) for i, s in enumerate(smiles)]
         forget_parsed()  # a caller streaming millions of molecules calls this per chunk
         return rows
 

@@ -8,6 +8,7 @@ Under torchrun, every process of the team must call cached_entries together, wit
 and the team is passed in explicitly (distributed.current() at the call site): it holds
 collectives, and a process that skipped a call would leave the others waiting."""
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -71,8 +72,19 @@ def open_store(directory, meta, force=False):
     return directory
 
 
+def _sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def _read_shard(shard):
-    fields = json.loads((shard / "fields.json").read_text())
+    """A shard's keys, arrays and offsets, checked: every file against the SHA-256 its writer recorded
+    (shards written before checksums were kept record none), offsets against the data, floats finite."""
+    written = json.loads((shard / "fields.json").read_text())
+    fields, digests = (written, {}) if isinstance(written, list) else (written["fields"], written["sha256"])
+    for name, digest in digests.items():
+        if _sha256(shard / name) != digest:
+            raise ValueError(f"{name} does not match its SHA-256: the file was changed after it was written")
     keys = np.load(shard / "keys.npy", allow_pickle=False)
     arrays, offsets = {}, {}
     for field in fields:
@@ -85,26 +97,30 @@ def _read_shard(shard):
     return keys, arrays, offsets
 
 
-def store_get(directory, keys):
+def store_get(directory, keys, check=None):
     """{key: {field: array}} for the wanted keys present in the store. A corrupt shard is deleted
     with a warning, so that its entries are recomputed (another process may be deleting it too).
-    Only shards holding a wanted key are loaded and checked."""
+    Only shards holding a wanted key are loaded and checked; `check(entry)` raises ValueError for an
+    entry that is damaged in a way only its kind can tell (an index out of range)."""
     wanted, found = set(keys), {}
     for shard in sorted(Path(directory).glob("shard-*")):
         try:
             if wanted.isdisjoint(np.load(shard / "keys.npy", allow_pickle=False).tolist()):
                 continue
             shard_keys, arrays, offsets = _read_shard(shard)
-        except (OSError, ValueError, KeyError, EOFError, json.JSONDecodeError) as exc:
+            entries = {key: {f: a[offsets[f][i]:offsets[f][i + 1]] for f, a in arrays.items()}
+                       for i, key in enumerate(shard_keys.tolist()) if key in wanted}
+            for key, entry in entries.items():
+                if check is not None:
+                    check(entry)
+        except (OSError, ValueError, KeyError, TypeError, EOFError, json.JSONDecodeError) as exc:
             log.warning("corrupt cache shard %s (%s): deleting it; its entries will be recomputed", shard, exc)
             if shard.is_dir():
                 shutil.rmtree(shard, ignore_errors=True)
             else:
                 shard.unlink(missing_ok=True)
             continue
-        for i, key in enumerate(shard_keys.tolist()):
-            if key in wanted:
-                found[key] = {f: a[offsets[f][i]:offsets[f][i + 1]] for f, a in arrays.items()}
+        found.update(entries)
     return found
 
 
@@ -120,7 +136,8 @@ def store_put(directory, entries):
             parts = [np.asarray(entry[field]) for entry in entries.values()]
             np.save(tmp / f"{field}.npy", np.concatenate(parts))
             np.save(tmp / f"{field}.offsets.npy", np.cumsum([0] + [len(p) for p in parts]))
-        atomic_write_json(tmp / "fields.json", fields)
+        files = ["keys.npy", *(f"{field}{part}.npy" for field in fields for part in ("", ".offsets"))]
+        atomic_write_json(tmp / "fields.json", {"fields": fields, "sha256": {f: _sha256(tmp / f) for f in files}})
         os.replace(tmp, directory / f"shard-{uuid.uuid4().hex}")
 
 
@@ -133,19 +150,19 @@ def _removed_on_failure(folder):
         raise
 
 
-def cached_entries(keys, directory, meta, compute, team, force=False):
+def cached_entries(keys, directory, meta, compute, team, force=False, check=None):
     """Entries for `keys`: stored ones are read, the rest come from `compute(missing)`, which
     returns ({key: entry}, {key: failure reason}), and are stored. Failures are not stored.
 
     `team`: the torchrun team (distributed.Team), whose every rank calls this with the same keys:
     each computes and stores its share of the missing entries, then all read the complete store
-    (and learn every rank's failures)."""
+    (and learn every rank's failures). `check`: see store_get."""
     if team.leader:  # only the leader may clear the store (--force_recompute_cache, changed meta)
         directory = open_store(directory, meta, force)
     team.barrier()
     if not team.leader:
         directory = open_store(directory, meta)
-    found = store_get(directory, keys)
+    found = store_get(directory, keys, check)
     missing = [k for k in dict.fromkeys(keys) if k not in found]
     if team.size > 1:
         # The leader's view decides (another job sharing the cache may add shards while the ranks
@@ -153,7 +170,7 @@ def cached_entries(keys, directory, meta, compute, team, force=False):
         missing = team.gather_objects(missing)[0]
         absent = set(missing)
         lacking = [k for k in dict.fromkeys(keys) if k not in found and k not in absent]
-        found.update(store_get(directory, lacking))
+        found.update(store_get(directory, lacking, check))
     if not missing:
         return found, {}
     mine = missing[team.share(len(missing))]
@@ -175,7 +192,7 @@ def cached_entries(keys, directory, meta, compute, team, force=False):
         if words is not None:
             raise InputError(f"torchrun rank {rank} stopped: {words}")
         failures = {k: v for part in team.gather_objects(failures) for k, v in part.items()}
-        new = store_get(directory, missing)
+        new = store_get(directory, missing, check)
         lost = [k for k in missing if k not in new and k not in failures]
         if lost:
             raise InputError(f"{directory}: {len(lost)} entries written by this torchrun team are gone (e.g. "

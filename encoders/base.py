@@ -6,8 +6,9 @@ only what is written here:
 
   who it is        info (its EncoderInfo), identity / weights_id, is_random_init, width, trains,
                    total_params
-  molecules        prepare(smiles, settings) → ({SMILES: entry}, {SMILES: why not}), through its own
-                   cache; describe_inputs(report, ...) adds what data_report.json says of them
+  molecules        prepare(smiles, settings) → ({SMILES: entry}, {SMILES: why not}): the molecule limits,
+                   then its own prepare_within through its own cache; describe_inputs(report, ...) adds
+                   what data_report.json says of them
   frozen features  encode(entries, batch_size, device) → (n, width) float32 array; store_dir /
                    store_meta say where, and on what, the feature cache of its features depends
   fine-tuning      role_inputs(entries) (batches of whole inputs), prefix_states / prefix_inputs (the
@@ -17,11 +18,13 @@ only what is written here:
 
 Molecules are always SMILES as written: their atom order seeds Uni-Mol's conformer and MiniMol's
 Laplacian basis, so a molecule written another way is another cache entry."""
+import pickle
+
 import numpy as np
 import torch
 import torch.nn as nn
 
-from molecules import canonicalize
+from molecules import canonicalize, parse_within
 from settings import RANDOM_INIT_SEED, EncoderSettings, MoleculeSettings, parse_freeze_spec
 from utils import InputError
 
@@ -79,7 +82,21 @@ class Encoder(nn.Module):
 
     # ------------------------------------------------------------------ molecules and frozen features
     def prepare(self, smiles, settings=MoleculeSettings()):
-        """({SMILES: its input entry}, {SMILES: why it has none}) for SMILES as written."""
+        """({SMILES: its input entry}, {SMILES: why it has none}) for SMILES as written. A molecule that
+        does not parse or is above settings.max_heavy_atoms fails before any cache is read: the limit
+        holds for molecules an earlier run cached too."""
+        within, failures = [], {}
+        for s in dict.fromkeys(smiles):
+            try:
+                parse_within(s, settings.max_heavy_atoms)
+                within.append(s)
+            except ValueError as exc:
+                failures[s] = str(exc)
+        prepared, more = self.prepare_within(within, settings)
+        return prepared, failures | more
+
+    def prepare_within(self, smiles, settings):
+        """prepare() for SMILES already checked to parse within the limits (each encoder's own)."""
         raise NotImplementedError
 
     def describe_inputs(self, report, prepared, smiles):
@@ -92,6 +109,11 @@ class Encoder(nn.Module):
     def store_meta(self, what):
         """What those caches depend on (their meta.json: a change clears them)."""
         raise NotImplementedError
+
+    def store_check(self, what):
+        """A function raising ValueError for a stored entry of those caches that is damaged in a way
+        only this encoder can tell (store.store_get), or None."""
+        return None
 
     def encode(self, entries, batch_size=BATCH, device="cpu"):
         """(n, width) float32 frozen features of prepared entries, in order."""
@@ -182,6 +204,21 @@ def prepare_rows(encoder, smiles, settings=MoleculeSettings()):
     for row in [r for r, s in written.items() if s in failures]:
         failed[row] = failures[written.pop(row)]
     return written, prepared, failed
+
+
+def load_weights_only(path, what, remedy):
+    """torch.load of a file a user hands in, never executing code: a file that holds Python objects
+    beyond tensors and plain containers, or is no torch file at all, is a one-line InputError naming
+    it as `what` and saying `remedy` (never torch's advice to load it with code execution)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only load failed" in str(exc).lower():
+            raise InputError(f"{path}: not a plain weights file: it holds Python objects that only code execution "
+                             f"could load, and this tool never loads a file that way; {remedy}") from None
+        raise InputError(f"{path}: not {what} ({str(exc).splitlines()[0][:120]}); {remedy}") from None
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for bad files
+        raise InputError(f"{path}: not {what} ({str(exc).splitlines()[0][:120]}); {remedy}") from None
 
 
 def add_lora(network, targets, lora):

@@ -13,8 +13,6 @@ from rdkit.Chem import rdFingerprintGenerator
 
 from encoders import ENCODERS, EncoderId
 from encoders.base import BATCH, Encoder
-from molecules import parse_within
-from settings import MoleculeSettings
 from utils import InputError
 
 RADIUS, BITS = 2, 2048
@@ -31,17 +29,9 @@ class ECFPEncoder(Encoder):
         super().__init__(EncoderId(self.info.name, sha256=digest))
         self.generator = rdFingerprintGenerator.GetMorganGenerator(radius=RADIUS, fpSize=BITS)
 
-    def prepare(self, smiles, settings=MoleculeSettings()):
-        """The SMILES themselves ({SMILES: SMILES}) once they parse within the heavy-atom limit:
-        fingerprints are computed when encoded (they are cached as features)."""
-        prepared, failures = {}, {}
-        for s in dict.fromkeys(smiles):
-            try:
-                parse_within(s, settings.max_heavy_atoms)
-                prepared[s] = s
-            except ValueError as exc:
-                failures[s] = str(exc)
-        return prepared, failures
+    def prepare_within(self, smiles, settings):
+        """The SMILES themselves: fingerprints are computed when encoded (and cached as features)."""
+        return {s: s for s in smiles}, {}
 
     def store_dir(self, cache_dir, what):
         return Path(cache_dir) / f"ecfp-features-{self.identity.sha256[:16]}"

@@ -76,8 +76,18 @@ def minimol_graphs(smiles, settings=MoleculeSettings()):
         graphs = {s: graph for s, (graph, _) in zip(missing, made) if graph is not None}
         return graphs, {s: reason for s, (graph, reason) in zip(missing, made) if graph is None}
     entries, failures = cached_entries(list(dict.fromkeys(smiles)), Path(settings.cache_dir) / "minimol-graphs", meta,
-                                       compute, distributed.current(), settings.force)
+                                       compute, distributed.current(), settings.force,
+                                       check=functools.partial(_check_bonds, atoms_field="feat"))
     return {s: _transposed_bonds(e) for s, e in entries.items()}, failures
+
+
+def _check_bonds(entry, atoms_field):
+    """A stored entry whose bonds (edge_index, (bonds, 2) in the store) are int64 and point at its atoms:
+    a damaged index would read other molecules' atoms, or fail deep inside a batch."""
+    bonds, atoms = entry["edge_index"], len(entry[atoms_field])
+    if bonds.dtype != np.int64 or bonds.ndim != 2 or bonds.shape[1] != 2 or \
+            (len(bonds) and not 0 <= bonds.min() <= bonds.max() < atoms):
+        raise ValueError(f"edge_index ({bonds.dtype}, {bonds.shape}) out of range for {atoms} atoms")
 
 
 def _graph_job(smiles, settings, max_heavy_atoms):
@@ -175,7 +185,7 @@ class MiniMolEncoder(Encoder):
         return self.sessions[key]
 
     # ---------------------------------------------------------------- molecules and frozen features
-    def prepare(self, smiles, settings=MoleculeSettings()):
+    def prepare_within(self, smiles, settings):
         """Featurised graphs {SMILES: {key: array}}, cached per featuriser."""
         return minimol_graphs(smiles, settings)
 
@@ -189,6 +199,9 @@ class MiniMolEncoder(Encoder):
             return {"kind": "minimol-fingerprints", "encoder_weights": self.weights_id, "featurizer": self.featurizer}
         return {"kind": "minimol-prefix-states", "encoder_weights": self.weights_id, "dtype": "float32",
                 "featurizer": self.featurizer, "frozen_prefix_layers": self.frozen_prefix}
+
+    def store_check(self, what):
+        return functools.partial(_check_bonds, atoms_field="x")  # prefix states: bonds of the atom states
 
     def encode(self, entries, batch_size=BATCH, device="cpu", desc="MiniMol"):
         """(n, 512) float32 fingerprints of featurised graphs, `batch_size` graphs per ONNX call."""

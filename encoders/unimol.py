@@ -21,10 +21,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from encoders import ENCODERS, EncoderId
-from encoders.base import BATCH, Encoder, add_lora, frozen_layer_set
+from encoders.base import BATCH, Encoder, add_lora, frozen_layer_set, load_weights_only
 from encoders.unimol_conformers import PREPROCESS_VERSION, get_conformers, summarize_conformers, unimol_dict_path
-from settings import (RANDOM_INIT_SEED, WEIGHTS_FILE, ModelSpec, MoleculeSettings, default_weights_path,
-                      missing_weights)
+from settings import RANDOM_INIT_SEED, WEIGHTS_FILE, ModelSpec, default_weights_path, missing_weights
 from utils import InputError, file_sha256, progress
 
 log = logging.getLogger("energy_dpo.unimol")
@@ -101,10 +100,8 @@ def load_unimol_weights(unimol, path):
     path = Path(path)
     if not path.is_file():
         raise InputError(missing_weights(path))
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for bad files
-        raise InputError(f"{path}: cannot load as a weights-only torch checkpoint ({exc})") from None
+    ckpt = load_weights_only(path, "a torch checkpoint", f"fetch {WEIGHTS_FILE} again from its source (make "
+                             f"weights)")
     state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
         raise InputError(f"{path}: expected {{'model': state_dict}} as in {WEIGHTS_FILE}")
@@ -269,7 +266,7 @@ class UniMolEncoder(Encoder):
         return modules
 
     # ---------------------------------------------------------------- molecules and frozen features
-    def prepare(self, smiles, settings=MoleculeSettings()):
+    def prepare_within(self, smiles, settings):
         """Conformers {SMILES: (atoms, coords, is_2d)} as unimol_tools makes them, cached."""
         return get_conformers(smiles, settings)
 

@@ -1,6 +1,7 @@
 """Uni-Mol's weights fetched as unimol_tools users get them: huggingface_hub against a local server in
 the hub's URL layout (HF_ENDPOINT pointed at it) that serves a random-init checkpoint (189 MB, as the
-real one); an interrupted download continues, a corrupt one is deleted and reported."""
+real one), answering ranges as HTTP servers do (206, and 416 past the end); an interrupted download
+continues, a partial file already whole is finished, a corrupt one is deleted and reported."""
 import hashlib
 import http.server
 import threading
@@ -50,6 +51,12 @@ class FakeHub:
                     return
                 start = int(self.headers["Range"].split("=")[1].split("-")[0]) if self.headers["Range"] else 0
                 hub.ranges.append(start)
+                if start and start >= len(hub.served):  # RFC 9110: nothing after the last byte
+                    self.send_response(416)
+                    self.send_header("Content-Range", f"bytes */{len(hub.served)}")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 body = hub.served[start:]
                 self.headers_for(len(body), 206 if start else 200)
                 if hub.drops:
@@ -116,6 +123,30 @@ def test_an_interrupted_download_continues_where_it_stopped(hub, tmp_path, capsy
     assert path.read_bytes() == data
     assert len(server.ranges) == 2 and 0 < server.ranges[1] <= DROP_AT  # the second run asked for the rest only
     assert sorted(p.name for p in path.parent.iterdir()) == [WEIGHTS_FILE]  # no partial file left
+
+
+def partial_file(tmp_path, data):
+    path = tmp_path / "weights" / f".{WEIGHTS_FILE}.{hashlib.sha256(data).hexdigest()[:16]}.partial"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def test_a_partial_file_that_is_already_whole_is_finished_not_fetched_again(hub, tmp_path):
+    data = np.random.default_rng(2).bytes(2_000_000)
+    server = hub(data)
+    partial_file(tmp_path, data).write_bytes(data)  # killed after the last byte, before the rename
+    assert main(["--mode", "weights"]) == 0
+    assert (tmp_path / "weights" / WEIGHTS_FILE).read_bytes() == data and server.ranges == []
+
+
+def test_a_full_length_partial_file_that_is_wrong_is_fetched_again_from_the_start(hub, tmp_path, capsys):
+    data = np.random.default_rng(3).bytes(2_000_000)
+    server = hub(data)
+    partial_file(tmp_path, data).write_bytes(bytes(len(data)))  # as long as the file, other bytes: the hub says 416
+    assert main(["--mode", "weights"]) == 0
+    assert (tmp_path / "weights" / WEIGHTS_FILE).read_bytes() == data and server.ranges == [len(data), 0]
+    assert "downloading it again from the start" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "weights").iterdir()) == [WEIGHTS_FILE]
 
 
 def test_a_corrupt_download_is_deleted_and_reported(hub, tmp_path, capsys):

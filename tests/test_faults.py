@@ -167,7 +167,7 @@ class _Payload:
 
 
 @pytest.mark.parametrize("damage, message", [
-    ("pickle", "not a checkpoint of this tool"),
+    ("pickle", "not a plain weights file"),
     ("truncated", "not a checkpoint of this tool"),
     ("tensor", "not a checkpoint of this tool"),
     ("other_head", "head weights do not fit a 64-wide head"),
