@@ -27,7 +27,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.neighbors import NearestNeighbors
 
-from evaluate import ood_metrics
+from evaluate import metrics_with_intervals
 
 DESCRIPTORS = {
     "heavy_atoms": lambda mol: mol.GetNumHeavyAtoms(),
@@ -143,7 +143,7 @@ def baseline_metrics(scores, id_sizes, ood_sizes):
     id_sizes / ood_sizes: heavy-atom counts of the ID / OOD test molecules."""
     out = {}
     for name, values in scores.items():
-        metrics = ood_metrics(values["id_test"], values["ood_test"], id_sizes, ood_sizes)
+        metrics = metrics_with_intervals(values["id_test"], values["ood_test"], id_sizes, ood_sizes)
         metrics["val_auroc"] = float(roc_auc_score(*_val_labels_scores(values)))
         out[name] = metrics
     return out

@@ -67,6 +67,60 @@ def ood_metrics(id_scores, ood_scores, id_sizes=None, ood_sizes=None):
                                               auroc_size_matched(id_scores, ood_scores, id_sizes, ood_sizes))))
 
 
+BOOTSTRAP = {"method": "stratified bootstrap over the test molecules (ID and OOD resampled separately)",
+             "resamples": 1000, "seed": 0, "level": 0.95}
+
+
+def bootstrap_intervals(id_scores, ood_scores, resamples=BOOTSTRAP["resamples"], seed=BOOTSTRAP["seed"],
+                        level=BOOTSTRAP["level"]):
+    """Percentile intervals {"auroc": (lo, hi), "aupr": ..., "fpr95": ...} of the metrics ood_metrics
+    reports, from a stratified bootstrap over the test molecules (bootstrap_metrics), with a fixed
+    seed: the same scores give the same interval."""
+    metrics, _ = bootstrap_metrics(id_scores, ood_scores, resamples, seed)
+    tail = 100 * (1 - level) / 2
+    return {name: tuple(float(v) for v in np.percentile(values, [tail, 100 - tail]))
+            for name, values in metrics.items()}
+
+
+def bootstrap_metrics(id_scores, ood_scores, resamples, seed):
+    """({metric: one value per resample}, (ID draw counts, OOD draw counts)): the ID and the OOD
+    molecules each resampled with replacement (every resample keeps the measured class sizes). Each
+    resample's AUROC, AUPR and FPR95 equal ood_metrics' on the molecules drawn, ties included; they
+    come from per-molecule draw counts over one sort of the scores, so a few thousand molecules take
+    a fraction of a second."""
+    id_scores, ood_scores = np.asarray(id_scores, np.float64), np.asarray(ood_scores, np.float64)
+    n_id, n_ood = len(id_scores), len(ood_scores)
+    rng = np.random.default_rng(seed)
+    counts = [np.bincount((rng.integers(0, n, (resamples, n)) + n * np.arange(resamples)[:, None]).ravel(),
+                          minlength=resamples * n).reshape(resamples, n) for n in (n_id, n_ood)]
+    scores = np.r_[id_scores, ood_scores]
+    order = np.argsort(-scores, kind="stable")
+    is_ood = np.r_[np.zeros(n_id, bool), np.ones(n_ood, bool)][order]
+    drawn = np.concatenate(counts, axis=1)[:, order]
+    ends = np.r_[scores[order][:-1] != scores[order][1:], True]  # one ROC / PR point per distinct score
+    tp, fp = np.cumsum(drawn * is_ood, axis=1)[:, ends], np.cumsum(drawn * ~is_ood, axis=1)[:, ends]
+    tpr, fpr = tp / n_ood, fp / n_id
+    start = np.zeros((resamples, 1))
+    tpr0, fpr0 = np.c_[start, tpr[:, :-1]], np.c_[start, fpr[:, :-1]]
+    # a score none of whose molecules was drawn adds a point equal to the one before (the start's (0, 1)
+    # before the first drawn score): no area, as the curve of the drawn molecules has no point there
+    precision = np.where(tp + fp > 0, tp / np.maximum(tp + fp, 1), 1.0)
+    precision0 = np.c_[start + 1, precision[:, :-1]]
+    metrics = {"auroc": ((fpr - fpr0) * (tpr + tpr0) / 2).sum(axis=1),  # trapezoids, as roc_auc_score
+               "aupr": ((tpr - tpr0) * (precision + precision0) / 2).sum(axis=1),  # as auc(recall, precision)
+               # FPR at the first distinct score that catches 95% of the OOD molecules, as fpr_at_95_tpr
+               "fpr95": fp[np.arange(resamples), np.argmax(tp >= math.ceil(0.95 * n_ood), axis=1)] / n_id}
+    return metrics, counts
+
+
+def metrics_with_intervals(id_scores, ood_scores, id_sizes=None, ood_sizes=None):
+    """ood_metrics plus the 95% bootstrap interval of AUROC, AUPR and FPR95 (`auroc_ci95`: [low, high],
+    ...) and how it was drawn (`interval`)."""
+    intervals = bootstrap_intervals(id_scores, ood_scores)
+    return ood_metrics(id_scores, ood_scores, id_sizes, ood_sizes) | \
+        {f"{name}_ci95": list(bounds) for name, bounds in intervals.items()} | {"interval": BOOTSTRAP}
+
+
 def finite_scores(scores, source, what):
     """`scores` ({role: energies}) when every energy is finite; else a one-line error naming the model."""
     for role, values in scores.items():
@@ -99,8 +153,8 @@ def write_test_results(out_dir, roles, scores, extra, sizes=None):
     extra: what else test_metrics.json records (encoder_weights and threshold_95_id_val included);
     sizes: heavy-atom counts per role, for the size-matched AUROC."""
     out_dir = Path(out_dir)
-    metrics = ood_metrics(scores["id_test"], scores["ood_test"], *((sizes["id_test"], sizes["ood_test"])
-                                                                  if sizes else ()))
+    metrics = metrics_with_intervals(scores["id_test"], scores["ood_test"], *((sizes["id_test"], sizes["ood_test"])
+                                                                             if sizes else ()))
     metrics.update(extra)
     warning = validation_warning(extra.get("val_auroc"), metrics["auroc"],
                                  extra.get("ood_val_split", DataSpec.ood_val_split))
@@ -127,12 +181,22 @@ def _fmt(value):
     return "   –  " if value is None else f"{value:.4f}"
 
 
+def interval_text(metrics, key="auroc"):
+    """'[0.851, 0.912]': a metric's 95% bootstrap interval as tables print it ('–' without one)."""
+    bounds = metrics.get(f"{key}_ci95")
+    return f"[{bounds[0]:.3f}, {bounds[1]:.3f}]" if bounds else "–"
+
+
 def results_table(rows, skipped=None):
-    """Method | AUROC | AUPR | FPR95 | AUROC size-matched | val AUROC, one line per {name: metrics}."""
-    lines = [f"{'method':<22}" + "".join(f" {label:>{max(8, len(label))}}" for label in METRIC_LABELS.values())]
+    """Method | AUROC | its 95% interval | AUPR | FPR95 | AUROC size-matched | val AUROC, one line per
+    {name: metrics}."""
+    labels = {"auroc": "AUROC", "auroc_ci95": "AUROC 95% CI", **{k: v for k, v in METRIC_LABELS.items()
+                                                                    if k != "auroc"}}
+    cell = lambda metrics, key: interval_text(metrics) if key == "auroc_ci95" else _fmt(metrics.get(key))  # noqa: E731
+    width = {key: max(14 if key == "auroc_ci95" else 8, len(label)) for key, label in labels.items()}
+    lines = [f"{'method':<22}" + "".join(f" {label:>{width[key]}}" for key, label in labels.items())]
     for name, metrics in rows.items():
-        lines.append(f"{name:<22}" + "".join(f" {_fmt(metrics.get(key)):>{max(8, len(label))}}"
-                                             for key, label in METRIC_LABELS.items()))
+        lines.append(f"{name:<22}" + "".join(f" {cell(metrics, key):>{width[key]}}" for key in labels))
     lines += [f"{name:<22} skipped: {why}" for name, why in (skipped or {}).items()]
     return lines
 

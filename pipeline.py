@@ -18,8 +18,8 @@ from data import (SPLITS, benchmark_name, build_good_split, good_report, good_sp
                   load_test_roles, log_good_report)
 from encoders import RANDOM_INIT_LABEL, EncoderId, build_encoder, encoder_info, frozen_encoder, refusal
 from encoders.base import prepare_rows
-from evaluate import (finite_scores, id_threshold, plot_training_curves, read_test_scores, results_table,
-                      write_test_results)
+from evaluate import (finite_scores, id_threshold, interval_text, plot_training_curves, read_test_scores,
+                      results_table, write_test_results)
 from features import attach_inputs, frozen_features, model_inputs
 from model import EnergyDPOModel, load_checkpoint, load_model, save_checkpoint
 from molecules import canonical
@@ -44,7 +44,8 @@ def _or_dash(value):
 def result_line(dataset, metrics):
     """The last line of a run's log: its test metrics, with what to compare them to."""
     identity = EncoderId.parse(metrics["encoder_weights"])
-    return (f"{dataset} test ({identity.label}): AUROC {metrics['auroc']:.4f}  "
+    return (f"{dataset} test ({identity.label}): AUROC {metrics['auroc']:.4f} "
+            f"(95% CI {interval_text(metrics)})  "
             f"AUPR {metrics['aupr']:.4f}  AUPR-In {metrics['aupr_in']:.4f}  FPR95 {metrics['fpr95']:.4f}  "
             f"size-matched AUROC {_or_dash(metrics.get('auroc_size_matched'))}  (ID {metrics['n_id']}, "
             f"OOD {metrics['n_ood']}; model: best epoch {metrics['best_epoch']}, val AUROC {metrics['val_auroc']:.4f})")

@@ -1,7 +1,10 @@
+import json
+
 import numpy as np
 import pytest
 
-from evaluate import fpr_at_95_tpr, id_threshold, ood_metrics
+from evaluate import (BOOTSTRAP, bootstrap_intervals, bootstrap_metrics, fpr_at_95_tpr, id_threshold,
+                      metrics_with_intervals, ood_metrics)
 
 
 def test_metrics_on_a_hand_computed_case():
@@ -40,3 +43,39 @@ def test_threshold_keeps_95_percent_of_validation_id():
     val = np.arange(1, 101, dtype=float)
     t = id_threshold(val)
     assert np.mean(val <= t) == pytest.approx(0.95)
+
+
+def test_each_bootstrap_resample_is_the_metrics_of_the_molecules_it_drew():
+    rng = np.random.default_rng(3)
+    id_s, ood_s = np.round(rng.normal(0, 1, 150), 1), np.round(rng.normal(0.7, 1, 90), 1)  # rounded: many ties
+    metrics, (id_counts, ood_counts) = bootstrap_metrics(id_s, ood_s, resamples=25, seed=5)
+    assert (id_counts.sum(axis=1) == 150).all() and (ood_counts.sum(axis=1) == 90).all()  # class sizes kept
+    for i in range(25):
+        drawn = ood_metrics(np.repeat(id_s, id_counts[i]), np.repeat(ood_s, ood_counts[i]))
+        for name in ("auroc", "aupr", "fpr95"):
+            assert metrics[name][i] == pytest.approx(drawn[name], abs=1e-12)
+
+
+def test_bootstrap_intervals_are_reproducible_and_shrink_with_more_molecules():
+    rng = np.random.default_rng(4)
+    small = rng.normal(0, 1, 100), rng.normal(1, 1, 100)
+    large = rng.normal(0, 1, 2000), rng.normal(1, 1, 2000)
+    ci = bootstrap_intervals(*small)
+    assert ci == bootstrap_intervals(*small) and ci != bootstrap_intervals(*small, seed=1)
+    assert ci["auroc"][0] < ood_metrics(*small)["auroc"] < ci["auroc"][1]
+    wide, narrow = (bootstrap_intervals(*pair)["auroc"] for pair in (small, large))
+    assert narrow[1] - narrow[0] < (wide[1] - wide[0]) / 3  # about 1/sqrt(20) as wide
+    assert metrics_with_intervals(*small)["interval"] == BOOTSTRAP
+
+
+def test_every_auroc_a_run_reports_has_its_interval(finished_run):
+    metrics = json.loads((finished_run / "test_metrics.json").read_text())
+    for name in ("auroc", "aupr", "fpr95"):
+        low, high = metrics[f"{name}_ci95"]
+        assert low <= metrics[name] <= high
+    assert metrics["interval"] == BOOTSTRAP
+    baselines = json.loads((finished_run / "baselines.json").read_text())["baselines"]
+    assert all(b["auroc_ci95"][0] <= b["auroc"] <= b["auroc_ci95"][1] for b in baselines.values())
+    log = (finished_run / "training.log").read_text()
+    assert f"AUROC {metrics['auroc']:.4f} (95% CI [{metrics['auroc_ci95'][0]:.3f}, " in log.splitlines()[-1]
+    assert "AUROC 95% CI" in log  # the table beside the baselines
