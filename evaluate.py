@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+from scipy.stats import false_discovery_control
 from sklearn.metrics import auc, precision_recall_curve, roc_auc_score, roc_curve
 
 from settings import DataSpec
@@ -127,6 +128,22 @@ def finite_scores(scores, source, what):
         if not np.isfinite(values).all():
             raise InputError(f"{source}: the model gives non-finite energies on {what} ({role}); nothing was written")
     return scores
+
+
+def conformal_p_values(energies, calibration):
+    """Per energy E, the conformal p-value (1 + #{calibration energy ≥ E}) / (n + 1): the chance that an
+    in-distribution molecule exchangeable with the n calibration molecules (a run's validation ID)
+    scores at least this high. Valid (P(p ≤ α) ≤ α for such a molecule) whatever the model."""
+    calibration = np.sort(np.asarray(calibration, np.float64))
+    at_least = len(calibration) - np.searchsorted(calibration, np.asarray(energies, np.float64), side="left")
+    return (1 + at_least) / (len(calibration) + 1)
+
+
+def fdr_discoveries(p_values, fdr):
+    """Which p-values Benjamini–Hochberg declares discoveries (OOD) at false-discovery rate `fdr`
+    (scipy's adjusted p-values at most `fdr`)."""
+    p_values = np.asarray(p_values, np.float64)
+    return false_discovery_control(p_values, method="bh") <= fdr if len(p_values) else np.zeros(0, bool)
 
 
 def id_threshold(val_id_scores, keep=0.95):

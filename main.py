@@ -10,7 +10,7 @@ from pathlib import Path
 import distributed
 import good
 from data import benchmark_name, good_spec, missing_data_file
-from encoders import ENCODER_FLAGS, FOUNDATION_MODELS, STRATEGIES, encoder_info, refusal, strategy_takers
+from encoders import FOUNDATION_MODELS, STRATEGIES, encoder_info, flag_error
 from settings import (DEFAULT_DATASET, FINETUNE_BATCH_SIZE, FINETUNE_EVAL_BATCH_SIZE, FROZEN_BATCH_SIZE,
                       FROZEN_EVAL_BATCH_SIZE, WEIGHTS_FILE, DataSpec, EncoderSettings, FeaturizeJob, GoodSpec, ModelSpec,
                       MoleculeSettings, OtherBenchmark, PredictJob, PrepareJob, RunFolder, ScoreJob, ScoringSettings,
@@ -144,6 +144,8 @@ def build_parser():
         "the shards' outputs, concatenated in shard order without their repeated headers, equal the unsharded output")
     add(g, "--chunk_rows", PREDICT, type=int, default=PredictJob.chunk_rows,
         help="predict: input rows read, scored and written at a time (bounds memory; the unit of --resume)")
+    add(g, "--fdr", PREDICT, type=float, help="predict: is_ood by Benjamini-Hochberg over the input's p-values at "
+        "this false-discovery rate, e.g. 0.1 (default: energy above the run's 95%% validation-ID threshold)")
     add(g, "--output", PREDICT | FEATURIZE | PREPARE, help="predict: CSV to write; featurize: .npy; prepare: .json")
     return p
 
@@ -203,6 +205,8 @@ def check_numbers(args):
                 if getattr(args, name) < 0]
     if negative:
         return f"--{negative[0]} cannot be negative"
+    if args.fdr is not None and not 0 < args.fdr < 1:
+        return f"--fdr {args.fdr}: a false-discovery rate is between 0 and 1, e.g. 0.1"
     if args.max_heavy_atoms < 1 or not args.conformer_timeout > 0 or not math.isfinite(args.conformer_timeout):
         return "--max_heavy_atoms and --conformer_timeout must be positive"
     return None
@@ -228,17 +232,11 @@ def check_encoder(args, given):
     """Resolve --freeze_layers (the encoder's default: all but its last two layers); an error message
     for flags the chosen encoder does not take (train / featurize, which choose it), or None."""
     info = encoder_info(args.foundation_model)
-    if args.mode in TRAIN | FEATURIZE:
-        if error := refusal(info, [flag for flag in ENCODER_FLAGS if flag in given]):
-            return error
-        if args.finetune_encoder and not info.finetunable:
-            return (f"--foundation_model {info.name} is frozen only ({info.label} has no layers to fine-tune): "
-                    f"drop --finetune_encoder")
-        if info.finetunable and args.finetune_strategy not in info.strategies:
-            return (f"--finetune_strategy {args.finetune_strategy} is for {strategy_takers(args.finetune_strategy)}; "
-                    f"{info.label} takes {' or '.join(info.strategies)}")
-    if not info.finetunable:
-        return None
+    typed = given - ({"amp"} if args.amp == "off" else set())  # --amp off is every encoder's precision
+    tuning = sorted(typed & {"finetune_encoder", *FINETUNE_ONLY})
+    error = flag_error(info, typed, args.finetune_strategy, tuning) if args.mode in TRAIN | FEATURIZE else None
+    if error or not info.finetunable:
+        return error
     args.freeze_layers = args.freeze_layers or info.default_freeze_layers
     try:
         frozen = parse_freeze_spec(args.freeze_layers, info.n_layers)
@@ -372,13 +370,15 @@ def score_job(args, given):
 def predict_job(args):
     shard = tuple(map(int, args.shard.split("/"))) if args.shard else None
     return PredictJob(input=args.input, smiles=args.smiles, smiles_column=args.smiles_column, output=Path(args.output),
-                      shard=shard, resume=args.resume, overwrite=args.overwrite, chunk_rows=args.chunk_rows)
+                      shard=shard, resume=args.resume, overwrite=args.overwrite, chunk_rows=args.chunk_rows,
+                      fdr=args.fdr)
 
 
 def featurize_job(args):
     return FeaturizeJob(input=args.input, smiles=args.smiles, smiles_column=args.smiles_column,
-                        output=Path(args.output), encoder=encoder_settings(args), molecules=MoleculeSettings.from_flags(vars(args)),
-                        model=ModelSpec.from_flags(args), device=args.device)
+                        output=Path(args.output), encoder=encoder_settings(args),
+                        molecules=MoleculeSettings.from_flags(vars(args)), model=ModelSpec.from_flags(args),
+                        device=args.device)
 
 
 def other_benchmark(args, given):

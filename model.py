@@ -12,7 +12,7 @@ from encoders.base import load_weights_only
 # The design's public encoder classes, importable from here as it shows them (`from model import ...`).
 from encoders.minimol import FinetunableMiniMolEncoder, MiniMolEncoder  # noqa: F401
 from encoders.unimol import FinetunableUniMolEncoder, UniMolEncoder  # noqa: F401
-from settings import ModelSpec, MoleculeSettings
+from settings import ModelSpec, MoleculeSettings, TrainConfig
 from utils import InputError, atomic_path
 
 
@@ -79,15 +79,19 @@ class EnergyDPOModel(nn.Module):
                                 margin=spec.hinge_margin)
 
     @classmethod
-    def from_settings(cls, settings, weights=None, seed=0, grad_checkpointing=False):
+    def from_settings(cls, settings, weights=None, seed=None, grad_checkpointing=None):
         """The model the settings describe, with its encoder: FinetunableUniMolEncoder(freeze_layers=...)
         when `finetune_encoder` and `foundation_model` is 'unimol', the frozen UniMolEncoder() when not
         fine-tuned (and the other encoders' forms likewise). `settings`: a ModelSpec, or flags named
-        like its fields (an argparse Namespace of main.py's flags, or a dict). `weights`: Uni-Mol's
-        checkpoint path or 'random' (None: the flags' --unimol_weights, else its default place)."""
-        spec = settings if isinstance(settings, ModelSpec) else ModelSpec.from_flags(settings)
-        if weights is None and not isinstance(settings, ModelSpec):  # flags may name them (--unimol_weights)
-            weights = (settings if isinstance(settings, dict) else vars(settings)).get("unimol_weights")
+        like its fields (an argparse Namespace of main.py's flags, or a dict). `weights` (Uni-Mol's
+        checkpoint path or 'random'), `seed` (of the head's initial weights) and `grad_checkpointing`:
+        when not given, the flags' --unimol_weights / --seed / --grad_checkpointing, else the command
+        line's defaults (Uni-Mol's default place, seed 42, off)."""
+        flags = {} if isinstance(settings, ModelSpec) else settings if isinstance(settings, dict) else vars(settings)
+        spec = settings if isinstance(settings, ModelSpec) else ModelSpec.from_flags(flags)
+        weights = flags.get("unimol_weights") if weights is None else weights
+        seed = flags.get("seed", TrainConfig.seed) if seed is None else seed
+        grad_checkpointing = bool(flags.get("grad_checkpointing")) if grad_checkpointing is None else grad_checkpointing
         encoder = build_encoder(spec, weights, grad_checkpointing)
         return cls(dataclasses.replace(spec, encoder_weights=encoder.weights_id, in_dim=encoder.width), encoder, seed)
 
@@ -112,7 +116,8 @@ class EnergyDPOModel(nn.Module):
         """Energies (n,) of SMILES as written, through encoder.encode_smiles (MoleculeSettings:
         caches and molecule limits); higher is more out-of-distribution. With autograd when the
         encoder is fine-tuned; a finished run's threshold and warnings: scoring.load_run."""
-        return self.head(self.encoder.encode_smiles(smiles, settings or MoleculeSettings(), device=device))
+        features = self.encoder.encode_smiles(smiles, settings or MoleculeSettings(), device=device)
+        return self.head(features.to(next(self.head.parameters()).device))
 
     def loss(self, e_id, e_ood):
         return energy_loss(e_id, e_ood, **self.loss_kwargs)

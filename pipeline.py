@@ -172,9 +172,12 @@ def finish_run(run_dir, net, inputs, roles, batch_size, device, labels):
     net.to(device)
     scores = finite_scores({role: energies(net, inputs[role], batch_size, device).numpy()
                             for role in ("id_val", "id_test", "ood_test")}, best, "this run's molecules")
-    threshold = id_threshold(scores.pop("id_val"))
-    # the threshold predict flags at, and the training warning that eval's results must repeat
+    calibration = scores.pop("id_val")
+    threshold = id_threshold(calibration)
+    # what predict decides with (the threshold; the validation ID energies its p-values are calibrated
+    # on) and the training warning that eval's results must repeat
     save_checkpoint(best, state | {"threshold_95_id_val": threshold,
+                                   "calibration_id_val_energies": sorted(calibration.tolist()),
                                    "training_warning": labels.get("training_warning")})
     identity = EncoderId.parse(net.spec.encoder_weights)
     extra = {"best_epoch": state["epoch"], "val_auroc": state["val_auroc"], "threshold_95_id_val": threshold,

@@ -11,13 +11,18 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
+
 import distributed
+from evaluate import fdr_discoveries
 from scoring import load_job_run
 from tables import iter_table
 from utils import InputError, atomic_write_json, file_sha256, full_disk_is_one_line, progress, read_json
 
 log = logging.getLogger("energy_dpo.predict")
-PREDICT_COLUMNS = ["canonical_smiles", "energy", "is_ood", "warning", "error", "encoder_weights"]
+PREDICT_COLUMNS = ["canonical_smiles", "energy", "p_value", "is_ood", "decided_by", "warning", "error",
+                   "encoder_weights"]
+THRESHOLD_RULE = "threshold"  # is_ood: energy above the 95th percentile of the run's validation ID
 
 
 def input_rows(job):
@@ -101,17 +106,41 @@ class PredictOutput:
         self.progress.unlink()
         return self.state
 
+    def decide_by_fdr(self, fdr, rule):
+        """Rewrite the (complete) partial file's is_ood and decided_by by Benjamini–Hochberg at `fdr` over
+        the p-values of all its scored rows; returns how many it flags. Run again after an interruption,
+        it gives the same file (the decisions come from the p-values alone)."""
+        with open(self.partial, newline="") as f:
+            rows = csv.reader(f)
+            header = next(rows)
+            at = {name: len(header) - len(PREDICT_COLUMNS) + i for i, name in enumerate(PREDICT_COLUMNS)}
+            p_values = np.fromiter((float(r[at["p_value"]]) for r in rows if r[at["p_value"]]), np.float64)
+        decisions = fdr_discoveries(p_values, fdr)
+        discoveries = iter(decisions.tolist())
+        rewritten = self.partial.with_name(f"{self.partial.name}.fdr")
+        with full_disk_is_one_line(self.path), open(self.partial, newline="") as src, \
+                open(rewritten, "w", newline="") as dst:
+            writer = csv.writer(dst, lineterminator="\n")
+            for n, row in enumerate(csv.reader(src)):
+                if n and row[at["p_value"]]:
+                    row[at["is_ood"]], row[at["decided_by"]] = int(next(discoveries)), rule
+                writer.writerow(row)
+        os.replace(rewritten, self.partial)
+        return int(decisions.sum())
+
     def discard(self):
         self.partial.unlink()
         self.progress.unlink()
 
 
 def score_chunk(run, chunk, device):
-    """Output rows and counts for a chunk of (fields, SMILES) input rows."""
+    """Output rows and counts for a chunk of (fields, SMILES) input rows, decided by the run's threshold
+    (--fdr decides again once every p-value is known: PredictOutput.decide_by_fdr)."""
     scored = run.score_smiles([s for _, s in chunk], device)
     weights = run.encoder.weights_id
-    out = [fields + ([row.canonical_smiles, f"{row.energy:.6f}", int(row.is_ood), row.warning, "", weights]
-                     if row.error == "" else ["", "", "", "", row.error, weights])
+    out = [fields + ([row.canonical_smiles, f"{row.energy:.6f}", f"{row.p_value:.6g}", int(row.is_ood),
+                      THRESHOLD_RULE, row.warning, "", weights]
+                     if row.error == "" else ["", "", "", "", "", "", row.error, weights])
            for (fields, _), row in zip(chunk, scored)]
     counts = {"scored": sum(row.energy is not None for row in scored), "flagged": sum(bool(row.is_ood) for row in scored),
               "failed": sum(row.error != "" for row in scored),
@@ -131,7 +160,7 @@ def run_predict(score_job, job):
                 "input_bytes": source.stat().st_size if source else None, "smiles_column": job.smiles_column,
                 "input_mtime_ns": source.stat().st_mtime_ns if source else None,
                 "max_heavy_atoms": run.molecules.max_heavy_atoms, "conformer_timeout": run.molecules.conformer_timeout,
-                "model_sha256": file_sha256(run.checkpoint)}
+                "model_sha256": file_sha256(run.checkpoint), "fdr": job.fdr}
     output = PredictOutput(Path(job.output), recorded)
     done = output.check(job.resume, job.overwrite)  # every rank: the same answer, or the same error
     team.barrier()
@@ -153,6 +182,13 @@ def run_predict(score_job, job):
     if not output.state["rows"] and not job.shard:
         output.discard()
         raise InputError(f"{job.input}: no SMILES found")
+    if job.fdr:  # Benjamini–Hochberg needs every p-value: it decides once all rows are scored
+        rule = f"fdr {job.fdr:g}" + (f" within shard {job.shard[0]}/{job.shard[1]}" if job.shard else "")
+        if job.shard:
+            log.warning("--fdr with --shard: Benjamini-Hochberg runs over this shard's molecules, so the false-"
+                        "discovery rate is controlled within each shard, not over the whole input; for one decision "
+                        "over the whole file, run predict on it without --shard")
+        output.state["flagged"] = output.decide_by_fdr(job.fdr, rule)
     totals = output.finish()
     if totals["failed"]:
         log.warning("%d of %d molecules could not be featurised (reasons in the error column)", totals["failed"],
@@ -163,6 +199,7 @@ def run_predict(score_job, job):
     if totals["dummies"]:
         log.warning("%d inputs hold dummy atoms (*): scored as unknown atoms, see the warning column",
                     totals["dummies"])
-    print(f"wrote {job.output}: {totals['scored']} scored ({totals['flagged']} flagged OOD at energy > "
-          f"{run.threshold:.4f}, the 95th percentile of validation ID), {totals['failed']} failed; encoder "
-          f"{run.identity.label}")
+    rule = (f"by Benjamini-Hochberg at false-discovery rate {job.fdr:g} over their p-values" if job.fdr else
+            f"at energy > {run.threshold:.4f}, the 95th percentile of validation ID")
+    print(f"wrote {job.output}: {totals['scored']} scored ({totals['flagged']} flagged OOD {rule}), {totals['failed']} "
+          f"failed; encoder {run.identity.label}")

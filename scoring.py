@@ -10,19 +10,26 @@ score_smiles gives the numbers `--mode predict` writes for the same molecules (i
 rounded to 6 decimals). Settings not given are the run's own (its cache folder, molecule limits,
 batch sizes), as on the command line."""
 import dataclasses
+import functools
+import logging
 from pathlib import Path
 from typing import NamedTuple, Optional
 
+import numpy as np
+
 from encoders import DEFAULT_ENCODER, encoder_info, refusal
 from encoders.base import prepare_rows
-from evaluate import finite_scores
+from evaluate import conformal_p_values, finite_scores
 from features import model_inputs
 from model import load_checkpoint, load_model
 from molecules import canonical, forget_parsed, molecule_warning
+from runs import trained_roles
 from settings import (FINETUNE_EVAL_BATCH_SIZE, FROZEN_EVAL_BATCH_SIZE, EncoderSettings, MoleculeSettings,
                       ScoringSettings, missing_weights)
 from train import team_energies
 from utils import InputError
+
+log = logging.getLogger("energy_dpo.scoring")
 
 
 def from_run(value, stored, name, default=None):
@@ -41,6 +48,7 @@ class Scored(NamedTuple):
     smiles: str  # as given
     canonical_smiles: str  # '' when it could not be scored
     energy: Optional[float]  # higher is more out-of-distribution; None when it could not be scored
+    p_value: Optional[float]  # the share of the run's validation ID molecules scoring at least as high (conformal)
     is_ood: Optional[bool]  # energy above the run's threshold (the 95th percentile of its validation ID)
     warning: str  # e.g. a salt or mixture, or a dummy atom, scored as one molecule / an unknown atom
     error: str  # why it could not be scored ('' when it was)
@@ -71,6 +79,24 @@ class FinishedRun:
     def threshold(self):
         return self.state["threshold_95_id_val"]
 
+    @functools.cached_property
+    def calibration(self):
+        """The energies of the run's validation ID molecules, which its p-values are calibrated on: kept in
+        its checkpoint; for a run that finished before they were kept there, scored again from its
+        roles.csv (the same molecules, the same model)."""
+        if "calibration_id_val_energies" in self.state:
+            return np.asarray(self.state["calibration_id_val_energies"], np.float64)
+        molecules = trained_roles(self.folder)["id_val"]
+        log.info("%s predates kept calibration energies: scoring its %d validation ID molecules (roles.csv) again",
+                 self.checkpoint, len(molecules))
+        prepared, failures = self.encoder.prepare(molecules, self.molecules)
+        if failures:
+            raise InputError(f"{self.folder}: {len(failures)} of its validation ID molecules have no inputs now "
+                             f"(e.g. {next(iter(failures))}), so its p-values cannot be calibrated; check the "
+                             f"molecule limits, or retrain the run")
+        energies = self.score({"id_val": molecules}, prepared)
+        return finite_scores(energies, self.checkpoint, "its validation ID")["id_val"]
+
     def score(self, roles, prepared, device=None, cache_prefix=True):
         """{role: energies} on `roles` ({role: SMILES as written}) with the encoder's inputs `prepared`;
         each rank of a torchrun team scores its share."""
@@ -88,8 +114,10 @@ class FinishedRun:
         if written:  # molecules scored once: their frozen prefix is not worth caching
             scores = self.score({"input": list(written.values())}, prepared, device, cache_prefix=False)
             energy = dict(zip(written, finite_scores(scores, self.checkpoint, "the input")["input"].tolist()))
-        rows = [Scored(s, canonical(written[i]), energy[i], energy[i] > self.threshold, molecule_warning(written[i]),
-                       "") if i in energy else Scored(s, "", None, None, "", failed[i]) for i, s in enumerate(smiles)]
+        p_values = dict(zip(energy, conformal_p_values(list(energy.values()), self.calibration).tolist()))
+        rows = [Scored(s, canonical(written[i]), energy[i], p_values[i], energy[i] > self.threshold,
+                       molecule_warning(written[i]), "") if i in energy else
+                Scored(s, "", None, None, None, "", failed[i]) for i, s in enumerate(smiles)]
         forget_parsed()  # a caller streaming millions of molecules calls this per chunk
         return rows
 

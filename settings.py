@@ -5,7 +5,7 @@ default everywhere (command line, Python callers, docs/cli.md's generated table)
 purpose: no torch, so `--help` and `import main` stay fast.
 
 A field that is None in the settings of eval / predict / analyze means "the run's own value"
-(runs.from_run resolves it against the run's recorded flags)."""
+(scoring.from_run resolves it against the run's recorded flags)."""
 import dataclasses
 import os
 import re
@@ -258,6 +258,7 @@ class PredictJob:
     resume: bool = False
     overwrite: bool = False
     chunk_rows: int = 2000  # rows read, scored and written at a time: bounds memory; the unit of --resume
+    fdr: Optional[float] = None  # is_ood by Benjamini–Hochberg at this false-discovery rate; None: the threshold
 
 
 @dataclasses.dataclass(frozen=True)

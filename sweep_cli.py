@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from encoders import DEFAULT_ENCODER, ENCODERS, FOUNDATION_MODELS
+from encoders import DEFAULT_ENCODER, ENCODER_FLAGS, ENCODERS, FOUNDATION_MODELS
 from main import build_parser, given_flags, validate
 from runs import FINISHED, REFERENCE_ARM, SEED_PREFIX
 from settings import DEFAULT_DATASET, default_weights_path
@@ -37,6 +37,7 @@ DEMO = {"DATASETS": "demo_ec50_scaffold", "EPOCHS": "5", "TRAIN_SIZE": "200", "V
 # An encoder whose checkpoint is missing in the demo runs random-init: its rows only show that the pipeline
 # runs, so it gets half the molecules (half the cold-cache work)
 DEMO_RANDOM_INIT_ARGS = "--train_size 100 --val_size 50 --test_size 100"
+STOP_WAIT_S = 10  # how long an interrupted sweep waits for its runs to stop on their own
 
 
 class SweepError(Exception):
@@ -191,6 +192,13 @@ def plan_sweep(env, options, check=True):
         if name not in ENCODERS:
             raise SweepError(f"FOUNDATION_MODELS: unknown encoder '{name}' ({', '.join(FOUNDATION_MODELS)})")
     repeated(encoders, "FOUNDATION_MODELS gives %s twice")
+    for name in encoders:  # EXTRA_ARGS goes to every run: a flag of some encoders only belongs in their own _ARGS
+        refused = [flag for flag in ENCODER_FLAGS if f"--{flag}" in extra and flag not in ENCODERS[name].flags
+                   and not (flag == "amp" and extra[extra.index("--amp") + 1:][:1] == ["off"])]
+        if refused:
+            takers = [f"{other.upper()}_ARGS" for other in encoders if refused[0] in ENCODERS[other].flags]
+            raise SweepError(f"EXTRA_ARGS gives --{refused[0]} to every encoder's runs, but {ENCODERS[name].label} "
+                             f"takes no --{refused[0]}: pass it in {' or '.join(takers) or 'its takers _ARGS'}")
     if encoders != [DEFAULT_ENCODER]:  # each encoder runs every arm, in <encoder>/<arm>/
         arms, skipped = per_encoder(arms, encoders)
         notes += [f"== {name}: frozen only ({ENCODERS[name].label} has no layers to fine-tune); its fine-tuned arms "
@@ -270,11 +278,16 @@ def per_encoder(arms, encoders):
 
 def check_run(run):
     """main.py's own parsing and checks of a run's arguments, now (nothing is created): SweepError naming the
-    arm. The device is checked as the CPU: a GPU may be on the machine that runs the line."""
+    arm. What belongs to the machine that runs the line is checked only for its form: the device (a GPU
+    may be there; checking one here would also load torch) and Uni-Mol's checkpoint file."""
     parser = build_parser()
     parser.exit_on_error = False
-    argv = [("cpu" if before == "--device" else word) for before, word in zip((None, *run.args), run.args)]
-    argv += [] if "--device" in argv else ["--device", "cpu"]  # (checking another device would load torch)
+    for before, word in zip(run.args, run.args[1:]):
+        if before == "--device" and not re.fullmatch(r"auto|cpu|cuda(:\d+)?", word):
+            raise SweepError(f"arm '{run.arm}': --device {word}: expected auto, cpu, cuda or cuda:N")
+    stand_ins = {"--device": "cpu", "--unimol_weights": "random"}
+    argv = [stand_ins.get(before, word) for before, word in zip((None, *run.args), run.args)]
+    argv += [] if "--device" in argv else ["--device", "cpu"]
     try:
         args, unknown = parser.parse_known_args(argv)
     except Exception as exc:  # noqa: BLE001 - argparse's ArgumentError and friends: a bad value
@@ -319,8 +332,32 @@ def gpu_env(slot, gpus):
     return dict(os.environ, CUDA_VISIBLE_DEVICES=gpu), f" on CUDA_VISIBLE_DEVICES={gpu}"
 
 
+def stop(processes):
+    """Let interrupted runs end as a stopped run should (its atomic writes cleaned up, its log complete):
+    Ctrl-C reached them too, from the terminal; those still running after STOP_WAIT_S (the sweep alone
+    was interrupted, or sent SIGTERM) get the interrupt now."""
+    deadline = time.monotonic() + STOP_WAIT_S
+    for process in processes:
+        try:
+            process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGINT)
+    for process in processes:
+        process.wait()
+
+
+def run_to_end(command, env=None):
+    """A command's exit status; an interrupted sweep stops it gently first (stop)."""
+    process = subprocess.Popen(command, env=env)
+    try:
+        return process.wait()
+    except BaseException:
+        stop([process])
+        raise
+
+
 def compare(python, plan, dataset):
-    return subprocess.run([python, MAIN, *plan.compare_args(dataset)]).returncode == 0
+    return run_to_end([python, MAIN, *plan.compare_args(dataset)]) == 0
 
 
 def run_serial(plan, options, python, gpus):
@@ -331,7 +368,7 @@ def run_serial(plan, options, python, gpus):
             if finished(run, options):
                 continue
             print(f"== {run.name} -> {run.folder}{note}", flush=True)
-            if subprocess.run([python, MAIN, *run.args], env=env).returncode != 0:
+            if run_to_end([python, MAIN, *run.args], env) != 0:
                 raise SweepError(f"run failed: {run.name} (log: {run.folder}/training.log); sweep stopped", status=1)
         if not compare(python, plan, dataset):
             raise SweepError(f"the summary of {dataset} failed", status=1)
@@ -409,10 +446,7 @@ def run_pool(plan, options, python, gpus):
         if running:
             print(f"== stopping {len(running)} running run(s) (the next sweep resumes or restarts them): "
                   f"{' '.join(run.folder for run, _, _ in running.values())}", file=sys.stderr, flush=True)
-            for process in running:
-                process.terminate()
-            for process in running:
-                process.wait()
+            stop(list(running))
     if failed:
         raise SweepError(f"sweep stopped; failed: {'; '.join(failed)} (finished runs are kept; the next sweep resumes "
                          f"the rest)", status=1)
@@ -443,7 +477,7 @@ def main(argv, env=os.environ):
             raise SweepError('JOB_GPUS names no GPU (e.g. JOB_GPUS="0 1")')
         pwd = env.get("PWD") if env.get("PWD") and os.path.realpath(env["PWD"]) == os.getcwd() else os.getcwd()
         path = interpreter_path(python, pwd) if options.printing else python
-        plan = plan_sweep(env, options)
+        plan = plan_sweep(env, options, check=options.print_runs or not options.printing)
         for note in plan.notes:
             print(note, file=sys.stderr if options.printing else sys.stdout, flush=True)
         if options.printing:
@@ -508,8 +542,10 @@ main.py's --auto_resume: finished -> exits 0 untouched, last.pt -> resumes, else
   --print-compare-commands
             run nothing; print each dataset's --mode compare line, to run once its runs have
             finished. With --print-commands too, these lines come after all run lines.
-  Printing runs and creates nothing; it checks the settings and that the data files exist. The
-  lines need this directory, the interpreter and the data at the same paths where they run.
+  Printing runs and creates nothing; it checks the settings, that the data files exist and every
+  run's flags (as the sweep does before it runs anything). The lines need this directory, the
+  interpreter, the data and the Uni-Mol checkpoint at the same paths where they run (the device and
+  the checkpoint are checked there, when each run starts).
 
 Environment overrides. The sweep has no defaults of its own for main.py's settings: a variable
 that is unset (or empty) passes no flag, so main.py's default applies (shown as [main.py's]; `python

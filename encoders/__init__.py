@@ -81,8 +81,18 @@ def takers(flag):
     return " and ".join(info.label for info in ENCODERS.values() if flag in info.flags)
 
 
-def strategy_takers(strategy):
-    return " and ".join(info.label for info in ENCODERS.values() if strategy in info.strategies)
+def flag_error(info, given, strategy, tuning):
+    """The one-line error for flags the encoder `info` does not take, or None: its ENCODER_FLAGS among
+    `given` (the flags typed), fine-tuning flags (`tuning`: --finetune_encoder and the flags only
+    fine-tuning uses, as typed) for a frozen-only encoder, a strategy for another encoder's layers."""
+    error = refusal(info, [flag for flag in ENCODER_FLAGS if flag in given])
+    if not error and tuning and not info.finetunable:
+        error = f"--foundation_model {info.name} is frozen only ({info.label} has no layers to fine-tune): drop " \
+                f"{', '.join('--' + flag for flag in tuning)}"
+    if not error and info.finetunable and strategy not in info.strategies:
+        takers_ = " and ".join(other.label for other in ENCODERS.values() if strategy in other.strategies)
+        error = f"--finetune_strategy {strategy} is for {takers_}; {info.label} takes {' or '.join(info.strategies)}"
+    return error
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,6 +34,9 @@ BATCH = EncoderSettings.encode_batch_size
 class Encoder(nn.Module):
     """An encoder's frozen form; a fine-tunable form overrides the fine-tuning part."""
     info = None  # its EncoderInfo (encoders/__init__.py)
+    # Whether it is a fine-tunable form, whose features change as it trains: never cached as frozen
+    # features (a class fact, not requires_grad, which a user may switch off to run it for inference)
+    trains = False
 
     def __init__(self, identity):
         super().__init__()
@@ -55,11 +58,6 @@ class Encoder(nn.Module):
     @property
     def width(self):
         return self.info.width
-
-    @property
-    def trains(self):
-        """Whether some of it trains with the head (a fine-tunable form)."""
-        return any(p.requires_grad for p in self.parameters())
 
     @property
     def total_params(self):

@@ -6,13 +6,12 @@ import hashlib
 import json
 from pathlib import Path
 
-import numpy as np
 import rdkit
 from rdkit import Chem
 from rdkit.Chem import rdFingerprintGenerator
 
 from encoders import ENCODERS, EncoderId
-from encoders.base import BATCH, Encoder
+from encoders.base import BATCH, Encoder, as_float_array
 from utils import InputError
 
 RADIUS, BITS = 2, 2048
@@ -40,8 +39,8 @@ class ECFPEncoder(Encoder):
         return {"kind": "ecfp-features", "encoder_weights": self.weights_id, **SETTINGS}
 
     def encode(self, entries, batch_size=BATCH, device="cpu"):
-        rows = [self.generator.GetCountFingerprintAsNumPy(Chem.MolFromSmiles(s)) for s in entries]
-        return np.stack(rows).astype(np.float32) if rows else np.zeros((0, BITS), np.float32)
+        rows = [self.generator.GetCountFingerprintAsNumPy(Chem.MolFromSmiles(s))[None] for s in entries]
+        return as_float_array(rows, BITS)
 
 
 def frozen(weights=None, amp=False):

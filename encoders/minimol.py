@@ -14,7 +14,7 @@ import torch
 
 import distributed
 from encoders import ENCODERS, EncoderId
-from encoders.base import BATCH, Encoder, add_lora, frozen_layer_set
+from encoders.base import BATCH, Encoder, add_lora, as_float_array, frozen_layer_set
 from encoders.minimol_net import GRAPH_KEYS, GraphState, MiniMolNet, collate_graphs, graph_tensors, lora_targets
 from molecules import in_workers, parse_within
 from settings import ModelSpec, MoleculeSettings
@@ -208,7 +208,7 @@ class MiniMolEncoder(Encoder):
         session = self.session(device)
         rows = [session.run(None, collate_graphs(entries[start:start + batch_size]))[0]
                 for start in progress(range(0, len(entries), batch_size), desc=desc, leave=False)]
-        return np.concatenate(rows) if rows else np.zeros((0, self.width), np.float32)
+        return as_float_array(rows, self.width)
 
     # ---------------------------------------------------------------- what analyze reads
     @staticmethod
@@ -237,6 +237,7 @@ class FinetunableMiniMolEncoder(MiniMolEncoder):
     layer) or lora (peft adapters on its linear maps, minimol_net.LORA_TARGETS; base weights and input
     networks frozen). When the frozen layers start at 0, that prefix runs without autograd (and can be
     cached: prefix_states). `encode` runs this torch network (its current weights)."""
+    trains = True
 
     def __init__(self, freeze_layers=None, strategy="layers", lora=None):
         super().__init__()
@@ -293,7 +294,7 @@ class FinetunableMiniMolEncoder(MiniMolEncoder):
         rows = [self(graph_tensors(collate_graphs(entries[start:start + batch_size]), device)).cpu().numpy()
                 for start in progress(range(0, len(entries), batch_size), desc=desc, leave=False)]
         self.train(was_training)
-        return np.concatenate(rows) if rows else np.zeros((0, self.width), np.float32)
+        return as_float_array(rows, self.width)
 
     def role_inputs(self, entries):
         return GraphInputs(entries)

@@ -411,6 +411,7 @@ class FinetunableUniMolEncoder(UniMolEncoder):
     With layers, attention and ffn the encoder's final layer norm trains when the last layer does.
     When the frozen layers start at 0, that prefix runs without autograd (and can be cached).
     """
+    trains = True
 
     def __init__(self, weights=None, freeze_layers=None, amp=False, grad_checkpointing=False, strategy="layers",
                  lora=None):

@@ -11,11 +11,13 @@ import pytest
 import torch
 
 from conftest import DEMO, ROOT
+from batching import FeatureInputs
 from encoders.base import prepare_rows
+from features import model_inputs
 from main import build_parser, main
 from model import EnergyDPOModel, FinetunableMiniMolEncoder, FinetunableUniMolEncoder, MiniMolEncoder, UniMolEncoder
 from scoring import load_run
-from settings import TrainConfig, WEIGHTS_FILE, MoleculeSettings, missing_weights
+from settings import WEIGHTS_FILE, ModelSpec, MoleculeSettings, TrainConfig, missing_weights
 from train import EnergyDPOTrainer
 from utils import InputError
 
@@ -154,3 +156,24 @@ def test_every_example_in_the_docs_runs(tmp_path, random_ckpt, cache_dir, monkey
     for block in readme:
         exec(compile(block, "README.md", "exec"), {})  # noqa: S102
     assert "Scored(" in capsys.readouterr().out
+
+
+def test_a_fine_tunable_encoder_frozen_for_inference_never_fills_the_frozen_cache(tmp_path):
+    """Whether an encoder is fine-tuned is what it is, not its requires_grad: switched off to run it for
+    inference, it still runs inside the model and its features never go to the frozen feature cache."""
+    settings = MoleculeSettings(tmp_path)
+    encoder = FinetunableMiniMolEncoder(freeze_layers="0-13").requires_grad_(False)
+    prepared, _ = encoder.prepare(SMILES, settings)
+    inputs = model_inputs(encoder, {"test": SMILES}, prepared, tmp_path, cache_prefix=False)["test"]
+    assert encoder.trains and not isinstance(inputs, FeatureInputs)
+    assert not list(tmp_path.glob("minimol-features-*"))
+
+
+def test_the_model_from_flags_takes_their_seed(weight_dir):
+    parser = build_parser()
+    seven = EnergyDPOModel.from_settings(parser.parse_args(["--seed", "7", "--unimol_weights", "random"]))
+    again = EnergyDPOModel.from_settings(parser.parse_args(["--unimol_weights", "random"]), seed=7)
+    default = EnergyDPOModel.from_settings(parser.parse_args(["--unimol_weights", "random"]))
+    heads = [m.head.state_dict()["net.0.weight"] for m in (seven, again, default)]
+    assert torch.equal(heads[0], heads[1]) and not torch.equal(heads[0], heads[2])
+    assert torch.equal(heads[2], EnergyDPOModel.from_settings(ModelSpec(), "random").head.state_dict()["net.0.weight"])

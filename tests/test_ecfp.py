@@ -52,7 +52,8 @@ def test_features_are_rdkits_morgan_counts_of_the_smiles_as_written(tmp_path):
     (["--unimol_weights", "random"], "error: --foundation_model ecfp takes no --unimol_weights"),
     (["--amp", "bf16"], "error: --foundation_model ecfp takes no --amp"),
     (["--conformer_timeout", "5"], "error: --foundation_model ecfp takes no --conformer_timeout"),
-    (["--freeze_layers", "0-3"], "error: --freeze_layers apply to fine-tuning only")])
+    (["--freeze_layers", "0-3"], "error: --foundation_model ecfp is frozen only (ECFP has no layers to fine-tune): "
+                                 "drop --freeze_layers")])
 def test_what_ecfp_cannot_take_is_a_one_line_error(argv, words, small_benchmark, tmp_path, capsys):
     assert main(["--foundation_model", "ecfp", "--data_file", str(small_benchmark), *argv,
                  "--output_dir", str(tmp_path / "run")]) == 2

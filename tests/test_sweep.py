@@ -7,8 +7,10 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -331,3 +333,30 @@ def test_the_script_runs_the_sweep_on_its_interpreter(tmp_path):
     proc = run_sweep(dict(sweep_env(), PYTHON="no-such-python"), "--print-commands", cwd=tmp_path, timeout=60)
     assert proc.returncode == 2 and proc.stderr == "error: PYTHON: 'no-such-python' is not an executable interpreter\n"
     assert not proc.stdout and not any(tmp_path.iterdir())
+
+
+def test_an_interrupted_sweep_lets_its_run_stop_cleanly(tmp_path, small_benchmark):
+    """Ctrl-C (SIGINT to the terminal's process group) reaches the sweep and its run: the sweep waits while the
+    run cleans up (here a stand-in that takes a second), then exits 130; it never kills it mid-write."""
+    started, cleaned = tmp_path / "started", tmp_path / "cleaned"
+    python = tmp_path / "python"
+    python.write_text(f"""#!/bin/sh
+case "$*" in *"--mode train"*)
+  trap 'sleep 1; touch "{cleaned}"; exit 130' INT TERM
+  touch "{started}"
+  i=0; while [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; exit 0 ;;
+esac
+exec "{sys.executable}" "$@"
+""")
+    python.chmod(0o755)
+    env = dict(sweep_env(**TINY, DATA_FILE=str(small_benchmark), OUTPUT_ROOT=str(tmp_path / "out"),
+                         UNIMOL_WEIGHTS="random"), PYTHON=str(python))
+    sweep = subprocess.Popen(["bash", str(SCRIPT)], env=env, start_new_session=True, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    for _ in range(600):
+        if started.exists():
+            break
+        time.sleep(0.1)
+    os.killpg(sweep.pid, signal.SIGINT)
+    out, err = sweep.communicate(timeout=60)
+    assert sweep.returncode == 130 and cleaned.exists(), out + err

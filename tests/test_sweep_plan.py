@@ -118,9 +118,14 @@ def test_every_runs_flags_are_checked_before_the_first_run(sweep, small_benchmar
     ([], {"FOUNDATION_MODELS": "minimol minimol"}, "FOUNDATION_MODELS gives minimol twice"),
     ([], {"FOUNDATION_MODELS": "unimol minimol", "ARMS": "frozen ffn"},
      "arm 'minimol/ffn': --finetune_strategy ffn is for Uni-Mol; MiniMol takes layers or lora"),
+    ([], {"FOUNDATION_MODELS": "minimol unimol", "EXTRA_ARGS": "--conformer_timeout 300"},
+     "EXTRA_ARGS gives --conformer_timeout to every encoder's runs, but MiniMol takes no --conformer_timeout: pass "
+     "it in UNIMOL_ARGS"),
+    ([], {"DEVICE": "gpu"}, "arm 'frozen': --device gpu: expected auto, cpu, cuda or cuda:N"),
 ], ids=["jobs-0", "jobs-word", "jobs-no-value", "unknown-argument", "print-with-jobs", "print-with-job-gpus",
         "blank-job-gpus", "print-no-python", "seed-twice", "arm-twice", "force-cache-with-jobs", "extra-args-quotes",
-        "no-frozen-arm", "unknown-arm", "arm-name", "unknown-encoder", "encoder-twice", "strategy-for-encoder"])
+        "no-frozen-arm", "unknown-arm", "arm-name", "unknown-encoder", "encoder-twice", "strategy-for-encoder",
+        "uni-mol-flag-for-every-encoder", "device"])
 def test_settings_that_do_not_fit_are_one_line_errors(sweep, small_benchmark, tmp_path, args, settings, message):
     """Exit 2, one line, nothing created; a seed or arm given twice would be one run folder twice."""
     values = dict(DATA_FILE=str(small_benchmark), OUTPUT_ROOT=str(tmp_path / "out"), UNIMOL_WEIGHTS="random")
@@ -133,3 +138,16 @@ def test_a_missing_data_file_stops_the_sweep(sweep, tmp_path):
     status, _, err = sweep(DATASETS="nope", OUTPUT_ROOT=str(tmp_path))
     assert status == 1 and err == "error: ./data/raw/nope.json not found for dataset nope (set DATA_FILE, or see " \
                                   "README 'Getting the real inputs')\n"
+
+
+def test_what_belongs_to_the_machine_that_runs_a_line_is_not_checked_here(sweep, small_benchmark, tmp_path):
+    """Uni-Mol's checkpoint and a GPU are checked where each run starts; printed lines name them as given.
+    An explicit --amp off in EXTRA_ARGS is every encoder's precision."""
+    values = dict(DATA_FILE=str(small_benchmark), OUTPUT_ROOT="out", FOUNDATION_MODELS="minimol unimol")
+    status, lines, err = sweep("--print-commands", "--print-compare-commands", DEVICE="cuda:1",
+                               EXTRA_ARGS="--amp off", **values)  # no ./weights/ here
+    assert status == 0 and not err, err
+    assert {flag(w, "--unimol_weights") for w in lines[:-1] if "/unimol/" in flag(w, "--output_dir")} == \
+        {"./weights/mol_pre_no_h_220816.pt"} and {flag(w, "--device") for w in lines[:-1]} == {"cuda:1"}
+    status, lines, err = sweep("--print-compare-commands", UNIMOL_WEIGHTS="missing.pt", **values)
+    assert status == 0 and len(lines) == 1 and not any(tmp_path.iterdir())
