@@ -318,25 +318,30 @@ def run_analyze(job):
     job.path is the sweep folder; the frozen arm's first run gives the sweep's settings."""
     root = Path(job.path)
     runs = collect_arm_runs(root)
-    arms, seeds = list(runs), sorted(runs[REFERENCE_ARM])
-    reference = runs[REFERENCE_ARM][seeds[0]].config
-    tuned = [arm for arm in arms[1:] if runs[arm][seeds[0]].config["args"].get("finetune_encoder")]
+    # one draw of the molecules (the first): ranks and features compare the same test molecules
+    keys = sorted(runs[REFERENCE_ARM], key=lambda k: (k.data_seed or 0, k.seed))
+    keys = [k for k in keys if k.data_seed == keys[0].data_seed]
+    arms, seeds = list(runs), [k.seed for k in keys]
+    reference = runs[REFERENCE_ARM][keys[0]].config
+    tuned = [arm for arm in arms[1:] if runs[arm][keys[0]].config["args"].get("finetune_encoder")]
     if not tuned:
         raise InputError(f"{root}: no fine-tuned arm to analyse (arms: {', '.join(arms)})")
-    smiles, is_ood, _ = read_test_scores(run_folder(root, REFERENCE_ARM, seeds[0]))
+    smiles, is_ood, _ = read_test_scores(run_folder(root, REFERENCE_ARM, keys[0]))
     ranks = {}
     for arm in arms:
         per_seed = []
-        for seed in seeds:
-            run_smiles, _, energy = read_test_scores(run_folder(root, arm, seed))
+        for key in keys:
+            run_smiles, _, energy = read_test_scores(run_folder(root, arm, key))
             if run_smiles != smiles:
-                raise InputError(f"{run_folder(root, arm, seed)}: other test molecules than {REFERENCE_ARM}; the "
+                raise InputError(f"{run_folder(root, arm, key)}: other test molecules than {REFERENCE_ARM}; the "
                                  f"arms must share --data_seed and sizes")
             per_seed.append(analyze.energy_ranks(energy))
         ranks[arm] = np.mean(per_seed, axis=0)
     out = root / "analysis"
     out.mkdir(exist_ok=True)
     attach_log_file(out / "analyze.log")
+    if keys[0].data_seed is not None:
+        log.info("analyzing the runs of data seed %d (each draw has its own test molecules)", keys[0].data_seed)
     stored = reference["args"]
     identity = EncoderId.parse(reference["encoder_weights"])
     title = f"{stored['dataset']} · {identity.label}"
@@ -370,8 +375,8 @@ def run_analyze(job):
     cka, weight_change, first_features = {}, {}, {}
     for arm in tuned:
         cka[arm], weight_change[arm] = {}, {}
-        for seed in seeds:
-            net, encoder, state = load_model(run_folder(root, arm, seed) / "best_model.pt", weights)
+        for seed, key in zip(seeds, keys):
+            net, encoder, state = load_model(run_folder(root, arm, key) / "best_model.pt", weights)
             tuned_inputs = model_inputs(encoder, {"test": smiles}, inputs, molecules.cache_dir, encode_batch,
                                         job.device)["test"]
             feats = encoded(encoder.to(job.device), tuned_inputs, eval_batch, job.device).numpy()

@@ -3,9 +3,11 @@ package behind its numbers), resume checks, roles.csv, clearing and stale tempor
 finished run to score with it: scoring.py."""
 import importlib.metadata
 import platform
+import re
 import shutil
 import time
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 import distributed
 from molecules import canonical
@@ -19,9 +21,10 @@ RUN_FILES = ("config.json", "training.log", "history.csv", "best_model.pt", "las
 EVAL_LOG = "eval.log"  # added by --mode eval, which rewrites the test results in place
 EVAL_FOLDER = "eval"  # RUN/eval/<benchmark>/: the run scored on other benchmarks
 TRAINED_ROLES = ("id_train", "id_val", "ood_train", "ood_val")
-# A sweep folder holds run folders <arm>/seed<N>/ (sweep.py compares them, sweep_cli.py plans them).
-REFERENCE_ARM = "frozen"  # every other arm of a sweep is compared with it, seed by seed
-SEED_PREFIX = "seed"
+# A sweep folder holds run folders <arm>/seed<N>/, or <arm>/data<D>_seed<N>/ when it draws the molecules
+# with several data seeds (sweep.py compares them, sweep_cli.py plans them).
+REFERENCE_ARM = "frozen"  # every other arm of a sweep is compared with it, run by run
+SEED_PREFIX, DATA_PREFIX = "seed", "data"
 # The packages behind every result; an encoder adds its own (EncoderInfo.packages).
 PACKAGES = ("torch", "rdkit", "numpy", "scipy", "scikit-learn", "matplotlib", "tqdm", "peft")
 
@@ -121,11 +124,28 @@ def trained_molecules(run_dir):
     return {row["canonical_smiles"] for row in _roles_rows(run_dir) if row["role"] in TRAINED_ROLES}
 
 
-def seed_of(folder):
-    """N of a seed<N> run folder, or None for any other name."""
-    digits = folder.name.removeprefix(SEED_PREFIX)
-    return int(digits) if folder.name.startswith(SEED_PREFIX) and digits.isdigit() else None
+class RunKey(NamedTuple):
+    """Which run of an arm: its data seed (None in a sweep over one draw of the molecules, whose folders
+    are seed<N>) and its training seed."""
+    data_seed: Optional[int]
+    seed: int
+
+    @property
+    def folder(self):
+        seed = f"{SEED_PREFIX}{self.seed}"
+        return seed if self.data_seed is None else f"{DATA_PREFIX}{self.data_seed}_{seed}"
+
+    @property
+    def label(self):
+        return f"seed {self.seed}" if self.data_seed is None else f"data seed {self.data_seed}, seed {self.seed}"
 
 
-def run_folder(root, arm, seed):
-    return Path(root) / arm / f"{SEED_PREFIX}{seed}"
+def run_key(folder):
+    """The RunKey a run folder's name (seed<N> or data<D>_seed<N>) gives, or None for any other name."""
+    match = re.fullmatch(rf"(?:{DATA_PREFIX}(\d+)_)?{SEED_PREFIX}(\d+)", Path(folder).name)
+    return RunKey(int(match[1]) if match[1] else None, int(match[2])) if match else None
+
+
+def run_folder(root, arm, key):
+    """ROOT/<arm>/<the run's folder>; `key` a RunKey, or a training seed alone (a sweep over one draw)."""
+    return Path(root) / arm / (key.folder if isinstance(key, RunKey) else RunKey(None, key).folder)

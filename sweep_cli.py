@@ -19,7 +19,7 @@ from pathlib import Path
 
 from encoders import DEFAULT_ENCODER, ENCODER_FLAGS, ENCODERS, FOUNDATION_MODELS
 from main import build_parser, given_flags, validate
-from runs import FINISHED, REFERENCE_ARM, SEED_PREFIX
+from runs import FINISHED, REFERENCE_ARM, RunKey
 from settings import DEFAULT_DATASET, default_weights_path
 
 SCRIPT = "run_finetune_comparison.sh"
@@ -65,13 +65,17 @@ class Options:
 class Run:
     dataset: str
     arm: str  # as its folder names it: frozen, lora_lr1e-4, or <encoder>/<arm> in a sweep over encoders
-    seed: int
-    folder: str  # OUTPUT_ROOT/<dataset>/<arm>/seed<N>, as sweep.py reads it
+    key: RunKey  # its data seed (DATA_SEEDS; None: one draw) and training seed
+    folder: str  # OUTPUT_ROOT/<dataset>/<arm>/<its key's folder>, as sweep.py reads it
     args: tuple  # main.py's arguments
 
     @property
+    def seed(self):
+        return self.key.seed
+
+    @property
     def name(self):
-        return f"{self.dataset} {self.arm} seed {self.seed}"
+        return f"{self.dataset} {self.arm} {self.key.label}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,7 +146,7 @@ def demo_encoders():
 
 
 def plan_sweep(env, options, check=True):
-    """The sweep's runs, in order (datasets, then seeds, then arms), from the environment `env`;
+    """The sweep's runs, in order (datasets, then data seeds, then seeds, then arms), from the environment `env`;
     SweepError for settings that do not fit. `check`: every run's arguments through main.py's checks."""
     env, notes = dict(env), []
     if options.demo:
@@ -168,6 +172,7 @@ def plan_sweep(env, options, check=True):
         for info in ENCODERS.values():  # its head's recipe; set but empty: the user's "no extra flags"
             env.setdefault(f"{info.name.upper()}_ARGS", info.demo_args)
     seeds = (given(env, "SEEDS") or "42 43 44").split()
+    data_seeds = data_seeds_of(env)
     output_root = given(env, "OUTPUT_ROOT") or "./outputs/finetune_comparison"
     if given(env, "DATASETS"):
         datasets = env["DATASETS"].split()
@@ -204,6 +209,7 @@ def plan_sweep(env, options, check=True):
         notes += [f"== {name}: frozen only ({ENCODERS[name].label} has no layers to fine-tune); its fine-tuned arms "
                   f"are skipped: {' '.join(names)}" for name, names in skipped.items()]
     repeated(seeds, "SEEDS gives seed %s twice")
+    repeated(data_seeds, "DATA_SEEDS gives data seed %s twice")
     repeated(datasets, "DATASETS gives dataset %s twice")
     repeated([arm for arm, _, _ in arms], "ARMS gives arm %s twice (after the ENCODER_LRS / FREEZE_SPECS expansion)")
     data_files = []
@@ -220,20 +226,39 @@ def plan_sweep(env, options, check=True):
     mode = ["--overwrite"] if options.force else ["--auto_resume"]
     runs = []
     for dataset, data_file in zip(datasets, data_files):
-        for seed in seeds:
-            for arm, encoder, flags in arms:
-                info = ENCODERS[encoder]
-                own = (["--unimol_weights", weights] if weights and "unimol_weights" in info.flags else []) + \
-                    encoder_args[encoder]
-                tuned = (finetune if "--finetune_encoder" in flags else []) + flags
-                folder = f"{output_root}/{dataset}/{arm}/{SEED_PREFIX}{seed}"
-                args = ["--mode", "train", "--dataset", dataset, "--data_file", data_file, "--seed", seed,
-                        "--output_dir", folder, *common, *own, *tuned, *mode, *extra]
-                runs.append(Run(dataset, arm, int(seed) if seed.isdigit() else seed, folder, tuple(args)))
+        for data_seed in data_seeds:
+            for seed in seeds:
+                for arm, encoder, flags in arms:
+                    info = ENCODERS[encoder]
+                    own = (["--unimol_weights", weights] if weights and "unimol_weights" in info.flags else []) + \
+                        encoder_args[encoder]
+                    tuned = (finetune if "--finetune_encoder" in flags else []) + flags
+                    key = RunKey(data_seed and int(data_seed), int(seed) if seed.isdigit() else seed)
+                    folder = f"{output_root}/{dataset}/{arm}/{key.folder}"
+                    draw = ["--data_seed", data_seed] if data_seed else []
+                    args = ["--mode", "train", "--dataset", dataset, "--data_file", data_file, "--seed", seed,
+                            "--output_dir", folder, *common, *draw, *own, *tuned, *mode, *extra]
+                    runs.append(Run(dataset, arm, key, folder, tuple(args)))
     if check:
         for run in runs:
             check_run(run)
     return Plan(tuple(runs), tuple(datasets), output_root, tuple(notes))
+
+
+def data_seeds_of(env):
+    """DATA_SEEDS' values as written ([None]: one draw, by DATA_SEED or main.py's default); SweepError for
+    a value that is not a seed."""
+    if not given(env, "DATA_SEEDS"):
+        return [None]
+    if given(env, "DATA_SEED"):
+        raise SweepError("DATA_SEED and DATA_SEEDS both set: DATA_SEEDS draws the molecules once per seed; unset "
+                         "DATA_SEED")
+    values = env["DATA_SEEDS"].split()
+    wrong = [value for value in values if not value.isdigit()]
+    if wrong:
+        raise SweepError(f"DATA_SEEDS: '{wrong[0]}' is not a data seed (whole numbers, 0 or more, e.g. "
+                         f"DATA_SEEDS=\"42 43 44\")")
+    return values
 
 
 def expand_arms(env):
@@ -531,7 +556,7 @@ main.py's --auto_resume: finished -> exits 0 untouched, last.pt -> resumes, else
             may be a list such as 0,1). Without JOB_GPUS, CUDA_VISIBLE_DEVICES is left alone, so
             every run sees the same GPUs.
   --print-commands
-            run nothing; print one line per run to stdout (datasets, then seeds, then arms: line N
+            run nothing; print one line per run to stdout (datasets, then data seeds, then seeds, then arms: line N
             is run N), e.g. for a SLURM array: sed -n "${{SLURM_ARRAY_TASK_ID}}p" runs.txt | bash
             Each line is a whole shell command: cd to this directory (relative paths resolve there,
             as in the sweep), then the interpreter and main.py by absolute path, every word quoted,
@@ -563,6 +588,10 @@ Relative paths resolve against the current directory; --demo changes the marked 
   VAL_SIZE        validation molecules per side        [main.py's] (demo: 100)
   TEST_SIZE       test molecules per side              [main.py's] (demo: 200)
   DATA_SEED       subsampling seed, shared by the arms [main.py's]
+  DATA_SEEDS      several draws of the molecules: every arm and seed runs once per data seed, in
+                  <arm>/data<D>_seed<N>/ (each draw shared by every arm, so comparisons stay paired);
+                  the summary then gives the spread over draws and over seeds apart, and the paired
+                  Improvement's 95% interval over the draws                          [DATA_SEED alone]
   UNIMOL_WEIGHTS  checkpoint or 'random' (Uni-Mol runs) [main.py's]
                                                        (demo: main.py's default file if present, else random)
   DEVICE          auto, cpu, cuda, cuda:N              [main.py's]

@@ -227,7 +227,7 @@ def make_sweep(finished_run, root, seeds=(1, 2)):
     (lambda root: (root / "finetuned" / "seed2" / "test_metrics.json").unlink(), "seed2/test_metrics.json: missing"),
     (lambda root: (root / "frozen" / "seed1" / "test_metrics.json").write_text("{"), "test_metrics.json: damaged"),
     (lambda root: (root / "frozen" / "seed1" / "test_metrics.json").write_text("{}"), "incomplete (no auroc"),
-    (lambda root: (root / "frozen" / "seed_old").mkdir(), "seed_old: not a seed folder"),
+    (lambda root: (root / "frozen" / "seed_old").mkdir(), "seed_old: not a run folder"),
     (lambda root: shutil.rmtree(root / "finetuned" / "seed2"), "for the same seeds"),
     (lambda root: (root / "frozen" / "seed2" / "config.json").write_text(json.dumps(dict(
         json.loads((root / "frozen" / "seed2" / "config.json").read_text()), encoder_weights="random-init"))),

@@ -151,3 +151,23 @@ def test_what_belongs_to_the_machine_that_runs_a_line_is_not_checked_here(sweep,
         {"./weights/mol_pre_no_h_220816.pt"} and {flag(w, "--device") for w in lines[:-1]} == {"cuda:1"}
     status, lines, err = sweep("--print-compare-commands", UNIMOL_WEIGHTS="missing.pt", **values)
     assert status == 0 and len(lines) == 1 and not any(tmp_path.iterdir())
+
+
+def test_data_seeds_draw_the_molecules_again_for_every_arm_and_seed(sweep, small_benchmark):
+    status, lines, err = sweep("--print-commands", DATA_FILE=str(small_benchmark), OUTPUT_ROOT="out", SEEDS="1 2",
+                               DATA_SEEDS="42 7", UNIMOL_WEIGHTS="random")
+    assert status == 0 and not err, err
+    assert [(flag(w, "--data_seed"), flag(w, "--seed"), flag(w, "--output_dir")) for w in lines] == [
+        (d, s, f"out/{flag(lines[0], '--dataset')}/{arm}/data{d}_seed{s}")
+        for d in ("42", "7") for s in ("1", "2") for arm in ("frozen", "finetuned")]
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"DATA_SEEDS": "42 x"}, "DATA_SEEDS: 'x' is not a data seed"),
+    ({"DATA_SEEDS": "42 -1"}, "DATA_SEEDS: '-1' is not a data seed"),
+    ({"DATA_SEEDS": "42 43 42"}, "DATA_SEEDS gives data seed 42 twice"),
+    ({"DATA_SEEDS": "42 43", "DATA_SEED": "1"}, "DATA_SEED and DATA_SEEDS both set")])
+def test_data_seeds_that_do_not_fit_are_one_line_errors(sweep, small_benchmark, tmp_path, settings, message):
+    status, lines, err = sweep("--print-commands", DATA_FILE=str(small_benchmark), OUTPUT_ROOT=str(tmp_path / "o"),
+                               **settings)
+    assert status == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1 and not lines
