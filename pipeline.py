@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 import analyze
 import distributed
@@ -102,7 +103,7 @@ def run_train(job):
     check_run_dir(run_dir, overwrite, resume)
     encoder = build_encoder(job.model, job.encoder.weights, job.encoder.grad_checkpointing)
     flags = job.flags | {"resume": resume, "overwrite": overwrite}  # as --auto_resume resolved them
-    config = run_config(flags, encoder) | {"data_file_sha256": file_sha256(job.data.data_file)}
+    config = run_config(flags, encoder, torch.get_num_threads()) | {"data_file_sha256": file_sha256(job.data.data_file)}
     log.info("configuration: %s", json.dumps(config, indent=1))
     if job.model.finetune_encoder:
         trainable, total = config["encoder_trainable_params"], config["encoder_total_params"]

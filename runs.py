@@ -75,15 +75,15 @@ def package_versions(encoder_info):
     return {"python": platform.python_version(), **{n: importlib.metadata.version(n) for n in names}}
 
 
-def run_config(flags, encoder):
+def run_config(flags, encoder, cpu_threads):
     """What config.json records: every resolved flag, the encoder weights, trainable encoder
-    parameters and package versions."""
+    parameters, package versions and the CPU threads (their number moves the last bits of float sums)."""
     return {"args": dict(sorted(flags.items())), "encoder_weights": encoder.weights_id,
             "random_init_encoder": encoder.is_random_init,
             "encoder_trainable_params": sum(p.numel() for p in encoder.parameters() if p.requires_grad),
             "encoder_total_params": encoder.total_params,
             "packages": package_versions(encoder.info), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "torchrun_processes": distributed.current().size}
+            "torchrun_processes": distributed.current().size, "cpu_threads": cpu_threads}
 
 
 def check_resumable(run_dir, config, defaults, ignored):

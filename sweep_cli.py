@@ -349,12 +349,19 @@ def finished(run, options):
     return False
 
 
-def gpu_env(slot, gpus):
-    """(environment, note) giving the run in `slot` its JOB_GPUS entry (the caller's environment without JOB_GPUS)."""
-    if not gpus:
-        return None, ""
-    gpu = gpus[slot % len(gpus)]
-    return dict(os.environ, CUDA_VISIBLE_DEVICES=gpu), f" on CUDA_VISIBLE_DEVICES={gpu}"
+def job_env(slot, gpus, jobs):
+    """(environment, note) for the run in `slot` of `jobs` at once: its JOB_GPUS entry, and with jobs > 1
+    its share of the cores as OMP_NUM_THREADS (unless the caller set it). Without it every run starts a
+    thread per core: on 2 cores two MiniMol fine-tuning runs at once took 72 s against 46 s one after the
+    other, and 27 s with one thread each."""
+    env, parts = dict(os.environ), []
+    if gpus:
+        env["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
+        parts.append(f"on CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']}")
+    if jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
+        env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // jobs))
+        parts.append(f"with OMP_NUM_THREADS={env['OMP_NUM_THREADS']}")
+    return env, "".join(" " + part for part in parts)
 
 
 def stop(processes):
@@ -387,7 +394,7 @@ def compare(python, plan, dataset):
 
 def run_serial(plan, options, python, gpus):
     """One run after the other, each one's output on the console; each dataset's summary after its runs."""
-    env, note = gpu_env(0, gpus)
+    env, note = job_env(0, gpus, 1)
     for dataset in plan.datasets:
         for run in (r for r in plan.runs if r.dataset == dataset):
             if finished(run, options):
@@ -452,7 +459,7 @@ def run_pool(plan, options, python, gpus):
                     failed.append(run.name)
                     free.append(slot)
                     break
-                env, note = gpu_env(slot, gpus)
+                env, note = job_env(slot, gpus, options.jobs)
                 with open(os.path.join(run.folder, "sweep_console.log"), "w") as log:
                     process = subprocess.Popen([python, MAIN, *run.args], env=env, stdout=log, stderr=subprocess.STDOUT,
                                                stdin=subprocess.DEVNULL)
@@ -549,8 +556,9 @@ main.py's --auto_resume: finished -> exits 0 untouched, last.pt -> resumes, else
             when each run starts and ends, and a dataset's summary is written once all its runs
             have ended. The first failed run stops the launching of new ones: the running ones are
             waited for, the failed ones are named, and the exit status is 1. The runs share the
-            caches (safe: cache writes are atomic) and the cores: with EXTRA_ARGS='--num_workers N'
-            each run starts N conformer processes.
+            caches (safe: cache writes are atomic) and the cores: each run gets OMP_NUM_THREADS =
+            cores / K (at least 1; an OMP_NUM_THREADS you set is kept), and with
+            EXTRA_ARGS='--num_workers N' each run starts N conformer processes.
             GPUs: with JOB_GPUS="0 1 2 3", the run in slot i (0..K-1) gets CUDA_VISIBLE_DEVICES set
             to JOB_GPUS' entry i mod its length (K=4: one run per GPU; K=8: two per GPU; an entry
             may be a list such as 0,1). Without JOB_GPUS, CUDA_VISIBLE_DEVICES is left alone, so

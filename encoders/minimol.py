@@ -176,7 +176,10 @@ class MiniMolEncoder(Encoder):
             providers = ["CPUExecutionProvider"]
             if device.type == "cuda" and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
                 providers.insert(0, ("CUDAExecutionProvider", {"device_id": key[1]}))
-            session = onnxruntime.InferenceSession(str(self.onnx_path), providers=providers)
+            options = onnxruntime.SessionOptions()
+            # One thread count for the process: torch's (OMP_NUM_THREADS; a --jobs sweep gives each run its share)
+            options.intra_op_num_threads = torch.get_num_threads()
+            session = onnxruntime.InferenceSession(str(self.onnx_path), options, providers=providers)
             if device.type == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
                 log.warning("--device %s: onnxruntime %s here cannot run on the GPU (providers: %s), so frozen "
                             "MiniMol runs on the CPU; for the GPU install onnxruntime-gpu of the same version",

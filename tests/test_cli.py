@@ -42,6 +42,7 @@ def test_train_writes_a_complete_run(finished_run, random_ckpt):
     assert config["encoder_weights"].startswith("sha256:") and config["random_init_encoder"] is False
     assert config["args"]["batch_size"] == 4096 and config["args"]["eval_batch_size"] == 2048
     assert config["packages"]["unimol_tools"] == "0.1.6"
+    assert config["cpu_threads"] == torch.get_num_threads()  # the thread count moves float sums' last bits
     metrics = json.loads((finished_run / "test_metrics.json").read_text())
     scores = read_csv(finished_run / "test_scores.csv")
     assert len(scores) == 16 and {s["role"] for s in scores} == {"id", "ood"}

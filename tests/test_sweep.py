@@ -287,7 +287,8 @@ def resolved_flags(argv, cwd):
 
 
 def test_sweep_jobs_stop_at_a_failed_run_and_give_each_slot_its_gpu(tmp_path, small_benchmark):
-    """--jobs 2 with JOB_GPUS="7 9": slot 0's run sees CUDA_VISIBLE_DEVICES=7, slot 1's 9. A failed run stops the
+    """--jobs 2 with JOB_GPUS="7 9": slot 0's run sees CUDA_VISIBLE_DEVICES=7, slot 1's 9, and each run half the
+    usable cores as OMP_NUM_THREADS (the summary, alone, keeps the caller's environment). A failed run stops the
     launching: the running one is waited for, the failure named, exit 1, no summary. The interpreter is a
     wrapper that records each call and stands in for main.py: bad seed 1 fails at once, frozen seed 1 ends only
     after it has, so that it is still running when the failure is seen."""
@@ -295,7 +296,7 @@ def test_sweep_jobs_stop_at_a_failed_run_and_give_each_slot_its_gpu(tmp_path, sm
     calls = tmp_path / "calls.log"
     python = tmp_path / "python"
     python.write_text(f"""#!/bin/sh
-echo "${{CUDA_VISIBLE_DEVICES-unset}} $*" >> "{calls}"
+echo "${{CUDA_VISIBLE_DEVICES-unset}} ${{OMP_NUM_THREADS-unset}} $*" >> "{calls}"
 case "$*" in
   *"/bad/seed1 "*) echo "error: a run that fails (no_such_flag)" >&2; exit 2 ;;
   *"/frozen/seed1 "*)
@@ -309,6 +310,7 @@ exec "{sys.executable}" "$@"
                          OUTPUT_ROOT=str(out), ARMS="frozen bad", ARM_bad="--lr 0.001", JOB_GPUS="7 9",
                          UNIMOL_WEIGHTS="random"),
                PYTHON=str(python))
+    env.pop("OMP_NUM_THREADS", None)
     proc = run_sweep(env, "--jobs", "2", timeout=120)
     root = out / "tiny"
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -320,9 +322,11 @@ exec "{sys.executable}" "$@"
     assert proc.stderr.strip().splitlines()[-1].startswith("error: sweep stopped; failed: tiny bad seed 1 (")
     assert sorted(str(p.relative_to(root)) for p in root.iterdir()) == ["bad", "frozen"]
     assert sorted(str(p.relative_to(root)) for p in root.glob("*/*")) == ["bad/seed1", "frozen/seed1"]
-    trained = dict(re.match(r"(\S+) .*--output_dir \S+/(\w+/seed\d)", line).group(2, 1)
+    trained = dict(re.match(r"(\S+ \S+) .*--output_dir \S+/(\w+/seed\d)", line).group(2, 1)
                    for line in calls.read_text().splitlines() if "--mode train" in line)
-    assert trained == {"frozen/seed1": "7", "bad/seed1": "9"}
+    threads = str(max(1, len(os.sched_getaffinity(0)) // 2))
+    assert trained == {"frozen/seed1": f"7 {threads}", "bad/seed1": f"9 {threads}"}
+    assert f"(started on CUDA_VISIBLE_DEVICES=7 with OMP_NUM_THREADS={threads};" in proc.stdout
 
 
 def test_the_script_runs_the_sweep_on_its_interpreter(tmp_path):

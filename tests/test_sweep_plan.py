@@ -171,3 +171,16 @@ def test_data_seeds_that_do_not_fit_are_one_line_errors(sweep, small_benchmark, 
     status, lines, err = sweep("--print-commands", DATA_FILE=str(small_benchmark), OUTPUT_ROOT=str(tmp_path / "o"),
                                **settings)
     assert status == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1 and not lines
+
+
+def test_runs_at_once_share_the_cores_unless_the_caller_set_threads(monkeypatch):
+    """--jobs K gives each run cores / K threads (at least 1); an OMP_NUM_THREADS of the caller's is kept, and one
+    run at a time gets the caller's environment as it is."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(sweep_cli.os, "sched_getaffinity", lambda pid: set(range(8)))
+    assert sweep_cli.job_env(0, [], 2) == (dict(sweep_cli.os.environ, OMP_NUM_THREADS="4"), " with OMP_NUM_THREADS=4")
+    assert sweep_cli.job_env(1, [], 16)[0]["OMP_NUM_THREADS"] == "1"
+    assert "OMP_NUM_THREADS" not in sweep_cli.job_env(0, [], 1)[0]
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    env, note = sweep_cli.job_env(1, ["0", "5"], 4)
+    assert env["OMP_NUM_THREADS"] == "3" and env["CUDA_VISIBLE_DEVICES"] == "5" and note == " on CUDA_VISIBLE_DEVICES=5"
