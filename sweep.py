@@ -210,6 +210,12 @@ def _compare_arms(root):
                    for k in keys] for arm in arms[1:]}
     spread = {name: {m: _spreads([_value(per_key[k], m) for k in keys], [draw_of[k] for k in keys])
                      for m in COMPARED} for name, per_key in methods.items()} if len(draws) > 1 else {}
+    # Each draw's mean AUROC (over seeds): whether a ranking or an Improvement's sign holds on every draw
+    per_draw = {name: [_value(per_key[k], "auroc") for k in keys] for name, per_key in methods.items()}
+    per_draw |= {f"Improvement ({arm})": d["auroc"] for arm, d in diffs.items()}
+    per_draw = {name: {str(draw): float(np.mean(v)) for draw, v in sorted(_by_draw(values, [draw_of[k] for k in keys])
+                                                                           .items())}
+                for name, values in per_draw.items()} if len(draws) > 1 else {}
     arm_info = {arm: {"flags": _arm_flags(runs[arm][keys[0]].config["args"]),
                       "encoder_trainable_params": runs[arm][keys[0]].config["encoder_trainable_params"],
                       "seconds_per_epoch": _mean_std([runs[arm][k].seconds_per_epoch for k in keys])[0]}
@@ -228,6 +234,7 @@ def _compare_arms(root):
         "date": time.strftime("%Y-%m-%d %H:%M"), "per_seed": per_run,
         "table": table | {f"Improvement ({arm})": imp for arm, imp in improvement.items()},
         "paired_differences": diffs, "improvement_ci95": intervals, "paired_tests": tests, "spread": spread,
+        "auroc_per_draw": per_draw,
     }
     cell = lambda ms, sign="": "–" if np.isnan(ms[0]) else f"{ms[0]:{sign}.4f} ± {ms[1]:.4f}"  # noqa: E731
     weights_line = f"{identity.short_label}{':' if random_init else ','} {weights}"
@@ -265,10 +272,15 @@ def _compare_arms(root):
     for arm in arms[1:]:
         lines += _improvement_lines(arm, intervals[arm], tests[arm])
     if several:
-        lines += ["", f"{'AUROC spread (std)':<{name_width}} | {'over data draws':<{width}} | over training seeds"]
-        lines += [f"{name:<{name_width}} | {spread[name]['auroc'][0]:<{width}.4f} | {spread[name]['auroc'][1]:.4f}"
-                  for name in methods]
-        lines.append("over data draws: the std of the per-draw means; over training seeds: the mean within-draw std")
+        lines += ["", f"{'AUROC per data draw':<{name_width}}" + "".join(f" | {'draw ' + str(d):<9}" for d in draws)
+                  + f" | {'spread: draws':<13} | seeds"]
+        for name, means in per_draw.items():
+            sign = "+" if name.startswith("Improvement") else ""
+            lines.append((f"{name:<{name_width}}" + "".join(f" | {means[str(d)]:<{sign}9.4f}" for d in draws)
+                          + (f" | {spread[name]['auroc'][0]:<13.4f} | {spread[name]['auroc'][1]:.4f}"
+                             if name in spread else "")).rstrip())
+        lines.append("draw D: the mean AUROC (Improvement: the mean paired difference) over the seeds on data seed D; "
+                     "spread: over data draws the std of the per-draw means, over seeds the mean within-draw std")
     if not baselines:
         lines.append("no baselines.json in these runs (made before baselines were computed): no baseline rows")
     for arm in arms:
@@ -290,9 +302,7 @@ def improvement_interval(differences, draws, level=0.95):
     """A `level` t-interval of the mean paired AUROC difference, or None with fewer than two units. With
     several data draws the unit is the draw (its mean difference over seeds): seeds within a draw share
     its test molecules, so they are not independent replicates; with one draw, the seed."""
-    by_draw = {}
-    for draw, difference in zip(draws, differences):
-        by_draw.setdefault(draw, []).append(difference)
+    by_draw = _by_draw(differences, draws)
     units = [float(np.mean(d)) for d in by_draw.values()] if len(by_draw) > 1 else list(differences)
     if len(units) < 2 or np.isnan(units).any():
         return None
@@ -316,11 +326,17 @@ def _improvement_lines(arm, interval, tests):
     return lines
 
 
+def _by_draw(values, draws):
+    """{data seed: its runs' values}, in the order the draws first appear."""
+    grouped = {}
+    for draw, value in zip(draws, values):
+        grouped.setdefault(draw, []).append(value)
+    return grouped
+
+
 def _spreads(values, draws):
     """(std of the per-draw means, mean of the within-draw stds) of one method's runs."""
-    by_draw = {}
-    for draw, value in zip(draws, values):
-        by_draw.setdefault(draw, []).append(value)
+    by_draw = _by_draw(values, draws)
     within = [np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in by_draw.values()]
     return float(np.std([np.mean(v) for v in by_draw.values()], ddof=1)), float(np.mean(within))
 

@@ -79,7 +79,12 @@ def test_a_sweep_over_two_draws_says_how_sure_it_is(small_benchmark, cache_dir, 
     across, within = part["spread"]["Energy-DPO (frozen)"]["auroc"]
     assert across > 0 and within == 0 and "Energy-DPO (fast)" in part["spread"]  # one seed per draw
     text = (root / "ecfp" / "comparison_summary.txt").read_text()
-    assert "data seeds: 7 42" in text and "AUROC spread (std)" in text and "t-interval over the 2 data draws" in text
+    assert "data seeds: 7 42" in text and "t-interval over the 2 data draws" in text
+    per_draw = part["auroc_per_draw"]  # each draw's mean: here one seed, so its run's AUROC and paired difference
+    fast = {test["data_seed"]: test["auroc_difference"] for test in tests}
+    assert per_draw["Improvement (fast)"] == pytest.approx({str(draw): fast[draw] for draw in (7, 42)})
+    assert [line.split(" | ")[1:3] for line in text.splitlines() if line.startswith("AUROC per data draw")] == [
+        ["draw 7   ", "draw 42  "]]
     assert ("not distinguishable from 0" in text) != interval["distinguishable_from_0"]
     assert "DeLong's test per paired run (fast vs frozen" in text
     with open(root / "comparison_summary.csv", newline="") as f:
