@@ -1,7 +1,10 @@
 """The sweep's plan (sweep_cli.py, behind run_finetune_comparison.sh), in this process: the printed lines in the
 sweep's order, the demo's defaults, every run's flags checked by main.py before anything runs, and the one-line
 errors for settings that do not fit. (The sweep running its runs: tests/test_sweep.py.)"""
+import os
+import re
 import shlex
+import subprocess
 import sys
 
 import pytest
@@ -184,3 +187,20 @@ def test_runs_at_once_share_the_cores_unless_the_caller_set_threads(monkeypatch)
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     env, note = sweep_cli.job_env(1, ["0", "5"], 4)
     assert env["OMP_NUM_THREADS"] == "3" and env["CUDA_VISIBLE_DEVICES"] == "5" and note == " on CUDA_VISIBLE_DEVICES=5"
+
+
+def test_the_results_reproduction_command_plans_the_documented_sweep(tmp_path):
+    """docs/results.md's command, with --print-commands for --jobs 2 (planning checks every run's flags): 45 runs per
+    benchmark (MiniMol 4 arms, ECFP frozen only, x 3 data draws x 3 seeds), 135 in all, into the folders it names."""
+    block = re.search(r"```bash\n(for f in scaffold assay size; do.*?)```", (ROOT / "docs" / "results.md").read_text(),
+                      re.S).group(1)
+    assert block.count("--jobs 2") == 1
+    env = {k: v for k, v in os.environ.items() if k not in SWEEP_VARS} | {"PYTHON": sys.executable}
+    proc = subprocess.run(["bash", "-c", block.replace("--jobs 2", "--print-commands")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    folders = [flag(shlex.split(line), "--output_dir") for line in proc.stdout.splitlines()]
+    assert len(folders) == 135 and len(set(folders)) == 135
+    assert sum("/minimol/lora_lr1e4/data43_seed44" in f for f in folders) == 3
+    assert {f.split("/")[2] for f in folders} == {f"demo_ec50_{s}" for s in ("scaffold", "assay", "size")}
+    assert sum("/ecfp/frozen/" in f for f in folders) == 27
