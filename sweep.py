@@ -204,18 +204,18 @@ def _compare_arms(root):
     diffs = {arm: {m: [_value(runs[arm][k].metrics, m) - _value(runs[REFERENCE_ARM][k].metrics, m) for k in keys]
                    for m in COMPARED} for arm in arms[1:]}
     improvement = {arm: {m: _mean_std(d) for m, d in per_metric.items()} for arm, per_metric in diffs.items()}
-    intervals = {arm: improvement_interval(per_metric["auroc"], [draw_of[k] for k in keys])
+    run_draws, several = [draw_of[k] for k in keys], len(draws) > 1
+    intervals = {arm: improvement_interval(per_metric["auroc"], run_draws)
                  for arm, per_metric in diffs.items()}
     tests = {arm: [dict(zip(("auroc_difference", "z", "p"), _delong(root, arm, k)), data_seed=draw_of[k], seed=k.seed)
                    for k in keys] for arm in arms[1:]}
-    spread = {name: {m: _spreads([_value(per_key[k], m) for k in keys], [draw_of[k] for k in keys])
-                     for m in COMPARED} for name, per_key in methods.items()} if len(draws) > 1 else {}
+    spread = {name: {m: _spreads([_value(per_key[k], m) for k in keys], run_draws) for m in COMPARED}
+              for name, per_key in methods.items()} if several else {}
     # Each draw's mean AUROC (over seeds): whether a ranking or an Improvement's sign holds on every draw
-    per_draw = {name: [_value(per_key[k], "auroc") for k in keys] for name, per_key in methods.items()}
-    per_draw |= {f"Improvement ({arm})": d["auroc"] for arm, d in diffs.items()}
-    per_draw = {name: {str(draw): float(np.mean(v)) for draw, v in sorted(_by_draw(values, [draw_of[k] for k in keys])
-                                                                           .items())}
-                for name, values in per_draw.items()} if len(draws) > 1 else {}
+    aurocs = {name: [_value(per_key[k], "auroc") for k in keys] for name, per_key in methods.items()}
+    aurocs |= {f"Improvement ({arm})": d["auroc"] for arm, d in diffs.items()}
+    per_draw = {name: {str(draw): float(np.mean(v)) for draw, v in sorted(_by_draw(values, run_draws).items())}
+                for name, values in aurocs.items()} if several else {}
     arm_info = {arm: {"flags": _arm_flags(runs[arm][keys[0]].config["args"]),
                       "encoder_trainable_params": runs[arm][keys[0]].config["encoder_trainable_params"],
                       "seconds_per_epoch": _mean_std([runs[arm][k].seconds_per_epoch for k in keys])[0]}
@@ -239,7 +239,6 @@ def _compare_arms(root):
     cell = lambda ms, sign="": "–" if np.isnan(ms[0]) else f"{ms[0]:{sign}.4f} ± {ms[1]:.4f}"  # noqa: E731
     weights_line = f"{identity.short_label}{':' if random_init else ','} {weights}"
     width, name_width = 18, max(29, *(len(f"Improvement ({arm})") + 1 for arm in arms))
-    several = len(draws) > 1
     lines = [f"Energy-DPO on {args['dataset']}: " + " vs ".join(arms),
              f"encoder weights: {weights_line}",
              f"seeds: {' '.join(map(str, seeds))}   data seed{'s' if several else ''}: {' '.join(map(str, draws))}   "

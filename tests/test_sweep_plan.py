@@ -189,7 +189,7 @@ def test_runs_at_once_share_the_cores_unless_the_caller_set_threads(monkeypatch)
     assert env["OMP_NUM_THREADS"] == "3" and env["CUDA_VISIBLE_DEVICES"] == "5" and note == " on CUDA_VISIBLE_DEVICES=5"
 
 
-def test_the_results_reproduction_command_plans_the_documented_sweep(tmp_path):
+def test_the_results_reproduction_command_plans_the_documented_sweep():
     """docs/results.md's command, with --print-commands for --jobs 2 (planning checks every run's flags): 45 runs per
     benchmark (MiniMol 4 arms, ECFP frozen only, x 3 data draws x 3 seeds), 135 in all, into the folders it names."""
     block = re.search(r"```bash\n(for f in scaffold assay size; do.*?)```", (ROOT / "docs" / "results.md").read_text(),
