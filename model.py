@@ -7,17 +7,24 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from encoders import build_encoder
+from encoders import BUILD_OPTIONS, build_encoder, public_class, weights_flag
 from encoders.base import load_weights_only
-# The design's public encoder classes, importable from here as it shows them (`from model import ...`).
-from encoders.minimol import FinetunableMiniMolEncoder, MiniMolEncoder  # noqa: F401
-from encoders.unimol import FinetunableUniMolEncoder, UniMolEncoder  # noqa: F401
 from settings import ModelSpec, MoleculeSettings, TrainConfig
 from utils import InputError, atomic_path
 
 
+def __getattr__(name):
+    """The encoders' public classes (UniMolEncoder, FinetunableUniMolEncoder, MiniMolEncoder, ...), importable
+    from here as the design shows them (`from model import UniMolEncoder`); each loads with its encoder."""
+    try:
+        return public_class(name)
+    except AttributeError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+
+
 class EnergyHead(nn.Module):
-    """512 → h → h/2 → 1 MLP; higher energy means more out-of-distribution."""
+    """width → h → h/2 → 1 MLP (width: the encoder's features, e.g. 512 for Uni-Mol, 2048 for ECFP);
+    higher energy means more out-of-distribution."""
 
     def __init__(self, in_dim=512, hidden_dim=256, dropout=0.1):
         super().__init__()
@@ -83,16 +90,19 @@ class EnergyDPOModel(nn.Module):
         """The model the settings describe, with its encoder: FinetunableUniMolEncoder(freeze_layers=...)
         when `finetune_encoder` and `foundation_model` is 'unimol', the frozen UniMolEncoder() when not
         fine-tuned (and the other encoders' forms likewise). `settings`: a ModelSpec, or flags named
-        like its fields (an argparse Namespace of main.py's flags, or a dict). `weights` (Uni-Mol's
-        checkpoint path or 'random'), `seed` (of the head's initial weights) and `grad_checkpointing`:
-        when not given, the flags' --unimol_weights / --seed / --grad_checkpointing, else the command
-        line's defaults (Uni-Mol's default place, seed 42, off)."""
+        like its fields (an argparse Namespace of the command line's flags, or a dict). `weights` (the
+        encoder's weights file where it takes one, e.g. Uni-Mol's checkpoint path or 'random'), `seed` (of
+        the head's initial weights) and `grad_checkpointing`: when not given, the flags' (--unimol_weights,
+        --seed, --grad_checkpointing), else the command line's defaults (the default place, seed 42, off)."""
         flags = {} if isinstance(settings, ModelSpec) else settings if isinstance(settings, dict) else vars(settings)
         spec = settings if isinstance(settings, ModelSpec) else ModelSpec.from_flags(flags)
-        weights = flags.get("unimol_weights") if weights is None else weights
+        options = {flag: flags.get(flag) for flag in BUILD_OPTIONS}
+        if weights is not None:
+            options[weights_flag(spec.encoder)] = weights
+        if grad_checkpointing is not None:
+            options["grad_checkpointing"] = grad_checkpointing
         seed = flags.get("seed", TrainConfig.seed) if seed is None else seed
-        grad_checkpointing = bool(flags.get("grad_checkpointing")) if grad_checkpointing is None else grad_checkpointing
-        encoder = build_encoder(spec, weights, grad_checkpointing)
+        encoder = build_encoder(spec, **options)
         return cls(dataclasses.replace(spec, encoder_weights=encoder.weights_id, in_dim=encoder.width), encoder, seed)
 
     @property
@@ -159,16 +169,17 @@ def load_checkpoint(path):
     return state
 
 
-def load_model(path, weights=None, grad_checkpointing=False, state=None):
-    """Rebuild the model a checkpoint describes, with its encoder (Uni-Mol: on the base weights at
-    `weights`, a path or 'random'); refuse weights other than those it was trained on. `state`: the
-    checkpoint's payload when the caller has loaded it already. Returns (model, encoder, payload)."""
+def load_model(path, options=None, state=None):
+    """Rebuild the model a checkpoint describes, with its encoder built with `options` (its build options,
+    e.g. {"unimol_weights": a path or 'random'}); refuse weights other than those it was trained on.
+    `state`: the checkpoint's payload when the caller has loaded it already. Returns (model, encoder,
+    payload)."""
     state = load_checkpoint(path) if state is None else state
     try:
         spec = ModelSpec(**state["model_spec"])
     except TypeError as exc:
         raise InputError(f"{path}: unreadable model_spec ({exc})") from None
-    encoder = build_encoder(spec, weights, grad_checkpointing)
+    encoder = build_encoder(spec, **(options or {}))
     if encoder.weights_id != spec.encoder_weights:
         raise InputError(f"{path} was trained on encoder {spec.encoder_weights}, "
                          f"but the encoder loaded now is {encoder.weights_id}")

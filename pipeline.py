@@ -17,7 +17,7 @@ from baselines import baseline_metrics, baseline_scores, descriptor
 from batching import encoded, energies
 from data import (SPLITS, benchmark_name, build_good_split, good_report, good_spec, item_field, load_benchmark,
                   load_test_roles, log_good_report)
-from encoders import RANDOM_INIT_LABEL, EncoderId, build_encoder, encoder_info, frozen_encoder, refusal
+from encoders import RANDOM_INIT_LABEL, EncoderId, build_encoder, encoder_info
 from encoders.base import prepare_rows
 from evaluate import (finite_scores, id_threshold, interval_text, plot_training_curves, read_test_scores,
                       results_table, write_test_results)
@@ -27,8 +27,8 @@ from molecules import canonical
 from runs import (EVAL_FOLDER, EVAL_LOG, FINISHED, REFERENCE_ARM, check_resumable, check_run_dir, clear_run_dir,
                   remove_stale_temporaries, run_config, run_folder, run_state, trained_molecules, trained_roles,
                   write_roles)
-from scoring import from_run, load_job_run, run_molecules
-from settings import DataSpec
+from scoring import encoder_options, from_run, load_job_run, run_molecules
+from settings import DataSpec, ModelSpec
 from sweep import collect_arm_runs, write_comparison
 from train import EnergyDPOTrainer, learning_warning
 from tables import read_table
@@ -101,7 +101,7 @@ def run_train(job):
             return
         resume, overwrite = state == "interrupted", state == "started"
     check_run_dir(run_dir, overwrite, resume)
-    encoder = build_encoder(job.model, job.encoder.weights, job.encoder.grad_checkpointing)
+    encoder = build_encoder(job.model, **job.encoder.options)
     flags = job.flags | {"resume": resume, "overwrite": overwrite}  # as --auto_resume resolved them
     config = run_config(flags, encoder, torch.get_num_threads()) | {"data_file_sha256": file_sha256(job.data.data_file)}
     log.info("configuration: %s", json.dumps(config, indent=1))
@@ -280,7 +280,7 @@ def run_prepare(job):
 def run_featurize(job):
     """Frozen features of job's molecules into job.output (.npy), with .rows.csv (which input row
     each .npy row is) and .failed.csv (the rows that could not be featurised, and why)."""
-    encoder = build_encoder(job.model, job.encoder.weights)
+    encoder = build_encoder(job.model, **job.encoder.options)
     smiles = read_table(job.input, job.smiles_column)[2] if job.input else job.smiles
     written, prepared, failed = prepare_rows(encoder, smiles, job.molecules)
     if failed:
@@ -355,14 +355,11 @@ def run_analyze(job):
                               f"{title}\n{'away from' if worst else 'toward'} the correct side after fine-tuning "
                               f"(rank fraction, mean over {', '.join(tuned)} and {len(seeds)} seeds)", worst=worst)
     info = encoder_info(identity.kind)
-    error = refusal(info, ["unimol_weights"] if job.weights else [], who=f"{root} ran {info.label}, which")
-    if error:
-        raise InputError(error)
-    weights = from_run(job.weights, stored, "unimol_weights") if "unimol_weights" in info.flags else None
+    options = encoder_options(info, stored, root, job.molecules, job.scoring, job.encoder_flags)
     molecules = run_molecules(job.molecules, stored)
-    frozen = frozen_encoder(identity.kind, weights, amp=stored.get("amp") == "bf16")
+    frozen = build_encoder(ModelSpec(foundation_model=identity.kind, amp=stored.get("amp") == "bf16"), **options)
     if frozen.identity != identity:
-        fix = (f"{weights}: pass --unimol_weights with them" if "unimol_weights" in info.flags
+        fix = (f"{options[info.weights.flag]}: pass --{info.weights.flag} with them" if info.weights
                else f"install the versions of {', '.join(info.packages)} the sweep ran with (its config.json)")
         raise InputError(f"{root}: the sweep ran {identity.text}, the encoder loaded now is {frozen.weights_id}; {fix}")
     inputs, failures = frozen.prepare(smiles, molecules)
@@ -372,18 +369,18 @@ def run_analyze(job):
     encode_batch = from_run(job.scoring.encode_batch_size, stored, "encode_batch_size")
     eval_batch = from_run(job.scoring.eval_batch_size, stored, "eval_batch_size")
     frozen_feats = frozen_features(frozen, smiles, inputs, molecules.cache_dir, encode_batch, job.device)
-    base = frozen.base_weights()
-    cka, weight_change, first_features = {}, {}, {}
+    base, cka, weight_change, first_features = None, {}, {}, {}
     for arm in tuned:
         cka[arm], weight_change[arm] = {}, {}
         for seed, key in zip(seeds, keys):
-            net, encoder, state = load_model(run_folder(root, arm, key) / "best_model.pt", weights)
+            net, encoder, state = load_model(run_folder(root, arm, key) / "best_model.pt", options)
+            base = base or encoder.base_weights()  # the pretrained weights every fine-tuned run started from
             tuned_inputs = model_inputs(encoder, {"test": smiles}, inputs, molecules.cache_dir, encode_batch,
                                         job.device)["test"]
             feats = encoded(encoder.to(job.device), tuned_inputs, eval_batch, job.device).numpy()
             cka[arm][str(seed)] = analyze.linear_cka(frozen_feats, feats)
             weight_change[arm][str(seed)] = analyze.relative_weight_change(
-                base, {k: v.numpy() for k, v in state["model"]["encoder_trainable"].items()}, frozen.layer_of,
+                base, {k: v.numpy() for k, v in state["model"]["encoder_trainable"].items()}, encoder.layer_of,
                 net.spec.lora_alpha / net.spec.lora_rank)
             first_features.setdefault(arm, feats)
     analyze.write_drift(out, cka, weight_change, frozen_feats, first_features, is_ood, title)

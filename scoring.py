@@ -17,15 +17,14 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from encoders import DEFAULT_ENCODER, encoder_info, refusal
+from encoders import DEFAULT_ENCODER, ENCODER_FLAGS, encoder_info, run_options, weights_flag
 from encoders.base import prepare_rows
 from evaluate import conformal_p_values, finite_scores
 from features import model_inputs
 from model import load_checkpoint, load_model
 from molecules import canonical, forget_parsed, molecule_warning
 from runs import trained_roles
-from settings import (FINETUNE_EVAL_BATCH_SIZE, FROZEN_EVAL_BATCH_SIZE, EncoderSettings, MoleculeSettings,
-                      ScoringSettings, missing_weights)
+from settings import FINETUNE_EVAL_BATCH_SIZE, FROZEN_EVAL_BATCH_SIZE, EncoderSettings, MoleculeSettings, ScoringSettings
 from train import team_energies
 from utils import InputError
 
@@ -36,6 +35,15 @@ def from_run(value, stored, name, default=None):
     """A setting for scoring with a finished run: `value` when the user gave one (not None), else the
     run's recorded flag `name`, else `default` (a flag newer than the run)."""
     return value if value is not None else stored.get(name, default)
+
+
+def encoder_options(info, stored, who, molecules, scoring, encoder_flags):
+    """The build options of a finished run's encoder (`info`): those given (`encoder_flags`), else the run's
+    (`stored`); an encoder-specific flag given that it does not take (a build option, a molecule setting, the
+    encode batch) is a one-line InputError naming the run (`who`)."""
+    given = {flag: value for flag, value in molecules.items() if flag in ENCODER_FLAGS} | \
+        {"encode_batch_size": scoring.encode_batch_size} | encoder_flags
+    return run_options(info, given, stored, who)
 
 
 def run_molecules(given, stored):
@@ -62,7 +70,7 @@ class FinishedRun:
     net: object  # EnergyDPOModel, holding its encoder
     state: dict  # the checkpoint's payload
     stored: dict  # the run's resolved flags
-    weights: Optional[str]  # Uni-Mol's base weights (a path or 'random'); None for other encoders
+    options: dict  # its encoder's build options ({flag: value}, e.g. Uni-Mol's base weights: a path or 'random')
     molecules: MoleculeSettings
     scoring: ScoringSettings
     device: str = "cpu"
@@ -122,11 +130,13 @@ class FinishedRun:
         return rows
 
 
-def load_run(path, weights=None, device="cpu", molecules=None, scoring=None, grad_checkpointing=False):
+def load_run(path, weights=None, device="cpu", molecules=None, scoring=None, grad_checkpointing=False,
+             encoder_flags=None):
     """The finished run at `path` (its folder, or its best_model.pt) rebuilt from its checkpoint
-    alone. `weights`: Uni-Mol's base weights (default: the path the run recorded); `molecules`: the
-    MoleculeSettings fields to change ({field: value}, e.g. {"cache_dir": ...}); `scoring`:
-    ScoringSettings; everything not given is the run's own."""
+    alone. `weights`: its encoder's weights file where it takes one (Uni-Mol's base weights; default:
+    the path the run recorded); `molecules`: the MoleculeSettings fields to change ({field: value},
+    e.g. {"cache_dir": ...}); `scoring`: ScoringSettings; `encoder_flags`: the encoder's build options
+    as the command line gives them ({flag: value}); everything not given is the run's own."""
     ckpt = Path(path)
     ckpt = ckpt / "best_model.pt" if ckpt.is_dir() else ckpt
     payload = load_checkpoint(ckpt)
@@ -135,30 +145,23 @@ def load_run(path, weights=None, device="cpu", molecules=None, scoring=None, gra
         raise InputError(f"{ckpt}: the run has not finished (no predict threshold yet); finish it with "
                          f"--mode train --resume (same flags) first")
     info = encoder_info(payload["model_spec"].get("foundation_model", DEFAULT_ENCODER))
-    molecules = dict(molecules or {})
-    given = [flag for flag, value in (("unimol_weights", weights), ("grad_checkpointing", grad_checkpointing),
-                                      ("conformer_timeout", molecules.get("conformer_timeout"))) if value]
-    error = refusal(info, given, who=f"{ckpt} ran {info.label}, which")
-    if error:
-        raise InputError(error)
-    if "unimol_weights" in info.flags:
-        weights = from_run(weights, stored, "unimol_weights")
-        if weights is None:
-            raise InputError(f"{ckpt}: records no encoder weights path; pass --unimol_weights")
-        if weights != "random" and not Path(weights).is_file():
-            raise InputError(f"{missing_weights(weights)} (the run was trained on it)")
-    net, _, state = load_model(ckpt, weights, grad_checkpointing, state=payload)
-    scoring = scoring or ScoringSettings()
+    molecules, scoring, encoder_flags = dict(molecules or {}), scoring or ScoringSettings(), dict(encoder_flags or {})
+    encoder_flags |= {"grad_checkpointing": True} if grad_checkpointing else {}
+    if weights is not None:
+        encoder_flags[weights_flag(info)] = weights
+    options = encoder_options(info, stored, ckpt, molecules, scoring, encoder_flags)
+    net, _, state = load_model(ckpt, options, state=payload)
     scoring = ScoringSettings(
         eval_batch_size=from_run(scoring.eval_batch_size, stored, "eval_batch_size",
                                  FINETUNE_EVAL_BATCH_SIZE if net.finetune_encoder else FROZEN_EVAL_BATCH_SIZE),
         encode_batch_size=from_run(scoring.encode_batch_size, stored, "encode_batch_size",
                                    EncoderSettings.encode_batch_size))
     net.to(device)
-    return FinishedRun(folder=ckpt.parent, checkpoint=ckpt, net=net, state=state, stored=stored, weights=weights,
+    return FinishedRun(folder=ckpt.parent, checkpoint=ckpt, net=net, state=state, stored=stored, options=options,
                        molecules=run_molecules(molecules, stored), scoring=scoring, device=device)
 
 
 def load_job_run(job):
     """The finished run a ScoreJob (eval / predict from the command line) names."""
-    return load_run(job.path, job.weights, job.device, job.molecules, job.scoring, job.grad_checkpointing)
+    return load_run(job.path, device=job.device, molecules=job.molecules, scoring=job.scoring,
+                    encoder_flags=job.encoder_flags)

@@ -7,54 +7,16 @@ purpose: no torch, so `--help` and `import main` stay fast.
 A field that is None in the settings of eval / predict / analyze means "the run's own value"
 (scoring.from_run resolves it against the run's recorded flags)."""
 import dataclasses
-import os
-import re
 from pathlib import Path
 from typing import Optional
 
 from encoders import DEFAULT_ENCODER, encoder_info
 
-WEIGHTS_FILE = "mol_pre_no_h_220816.pt"  # the Uni-Mol authors' no-H v1 checkpoint
-RANDOM_INIT_SEED = 0  # the seed of a random-init Uni-Mol (--unimol_weights random)
 DEFAULT_DATASET = "lbap_general_ec50_scaffold"
-WEIGHTS_SOURCE = ("the Uni-Mol authors' release: GitHub dptech-corp/Uni-Mol, release v0.1 "
-                  "(weights/mol_pre_no_h_220816.pt), or the Hugging Face repo dptech/Uni-Mol-Models")
 # Per-side batch sizes when --batch_size / --eval_batch_size are not given: frozen features are
 # cheap, fine-tuning runs the encoder in every step.
 FROZEN_BATCH_SIZE, FROZEN_EVAL_BATCH_SIZE = 4096, 2048
 FINETUNE_BATCH_SIZE, FINETUNE_EVAL_BATCH_SIZE = 256, 512
-
-
-def default_weights_path():
-    """$UNIMOL_WEIGHT_DIR/<checkpoint> when set (where unimol_tools users keep it), else ./weights/."""
-    weight_dir = os.environ.get("UNIMOL_WEIGHT_DIR")
-    return str(Path(weight_dir) / WEIGHTS_FILE) if weight_dir else f"./weights/{WEIGHTS_FILE}"
-
-
-def missing_weights(path):
-    return (f"Uni-Mol weights not found at {path}: fetch them with `make weights` (or --unimol_weights download), "
-            f"or download {WEIGHTS_FILE} from {WEIGHTS_SOURCE} into weights/ (or set UNIMOL_WEIGHT_DIR), or pass "
-            f"--unimol_weights random for a randomly initialised encoder")
-
-
-def parse_freeze_spec(spec, n_layers):
-    """'0-12', '0-5,7,9-12', 'none' or 'all' → sorted frozen layer indices; ValueError if unreadable."""
-    text = spec.strip().lower()
-    if text in ("none", "all"):
-        return [] if text == "none" else list(range(n_layers))
-    frozen = set()
-    for part in text.split(","):
-        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
-        if not match:
-            raise ValueError(f"--freeze_layers {spec!r}: cannot read {part!r}; use ranges and lists such as "
-                             f"0-12 or 0-5,7,9-12, or none / all")
-        lo, hi = int(match[1]), int(match[2] or match[1])
-        if lo > hi:
-            raise ValueError(f"--freeze_layers {spec!r}: {part!r} runs backwards; write the lower layer first")
-        if hi >= n_layers:
-            raise ValueError(f"--freeze_layers {spec!r}: {part!r} is outside layers 0-{n_layers - 1}")
-        frozen.update(range(lo, hi + 1))
-    return sorted(frozen)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,26 +99,20 @@ class ModelSpec:
     # peft's default. 0.05 is available: on CPU it runs LoRA at 0.71x the per-step speed of
     # `layers` (the dropout masks); at 0 LoRA is faster than `layers`.
     lora_dropout: float = 0.0
-    amp: bool = False  # bf16 autocast of the Uni-Mol forward
-    in_dim: int = 512  # the encoder's feature width, filled in with encoder_weights
+    amp: bool = False  # bf16 autocast of the encoder's forward (Uni-Mol's; the others refuse it)
+    in_dim: int = 512  # the encoder's feature width (512 Uni-Mol and MiniMol, 2048 ECFP), filled in with encoder_weights
     foundation_model: str = DEFAULT_ENCODER  # the encoder (encoders.ENCODERS)
 
     @classmethod
     def from_flags(cls, flags):
-        """From flags named like its fields ({flag: value}, an argparse Namespace, a run's config.json);
+        """From flags named like its fields ({flag: value}: the command line's, a run's config.json);
         --amp is 'off' / 'bf16' there. Fields the flags lack keep their defaults."""
-        flags = flags if isinstance(flags, dict) else vars(flags)
         names = {f.name for f in dataclasses.fields(cls)} - {"encoder_weights", "in_dim", "amp"}
         return cls(**{n: flags[n] for n in names if n in flags}, amp=flags.get("amp") in (True, "bf16"))
 
     @property
     def encoder(self):
         return encoder_info(self.foundation_model)
-
-    @property
-    def frozen_layers(self):
-        """The frozen layer indices of the encoder (its default: all but the last two)."""
-        return parse_freeze_spec(self.freeze_layers or self.encoder.default_freeze_layers, self.encoder.n_layers)
 
     @property
     def lora(self):
@@ -183,10 +139,10 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EncoderSettings:
-    """Which encoder weights to load and how to run it (not part of what a model is)."""
-    weights: Optional[str] = None  # a checkpoint path or 'random'; None: the run's (eval / predict)
+    """How to build and run the encoder (not part of what a model is)."""
+    # its build options by flag (encoders.BUILD_OPTIONS, e.g. unimol_weights: a checkpoint path or 'random')
+    options: dict = dataclasses.field(default_factory=dict)
     encode_batch_size: Optional[int] = 64  # molecules per frozen encoder forward pass
-    grad_checkpointing: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,11 +178,10 @@ class TrainJob:
 class ScoreJob:
     """eval / predict / analyze: a finished run (or sweep) and how to score with it."""
     path: Path  # RUN/best_model.pt; analyze: the sweep folder SWEEP/<dataset>
-    weights: Optional[str]  # the base encoder weights; None: the run's recorded path
+    encoder_flags: dict  # the encoder's build options the user gave ({flag: value}); the others are the run's
     molecules: dict  # the MoleculeSettings fields the user gave (force included); the others are the run's
     scoring: ScoringSettings
     device: str = "cpu"
-    grad_checkpointing: bool = False
     overwrite: bool = False
 
 

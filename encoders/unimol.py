@@ -21,12 +21,14 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from encoders import ENCODERS, EncoderId
-from encoders.base import BATCH, Encoder, add_lora, frozen_layer_set, load_weights_only
+from encoders.base import BATCH, EncoderModule, Finetuning, add_lora, load_weights_only
 from encoders.unimol_conformers import PREPROCESS_VERSION, get_conformers, summarize_conformers, unimol_dict_path
-from settings import RANDOM_INIT_SEED, WEIGHTS_FILE, ModelSpec, default_weights_path, missing_weights
 from utils import InputError, file_sha256, progress
 
 log = logging.getLogger("energy_dpo.unimol")
+INFO = ENCODERS["unimol"]
+WEIGHTS, N_LAYERS = INFO.weights, INFO.n_layers  # its checkpoint (--unimol_weights) and transformer layers
+RANDOM_INIT_SEED = 0  # the seed of a random-init Uni-Mol (--unimol_weights random)
 
 # Checkpoint entries that belong to Uni-Mol's pretraining objectives, not to the encoder.
 PRETRAINING_HEADS = ("lm_head.", "pair2coord_proj.", "dist_head.", "encoder.final_head_layer_norm.",
@@ -64,7 +66,7 @@ def build_unimol(init_seed=RANDOM_INIT_SEED):
 def pretrained_unimol(path):
     """Uni-Mol with the official checkpoint at `path`, loaded and checked by load_unimol_weights."""
     if not Path(path).is_file():
-        raise InputError(missing_weights(path))  # the path as given, as the command line says it
+        raise InputError(WEIGHTS.missing(path))  # the path as given, as the command line says it
     st = Path(path).stat()
     return copy.deepcopy(_base_unimol(("file", os.path.realpath(path), st.st_dev, st.st_ino, st.st_size,
                                        st.st_mtime_ns)))
@@ -99,12 +101,12 @@ def load_unimol_weights(unimol, path):
     """Load an official checkpoint; every backbone tensor must be there with the right shape."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(missing_weights(path))
-    ckpt = load_weights_only(path, "a torch checkpoint", f"fetch {WEIGHTS_FILE} again from its source (make "
+        raise InputError(WEIGHTS.missing(path))
+    ckpt = load_weights_only(path, "a torch checkpoint", f"fetch {WEIGHTS.file} again from its source (make "
                              f"weights)")
     state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
-        raise InputError(f"{path}: expected {{'model': state_dict}} as in {WEIGHTS_FILE}")
+        raise InputError(f"{path}: expected {{'model': state_dict}} as in {WEIGHTS.file}")
     expected = unimol.state_dict()
     missing = sorted(k for k in expected if k not in state)
     unexpected = sorted(k for k in state if k not in expected and not k.startswith(PRETRAINING_HEADS))
@@ -201,9 +203,6 @@ class PrefixInputs:
         self.entries = entries
         self.heads = heads
 
-    def part(self, positions):
-        return PrefixInputs(self.entries[positions], self.heads)
-
     def __len__(self):
         return len(self.entries)
 
@@ -230,15 +229,15 @@ class PrefixInputs:
 
 # ----------------------------------------------------------------------------- the encoder
 
-class UniMolEncoder(Encoder):
+class UniMolEncoder(EncoderModule):
     """Frozen Uni-Mol: conformers in, 512-d CLS vectors out (the final layer norm applied).
 
     `weights`: the checkpoint's path (None: $UNIMOL_WEIGHT_DIR or ./weights/, as the command line
     looks for it) or 'random' for seeded random weights; `amp`: bf16 autocast of the transformer."""
-    info = ENCODERS["unimol"]
+    info = INFO
 
     def __init__(self, weights=None, amp=False):
-        weights = default_weights_path() if weights is None else str(weights)
+        weights = WEIGHTS.default_path() if weights is None else str(weights)
         if weights == "random":
             unimol, identity = build_unimol(), EncoderId(self.info.name, random_init_seed=RANDOM_INIT_SEED)
         else:
@@ -249,19 +248,16 @@ class UniMolEncoder(Encoder):
         self.dictionary = self.unimol.dictionary
         self.amp = amp
         self.grad_checkpointing = False
+        self.frozen_layers, self.frozen_prefix, self.strategy = frozenset(range(N_LAYERS)), N_LAYERS, None
         self.requires_grad_(False)
         self.eval()
-
-    @property
-    def n_layers(self):
-        return self.info.n_layers
 
     def frozen_modules(self):
         m, enc = self.unimol, self.unimol.encoder
         modules = [enc.layers[i] for i in sorted(self.frozen_layers)]
         if 0 in self.frozen_layers or self.strategy not in (None, "layers"):
             modules += [m.embed_tokens, m.gbf, m.gbf_proj, enc.emb_layer_norm]
-        if self.n_layers - 1 in self.frozen_layers:
+        if N_LAYERS - 1 in self.frozen_layers:
             modules.append(enc.final_layer_norm)
         return modules
 
@@ -270,8 +266,11 @@ class UniMolEncoder(Encoder):
         """Conformers {SMILES: (atoms, coords, is_2d)} as unimol_tools makes them, cached."""
         return get_conformers(smiles, settings)
 
-    def describe_inputs(self, report, prepared, smiles):
+    def input_report(self, prepared, smiles):
+        """2D fallbacks, elements outside its dictionary, molecules cropped to 256 atoms."""
+        report = {}
         summarize_conformers(report, prepared, smiles)
+        return report
 
     def _tag(self):
         identity = self.identity
@@ -291,13 +290,13 @@ class UniMolEncoder(Encoder):
                 **common}
 
     @torch.inference_mode()
-    def encode(self, entries, batch_size=BATCH, device="cpu", desc="encoding"):
+    def encode(self, entries, batch_size=BATCH, device="cpu"):
         """CLS features of conformers ((atoms, coords, ...) entries), in input order, in length-sorted batches."""
         conformers = [entry[:2] for entry in entries]
         out = np.zeros((len(conformers), self.width), dtype=np.float32)
         was_training = self.training
         self.to(device).eval()
-        for idx in progress(length_chunks([len(a) + 2 for a, _ in conformers], batch_size), desc=desc, leave=False):
+        for idx in progress(length_chunks([len(a) + 2 for a, _ in conformers], batch_size), desc="encoding", leave=False):
             out[idx] = self(*collate([conformers[i] for i in idx], self.dictionary, device)).cpu().numpy()
         self.train(was_training)
         return out
@@ -336,7 +335,7 @@ class UniMolEncoder(Encoder):
     def suffix(self, x, bias):
         """The remaining layers and the final layer norm: CLS vectors in fp32."""
         with self._autocast(x):
-            x, _ = self.run_layers(x, bias, range(self.frozen_prefix, self.n_layers))
+            x, _ = self.run_layers(x, bias, range(self.frozen_prefix, N_LAYERS))
             return self.unimol.encoder.final_layer_norm(x)[:, 0].float()
 
     def forward(self, tokens, dist, edge):
@@ -345,7 +344,44 @@ class UniMolEncoder(Encoder):
     def _autocast(self, like):
         return torch.autocast(like.device.type, dtype=torch.bfloat16, enabled=self.amp)
 
-    # ---------------------------------------------------------------- fine-tuning
+class FinetunableUniMolEncoder(Finetuning, UniMolEncoder):
+    """Uni-Mol with part of some transformer layers trainable (its own instance, same weight checks).
+
+    `freeze_layers` names the layers that stay as they are: a --freeze_layers spec ('0-12', 'none'),
+    a list of layer indices, or None for all but the last two; `strategy` says what trains in the others:
+      layers     every parameter of the layer; the embeddings (tokens, gbf, gbf_proj, embedding layer
+                 norm) train together with layer 0
+      attention  the self-attention projections and its layer norm
+      ffn        fc1, fc2 and the final layer norm of the layer
+      lora       low-rank adapters (peft) on in_proj, out_proj, fc1 and fc2; base weights frozen;
+                 the adapters start as a no-op (`lora`: a settings.LoraSpec, peft's rank 8 / alpha 16
+                 by default)
+    With layers, attention and ffn the encoder's final layer norm trains when the last layer does.
+    When the frozen layers start at 0, that prefix runs without autograd (and can be cached).
+    """
+
+    def __init__(self, weights=None, freeze_layers=None, amp=False, grad_checkpointing=False, strategy="layers",
+                 lora=None):
+        super().__init__(weights, amp)
+        trainable = self.setup_finetuning(freeze_layers, strategy, lora)
+        if strategy == "lora":
+            add_lora(self.unimol, [f"encoder.layers.{i}.{part}" for i in trainable
+                                   for part in STRATEGY_PARTS["lora"]], self.lora)
+        elif strategy == "layers":
+            self.requires_grad_(True)
+            for module in self.frozen_modules():
+                module.requires_grad_(False)
+        else:
+            for i in trainable:
+                for name, param in self.unimol.encoder.layers[i].named_parameters():
+                    param.requires_grad_(name.startswith(STRATEGY_PARTS[strategy]))
+        if strategy != "lora" and N_LAYERS - 1 in trainable:
+            self.unimol.encoder.final_layer_norm.requires_grad_(True)
+        self.grad_checkpointing = grad_checkpointing
+
+    def frozen_twin(self):
+        return UniMolEncoder(self.weights, self.amp)
+
     def role_inputs(self, entries):
         return ConformerInputs([entry[:2] for entry in entries], self.dictionary)
 
@@ -381,6 +417,12 @@ class UniMolEncoder(Encoder):
     def prefix_inputs(self, states):
         return PrefixInputs(states, self.unimol.args.encoder_attention_heads)
 
+    def check_prefix_state(self, entry):
+        """Atom states (n, 512) and a pair bias of heads·n·n values: a damaged entry would pad wrongly."""
+        x, bias, heads = entry["x"], entry["bias"], self.unimol.args.encoder_attention_heads
+        if x.ndim != 2 or x.shape[1] != self.width or bias.shape != (heads * len(x) ** 2,):
+            raise ValueError(f"prefix state of shape {x.shape} with a pair bias of {bias.shape} values")
+
     def trainable_network(self):
         return self.unimol
 
@@ -396,58 +438,11 @@ class UniMolEncoder(Encoder):
         return {k: v.numpy() for k, v in base.state_dict().items()}
 
 
-class FinetunableUniMolEncoder(UniMolEncoder):
-    """Uni-Mol with part of some transformer layers trainable (its own instance, same weight checks).
-
-    `freeze_layers` names the layers that stay as they are: a --freeze_layers spec ('0-12', 'none'),
-    a list of layer indices, or None for all but the last two; `strategy` says what trains in the others:
-      layers     every parameter of the layer; the embeddings (tokens, gbf, gbf_proj, embedding layer
-                 norm) train together with layer 0
-      attention  the self-attention projections and its layer norm
-      ffn        fc1, fc2 and the final layer norm of the layer
-      lora       low-rank adapters (peft) on in_proj, out_proj, fc1 and fc2; base weights frozen;
-                 the adapters start as a no-op (`lora`: a settings.LoraSpec, peft's rank 8 / alpha 16
-                 by default)
-    With layers, attention and ffn the encoder's final layer norm trains when the last layer does.
-    When the frozen layers start at 0, that prefix runs without autograd (and can be cached).
-    """
-    trains = True
-
-    def __init__(self, weights=None, freeze_layers=None, amp=False, grad_checkpointing=False, strategy="layers",
-                 lora=None):
-        super().__init__(weights, amp)
-        if strategy not in self.info.strategies:
-            raise InputError(f"--finetune_strategy {strategy}: Uni-Mol takes {', '.join(self.info.strategies)}")
-        self.strategy, self.lora = strategy, lora or ModelSpec().lora
-        self.frozen_layers = frozen_layer_set(freeze_layers, self.info)
-        self.frozen_prefix = next((i for i in range(self.n_layers) if i not in self.frozen_layers), self.n_layers)
-        trainable = [i for i in range(self.n_layers) if i not in self.frozen_layers]
-        if strategy == "lora":
-            add_lora(self.unimol, [f"encoder.layers.{i}.{part}" for i in trainable
-                                   for part in STRATEGY_PARTS["lora"]], self.lora)
-        elif strategy == "layers":
-            self.requires_grad_(True)
-            for module in self.frozen_modules():
-                module.requires_grad_(False)
-        else:
-            for i in trainable:
-                for name, param in self.unimol.encoder.layers[i].named_parameters():
-                    param.requires_grad_(name.startswith(STRATEGY_PARTS[strategy]))
-        if strategy != "lora" and self.n_layers - 1 in trainable:
-            self.unimol.encoder.final_layer_norm.requires_grad_(True)
-        self.grad_checkpointing = grad_checkpointing
-
-    def frozen_twin(self):
-        return UniMolEncoder(self.weights, self.amp)
-
-
-def frozen(weights=None, amp=False):
-    return UniMolEncoder(weights, amp=amp)
-
-
-def build(spec, weights=None, grad_checkpointing=False):
-    """The encoder a ModelSpec describes, on the base weights `weights` (a path, 'random', or None)."""
+def build(spec, unimol_weights=None, grad_checkpointing=False):
+    """The encoder a ModelSpec describes, on the base weights `unimol_weights` (a path, 'random', or None:
+    its default place)."""
     if not spec.finetune_encoder:
-        return UniMolEncoder(weights, amp=spec.amp)
-    return FinetunableUniMolEncoder(weights, spec.frozen_layers, amp=spec.amp, grad_checkpointing=grad_checkpointing,
-                                    strategy=spec.finetune_strategy, lora=spec.lora)
+        return UniMolEncoder(unimol_weights, amp=spec.amp)
+    return FinetunableUniMolEncoder(unimol_weights, spec.freeze_layers, amp=spec.amp,
+                                    grad_checkpointing=grad_checkpointing, strategy=spec.finetune_strategy,
+                                    lora=spec.lora)

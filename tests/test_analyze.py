@@ -11,7 +11,7 @@ import settings
 from encoders import unimol_conformers
 from features import frozen_features
 from main import main
-from model import UniMolEncoder
+from model import FinetunableUniMolEncoder, UniMolEncoder
 
 
 def test_linear_cka_by_hand():
@@ -43,12 +43,12 @@ def test_ranks_and_changes_by_hand():
 def test_relative_weight_change_by_hand():
     base = {"encoder.layers.13.fc1.weight": np.ones((2, 2)), "encoder.final_layer_norm.weight": np.ones(2)}
     trained = {"encoder.layers.13.fc1.weight": 1.1 * np.ones((2, 2)), "encoder.final_layer_norm.weight": np.ones(2)}
-    change = analyze.relative_weight_change(base, trained, UniMolEncoder.layer_of)
+    change = analyze.relative_weight_change(base, trained, FinetunableUniMolEncoder.layer_of)
     assert change == pytest.approx({"layer 13": 0.1, "final layer norm": 0.0})
     lora = {"encoder.layers.13.fc1.lora_A.default.weight": np.array([[1.0, 0.0]]),
             "encoder.layers.13.fc1.lora_B.default.weight": np.array([[0.2], [0.0]])}
     # ΔW = scale · B A = 2 · [[0.2, 0], [0, 0]]: ‖ΔW‖ = 0.4 against ‖W‖ = 2
-    assert analyze.relative_weight_change(base, lora, UniMolEncoder.layer_of, lora_scale=2.0) == pytest.approx({"layer 13": 0.2})
+    assert analyze.relative_weight_change(base, lora, FinetunableUniMolEncoder.layer_of, lora_scale=2.0) == pytest.approx({"layer 13": 0.2})
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,12 @@ from conftest import DEMO, ROOT
 from batching import FeatureInputs
 from encoders.base import prepare_rows
 from features import model_inputs
-from main import build_parser, main
+from cli import build_parser
+from main import main
 from model import EnergyDPOModel, FinetunableMiniMolEncoder, FinetunableUniMolEncoder, MiniMolEncoder, UniMolEncoder
 from scoring import load_run
-from settings import WEIGHTS_FILE, ModelSpec, MoleculeSettings, TrainConfig, missing_weights
+from encoders import UNIMOL_WEIGHTS
+from settings import ModelSpec, MoleculeSettings, TrainConfig
 from train import EnergyDPOTrainer
 from utils import InputError
 
@@ -29,7 +31,7 @@ def weight_dir(tmp_path, random_ckpt, monkeypatch):
     """UNIMOL_WEIGHT_DIR holding the session's random checkpoint under the official file name."""
     folder = tmp_path / "unimol"
     folder.mkdir()
-    (folder / WEIGHTS_FILE).symlink_to(random_ckpt)
+    (folder / UNIMOL_WEIGHTS.file).symlink_to(random_ckpt)
     monkeypatch.setenv("UNIMOL_WEIGHT_DIR", str(folder))
     return folder
 
@@ -62,7 +64,7 @@ def test_without_a_checkpoint_the_encoder_says_what_the_command_line_says(tmp_pa
     monkeypatch.delenv("UNIMOL_WEIGHT_DIR", raising=False)
     with pytest.raises(InputError) as error:
         UniMolEncoder()
-    assert str(error.value) == missing_weights(f"./weights/{WEIGHTS_FILE}")
+    assert str(error.value) == UNIMOL_WEIGHTS.missing(f"./weights/{UNIMOL_WEIGHTS.file}")
     assert main(["--mode", "featurize", "--smiles", "CCO", "--output", str(tmp_path / "f.npy")]) == 2
     assert capsys.readouterr().err.strip() == f"error: {error.value}"
 
@@ -142,7 +144,7 @@ def test_every_example_in_the_docs_runs(tmp_path, random_ckpt, cache_dir, monkey
     monkeypatch.delenv("UNIMOL_WEIGHT_DIR", raising=False)
     (tmp_path / "data").symlink_to(ROOT / "data", target_is_directory=True)
     (tmp_path / "weights").mkdir()
-    (tmp_path / "weights" / WEIGHTS_FILE).symlink_to(random_ckpt)
+    (tmp_path / "weights" / UNIMOL_WEIGHTS.file).symlink_to(random_ckpt)
     (tmp_path / "cache").symlink_to(cache_dir, target_is_directory=True)
     blocks = python_blocks(ROOT / "docs" / "api.md")
     readme = python_blocks(ROOT / "README.md", "Python use")

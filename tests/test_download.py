@@ -11,8 +11,9 @@ import pytest
 
 from main import main
 from model import UniMolEncoder
-from settings import WEIGHTS_FILE
+from encoders import UNIMOL_WEIGHTS
 
+WEIGHTS_FILE = UNIMOL_WEIGHTS.file
 DROP_AT = 5_000_000
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

@@ -12,13 +12,14 @@ import settings
 import train
 from batching import FeatureInputs, energies
 from conftest import DEMO, interrupted
-from encoders import build_encoder, unimol_conformers
+from encoders import build_encoder, parse_freeze_spec, unimol_conformers
 from encoders.unimol import ConformerInputs, PrefixInputs, build_unimol, collate
 from features import model_inputs
-from main import build_parser, given_flags, main, validate
+from cli import build_parser, given_flags, validate
+from main import main
 from model import EnergyDPOModel, FinetunableUniMolEncoder, UniMolEncoder, load_checkpoint
 from scoring import load_run
-from settings import ModelSpec, ScoringSettings, TrainConfig, parse_freeze_spec
+from settings import ModelSpec, ScoringSettings, TrainConfig
 from train import EnergyDPOTrainer
 
 SMILES = ["CCO", "c1ccccc1O", "CC(C)Nc1ncccc1", "CCOC(=O)C", "c1ccncc1C#N", "OCCOc1ccccc1", "CC(=O)Nc1ccc(O)cc1",
@@ -33,7 +34,7 @@ def parsed(*argv):
 
 def tuned_encoder(freeze="0-12", strategy="layers"):
     spec = ModelSpec(finetune_encoder=True, freeze_layers=freeze, finetune_strategy=strategy)
-    return build_encoder(spec, "random")
+    return build_encoder(spec, unimol_weights="random")
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,7 @@ def test_defaults_are_the_frozen_pipeline():
     assert (args.encoder_lr, args.freeze_layers, args.grad_accum_steps, args.amp) == (5e-6, "0-12", 1, "off")
     assert (args.batch_size, args.eval_batch_size) == (4096, 2048)
     assert args.dataset == "demo_ec50_scaffold"  # the --data_file stem, not the official file's name
-    encoder = build_encoder(ModelSpec(), "random")
+    encoder = build_encoder(ModelSpec(), unimol_weights="random")
     assert type(encoder) is UniMolEncoder and not any(p.requires_grad for p in encoder.parameters())
     frozen = EnergyDPOModel(ModelSpec(encoder.weights_id), encoder)  # holds its frozen encoder, takes features too
     assert not frozen.finetune_encoder and frozen(torch.zeros(2, 512)).shape == (2,)
@@ -223,7 +224,7 @@ def test_prefix_cache_gives_the_full_forward_within_fp16(tmp_path, conformers):
     enc = tuned_encoder().eval()
     confs = dict(zip(SMILES, [(a, c, False) for a, c in conformers]))
     inputs = model_inputs(enc, {"id_train": SMILES[:5], "ood_train": SMILES[5:]}, confs, tmp_path, batch_size=3)
-    assert type(inputs["id_train"]) is PrefixInputs and len(inputs["ood_train"]) == 3
+    assert type(inputs["id_train"].inputs) is PrefixInputs and len(inputs["ood_train"]) == 3  # a role of the states
     store = enc.store_dir(tmp_path, "prefix")
     assert sorted(tmp_path.iterdir()) == [store] and store.name.endswith("-k13")  # the 13 frozen layers
     with torch.no_grad():

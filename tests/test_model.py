@@ -11,7 +11,7 @@ import torch
 import model
 import settings
 from conftest import ROOT
-from encoders import unimol, unimol_conformers
+from encoders import UNIMOL_WEIGHTS, unimol, unimol_conformers
 from encoders.unimol_conformers import make_conformer
 from model import EnergyHead, UniMolEncoder, energy_loss
 from molecules import canonicalize
@@ -112,9 +112,9 @@ def test_missing_weights_say_where_to_get_them(tmp_path):
 
 def test_weights_path_honours_unimol_weight_dir(monkeypatch):
     monkeypatch.delenv("UNIMOL_WEIGHT_DIR", raising=False)
-    assert settings.default_weights_path() == "./weights/mol_pre_no_h_220816.pt"
+    assert UNIMOL_WEIGHTS.default_path() == "./weights/mol_pre_no_h_220816.pt"
     monkeypatch.setenv("UNIMOL_WEIGHT_DIR", "/opt/unimol")
-    assert settings.default_weights_path() == "/opt/unimol/mol_pre_no_h_220816.pt"
+    assert UNIMOL_WEIGHTS.default_path() == "/opt/unimol/mol_pre_no_h_220816.pt"
 
 
 def test_energy_head_shape_and_size():
@@ -171,15 +171,15 @@ def test_checkpoint_describes_itself(tmp_path, random_ckpt):
     spec = settings.ModelSpec(encoder_weights=UniMolEncoder("random").weights_id, hidden_dim=32, loss_type="hinge")
     net = model.EnergyDPOModel(spec, seed=3)
     model.save_checkpoint(tmp_path / "m.pt", {"model_spec": dataclasses.asdict(spec), "model": net.checkpoint_state()})
-    rebuilt, encoder, _ = model.load_model(tmp_path / "m.pt", "random")
+    rebuilt, encoder, _ = model.load_model(tmp_path / "m.pt", {"unimol_weights": "random"})
     assert rebuilt.spec == spec and rebuilt.encoder is encoder and encoder.is_random_init and not encoder.trains
     x = torch.randn(4, 512)
     assert torch.equal(rebuilt.eval()(x), net.eval()(x))
     with pytest.raises(InputError, match="was trained on encoder random-init.*loaded now is sha256:"):
-        model.load_model(tmp_path / "m.pt", str(random_ckpt))
+        model.load_model(tmp_path / "m.pt", {"unimol_weights": str(random_ckpt)})
     torch.save(torch.zeros(3), tmp_path / "tensor.pt")
     with pytest.raises(InputError, match="tensor.pt: not a checkpoint of this tool"):
-        model.load_model(tmp_path / "tensor.pt", "random")
+        model.load_model(tmp_path / "tensor.pt", {"unimol_weights": "random"})
     (tmp_path / "cut.pt").write_bytes((tmp_path / "m.pt").read_bytes()[:500])
     with pytest.raises(InputError, match="cut.pt: not a checkpoint of this tool"):
-        model.load_model(tmp_path / "cut.pt", "random")
+        model.load_model(tmp_path / "cut.pt", {"unimol_weights": "random"})

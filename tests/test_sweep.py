@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from main import build_parser, given_flags, main, runtime_flags, validate
+from cli import build_parser, given_flags, runtime_flags, validate
+from main import main
 
 pytestmark = pytest.mark.slow  # every test here runs whole commands in subprocesses
 
