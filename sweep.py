@@ -1,22 +1,19 @@
-"""A sweep folder (SWEEP/<dataset>/<arm>/seed<N>/, one run each; with several encoders
-SWEEP/<dataset>/<encoder>/<arm>/seed<N>/) and its comparison: the summary table, CSV, JSON and plot
-of every arm against the frozen one of the same encoder, seed by seed."""
+"""A sweep folder's runs compared (SWEEP/<dataset>/<arm>/seed<N>/, one run each; with several data draws
+<arm>/data<D>_seed<N>/; with several encoders SWEEP/<dataset>/<encoder>/<arm>/...): every arm against
+the frozen arm of the same encoder, run by run on the same test molecules, with the baselines of the
+same roles beside them. compare_arms gives one encoder's Comparison; sweep_report.py writes it."""
 import csv
 import dataclasses
-import math
-import textwrap
-import time
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
-from scipy.stats import sem, t
 
-from encoders import FOUNDATION_MODELS, EncoderId
-from evaluate import BETTER, METRIC_LABELS, delong_test, pyplot, read_test_scores, save_figure, validation_warning
+from encoders import EncoderId
+from evaluate import read_test_scores
 from runs import FINISHED, REFERENCE_ARM, run_folder, run_key
 from settings import DataSpec, ModelSpec, TrainConfig
-from utils import InputError, atomic_write_csv, atomic_write_json, atomic_write_text, read_json
+from stats import by_draw, delong_test, improvement_interval, spreads
+from utils import InputError, read_json
 
 COMPARED = ("auroc", "aupr", "fpr95", "auroc_size_matched")  # test metrics, with a paired Improvement
 COLUMNS = (*COMPARED, "val_auroc")
@@ -30,12 +27,13 @@ class ArmRun:
     seconds_per_epoch: float  # NaN when its history.csv is missing
 
 
-def _value(metrics, key):
-    value = metrics.get(key)
-    return np.nan if value is None else float(value)
+def value(metrics, key):
+    """A metric of a run as a float (NaN where the run has none)."""
+    found = metrics.get(key)
+    return np.nan if found is None else float(found)
 
 
-def _mean_std(values):
+def mean_std(values):
     values = np.asarray(values, dtype=np.float64)
     if np.isnan(values).any():
         return float("nan"), float("nan")
@@ -85,7 +83,7 @@ def collect_arm_runs(root):
                 raise InputError(f"{run / 'config.json'}: damaged encoder_weights {config['encoder_weights']!r}; "
                                  f"rerun that run with --overwrite") from None
             runs[arm][run_key(run)] = ArmRun(metrics, config, _epoch_seconds(run))
-    keys = {arm: sorted(r, key=_order) for arm, r in runs.items()}
+    keys = {arm: sorted(r, key=key_order) for arm, r in runs.items()}
     if REFERENCE_ARM not in runs or any(k != keys[REFERENCE_ARM] for k in keys.values()):
         found = {arm: [key.folder for key in k] for arm, k in keys.items()}
         raise InputError(f"{root}: need frozen/seed* and every other arm's runs for the same seeds and data seeds (a "
@@ -96,8 +94,19 @@ def collect_arm_runs(root):
     return runs
 
 
-def _order(key):
+def key_order(key):
+    """Runs in order: data seed (one draw first), then training seed."""
     return -1 if key.data_seed is None else key.data_seed, key.seed
+
+
+def arm_test_scores(root, arm, key, smiles=None):
+    """(SMILES as written, is_ood, energies) of a sweep run's test_scores.csv; an InputError when `smiles`
+    (the frozen run's of the same key) are not its test molecules: arms are compared on the same ones."""
+    found, is_ood, energy = read_test_scores(run_folder(root, arm, key))
+    if smiles is not None and found != smiles:
+        raise InputError(f"{run_folder(root, arm, key)}: other test molecules than the frozen run of the same "
+                         f"{key.label}; the arms must share --data_seed and sizes")
+    return found, is_ood, energy
 
 
 def sweep_baselines(root, keys):
@@ -116,243 +125,115 @@ def sweep_baselines(root, keys):
     return {name: per_key for name, per_key in out.items() if len(per_key) == len(keys)}
 
 
-def _arm_label(arm):
+def arm_label(arm):
     return f"Energy-DPO ({arm})"
 
 
-def _baseline_label(name):
+def baseline_label(name):
     return f"baseline: {name}"
 
 
-def encoder_folders(root):
-    """SWEEP/<dataset>/<encoder>/ folders of a sweep over several encoders ([] for one encoder)."""
-    return [Path(root) / name for name in FOUNDATION_MODELS if (Path(root) / name).is_dir()]
-
-
-SUMMARY_COLUMNS = ["encoder", "data_seed", "seed", "method", *COLUMNS, "auroc_ci95_low", "auroc_ci95_high",
-                   "delong_p_vs_frozen", "best_epoch", "encoder_weights"]
-
-
-def write_comparison(root):
-    """comparison_summary.txt / .json / .csv and comparison.png for a sweep of arms (frozen and
-    fine-tuned variants) over seeds, with the baselines of the same roles beside them. A sweep over
-    several encoders gets them per encoder folder, and at its root one section (one plot row) per
-    encoder, pretrained encoders first; every CSV row names its encoder. Returns (summary, text)."""
-    folders = encoder_folders(root)
-    if not folders:
-        one = _compare_arms(Path(root))
-        summary, text, rows = one.summary, one.text, one.rows
-        plot_comparison(Path(root) / "comparison.png", [one.arms])
-    else:
-        # pretrained encoders first; the sort is stable, so otherwise in FOUNDATION_MODELS' order
-        parts = sorted((_compare_arms(folder) for folder in folders),
-                       key=lambda part: EncoderId.parse(part.summary["encoder_weights"]).is_random_init)
-        for part in parts:  # one encoder of several: its files beside its arms
-            _write_summary(part.folder, part.summary, part.text, part.rows)
-            plot_comparison(part.folder / "comparison.png", [part.arms])
-        summary = {"encoders": [part.summary for part in parts]}
-        text = "\n\n".join([f"Energy-DPO on {parts[0].summary['dataset']}, per encoder (pretrained first): "
-                             + ", ".join(part.summary["encoder"] for part in parts)] + [part.text for part in parts])
-        rows = [row for part in parts for row in part.rows]
-        plot_comparison(Path(root) / "comparison.png", [part.arms for part in parts])
-    _write_summary(Path(root), summary, text, rows)
-    return summary, text
-
-
-def _write_summary(folder, summary, text, rows):
-    atomic_write_text(folder / "comparison_summary.txt", text + "\n")
-    atomic_write_json(folder / "comparison_summary.json", _json_safe(summary))
-    atomic_write_csv(folder / "comparison_summary.csv", rows, SUMMARY_COLUMNS)
-
-
-class ComparedArms(NamedTuple):
-    """One encoder's arms compared, as its plot row draws them."""
-    runs: dict  # {arm: {RunKey: ArmRun}}
-    keys: list  # the RunKeys every arm has
-    table: dict  # {method: {metric: (mean, std)}}
-    baselines: dict  # {baseline: {RunKey: metrics}}
-    dataset: str
-    label: str  # the encoder, as results name it
-
-
-class Comparison(NamedTuple):
-    """One encoder's comparison, as its folder's summary files and its plot row show it."""
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    """One encoder's arms compared run by run: what its summary files and its plot row show."""
     folder: Path
-    summary: dict
-    text: str
-    rows: list  # comparison_summary.csv's
-    arms: ComparedArms
+    runs: dict  # {arm: {RunKey: ArmRun}}, the frozen arm first
+    keys: list  # the RunKeys every arm has, in key_order
+    draw_of: dict  # {RunKey: its data seed} (the run's own, also in a sweep over one draw)
+    identity: EncoderId
+    args: dict  # the frozen arm's first run's flags: the sweep's dataset, sizes and protocol
+    methods: dict  # {label: {RunKey: metrics}}: each arm, then each baseline
+    baselines: dict  # {baseline: {RunKey: metrics}}
+    table: dict  # {label: {metric: (mean, std)}}, the Improvement rows ("Improvement (<arm>)") included
+    diffs: dict  # {arm: {metric: paired differences to frozen, per run}}
+    intervals: dict  # {arm: the AUROC Improvement's t-interval (stats.improvement_interval) or None}
+    tests: dict  # {arm: [DeLong's test per paired run]}
+    spread: dict  # {label: {metric: (over draws, over seeds)}}; {} for one draw
+    per_draw: dict  # {label: {draw: mean AUROC}}, Improvement rows included; {} for one draw
+
+    @property
+    def arms(self):
+        return list(self.runs)
+
+    @property
+    def draws(self):
+        return sorted(set(self.draw_of.values()))
+
+    @property
+    def seeds(self):
+        return sorted({key.seed for key in self.keys})
+
+    @property
+    def several_draws(self):
+        return len(self.draws) > 1
+
+    @property
+    def ood_val_split(self):
+        return self.args.get("ood_val_split", DataSpec.ood_val_split)
+
+    def arm_info(self):
+        """{arm: its fine-tuning flags, trainable encoder parameters and mean seconds per epoch}."""
+        first = self.keys[0]
+        return {arm: {"flags": arm_flags(runs[first].config["args"]),
+                      "encoder_trainable_params": runs[first].config["encoder_trainable_params"],
+                      "seconds_per_epoch": mean_std([runs[k].seconds_per_epoch for k in self.keys])[0]}
+                for arm, runs in self.runs.items()}
+
+    def per_run(self):
+        """One row per run and method (arms and baselines): its metrics, interval, best epoch and DeLong p."""
+        arm_of = {arm_label(arm): arm for arm in self.runs}
+        p_of = {(arm, test["data_seed"], test["seed"]): test["p"] for arm, tests in self.tests.items() for test in tests}
+        return [{"data_seed": self.draw_of[k], "seed": k.seed, "method": name,
+                 **{m: value(rows[k], m) for m in COLUMNS}, "auroc_ci95": rows[k].get("auroc_ci95"),
+                 "best_epoch": rows[k].get("best_epoch", ""),
+                 "delong_p_vs_frozen": p_of.get((arm_of.get(name), self.draw_of[k], k.seed))}
+                for k in self.keys for name, rows in self.methods.items()]
 
 
-def _compare_arms(root):
-    """One encoder's comparison (its runs under `root`)."""
+def compare_arms(root):
+    """The Comparison of one encoder's arms (its runs under `root`)."""
     runs = collect_arm_runs(root)
     arms = list(runs)
-    keys = sorted(runs[REFERENCE_ARM], key=_order)
-    ref_cfg = runs[REFERENCE_ARM][keys[0]].config
-    draw_of = {key: runs[REFERENCE_ARM][key].config["args"]["data_seed"] for key in keys}
-    draws, seeds = sorted(set(draw_of.values())), sorted({key.seed for key in keys})
-    weights = ref_cfg["encoder_weights"]
-    identity = EncoderId.parse(weights)
-    random_init = identity.is_random_init
-    arm_of = {_arm_label(arm): arm for arm in arms}
-    methods = {label: {k: runs[arm][k].metrics for k in keys} for label, arm in arm_of.items()}
+    keys = sorted(runs[REFERENCE_ARM], key=key_order)
+    reference = runs[REFERENCE_ARM]
+    draw_of = {key: reference[key].config["args"]["data_seed"] for key in keys}
+    run_draws = [draw_of[k] for k in keys]
+    methods = {arm_label(arm): {k: runs[arm][k].metrics for k in keys} for arm in arms}
     baselines = sweep_baselines(root, keys)
-    methods.update({_baseline_label(name): per_key for name, per_key in baselines.items()})
-    table = {name: {m: _mean_std([_value(per_key[k], m) for k in keys]) for m in COLUMNS}
+    methods.update({baseline_label(name): per_key for name, per_key in baselines.items()})
+    table = {name: {m: mean_std([value(per_key[k], m) for k in keys]) for m in COLUMNS}
              for name, per_key in methods.items()}
-    diffs = {arm: {m: [_value(runs[arm][k].metrics, m) - _value(runs[REFERENCE_ARM][k].metrics, m) for k in keys]
+    diffs = {arm: {m: [value(runs[arm][k].metrics, m) - value(reference[k].metrics, m) for k in keys]
                    for m in COMPARED} for arm in arms[1:]}
-    improvement = {arm: {m: _mean_std(d) for m, d in per_metric.items()} for arm, per_metric in diffs.items()}
-    run_draws, several = [draw_of[k] for k in keys], len(draws) > 1
-    intervals = {arm: improvement_interval(per_metric["auroc"], run_draws)
-                 for arm, per_metric in diffs.items()}
-    tests = {arm: [dict(zip(("auroc_difference", "z", "p"), _delong(root, arm, k)), data_seed=draw_of[k], seed=k.seed)
-                   for k in keys] for arm in arms[1:]}
-    spread = {name: {m: _spreads([_value(per_key[k], m) for k in keys], run_draws) for m in COMPARED}
+    table |= {f"Improvement ({arm})": {m: mean_std(d) for m, d in per_metric.items()} for arm, per_metric in diffs.items()}
+    several = len(set(run_draws)) > 1
+    spread = {name: {m: spreads([value(per_key[k], m) for k in keys], run_draws) for m in COMPARED}
               for name, per_key in methods.items()} if several else {}
     # Each draw's mean AUROC (over seeds): whether a ranking or an Improvement's sign holds on every draw
-    aurocs = {name: [_value(per_key[k], "auroc") for k in keys] for name, per_key in methods.items()}
+    aurocs = {name: [value(per_key[k], "auroc") for k in keys] for name, per_key in methods.items()}
     aurocs |= {f"Improvement ({arm})": d["auroc"] for arm, d in diffs.items()}
-    per_draw = {name: {str(draw): float(np.mean(v)) for draw, v in sorted(_by_draw(values, run_draws).items())}
+    per_draw = {name: {str(draw): float(np.mean(v)) for draw, v in sorted(by_draw(values, run_draws).items())}
                 for name, values in aurocs.items()} if several else {}
-    arm_info = {arm: {"flags": _arm_flags(runs[arm][keys[0]].config["args"]),
-                      "encoder_trainable_params": runs[arm][keys[0]].config["encoder_trainable_params"],
-                      "seconds_per_epoch": _mean_std([runs[arm][k].seconds_per_epoch for k in keys])[0]}
-                for arm in arms}
-    p_of = {(arm, test["data_seed"], test["seed"]): test["p"] for arm, arm_tests in tests.items() for test in arm_tests}
-    per_run = [{"data_seed": draw_of[k], "seed": k.seed, "method": name, **{m: _value(rows[k], m) for m in COLUMNS},
-                "auroc_ci95": rows[k].get("auroc_ci95"), "best_epoch": rows[k].get("best_epoch", ""),
-                "delong_p_vs_frozen": p_of.get((arm_of.get(name), draw_of[k], k.seed))}
-               for k in keys for name, rows in methods.items()]
-    args = ref_cfg["args"]
-    summary = {
-        "dataset": args["dataset"], "data_file": args["data_file"], "seeds": seeds, "data_seeds": draws,
-        "encoder": identity.short_label, "encoder_weights": weights, "random_init_encoder": random_init,
-        "ood_val_split": args.get("ood_val_split", DataSpec.ood_val_split), "arms": arm_info,
-        "sizes": {k: args[k] for k in ("train_size", "val_size", "test_size", "epochs")},
-        "date": time.strftime("%Y-%m-%d %H:%M"), "per_seed": per_run,
-        "table": table | {f"Improvement ({arm})": imp for arm, imp in improvement.items()},
-        "paired_differences": diffs, "improvement_ci95": intervals, "paired_tests": tests, "spread": spread,
-        "auroc_per_draw": per_draw,
-    }
-    cell = lambda ms, sign="": "–" if np.isnan(ms[0]) else f"{ms[0]:{sign}.4f} ± {ms[1]:.4f}"  # noqa: E731
-    weights_line = f"{identity.short_label}{':' if random_init else ','} {weights}"
-    width, name_width = 18, max(29, *(len(f"Improvement ({arm})") + 1 for arm in arms))
-    lines = [f"Energy-DPO on {args['dataset']}: " + " vs ".join(arms),
-             f"encoder weights: {weights_line}",
-             f"seeds: {' '.join(map(str, seeds))}   data seed{'s' if several else ''}: {' '.join(map(str, draws))}   "
-             f"date: {summary['date']}",
-             f"sizes per side: train {args['train_size']}, val {args['val_size']}, test {args['test_size']}; "
-             f"max epochs {args['epochs']}; model selection on validation AUROC; OOD val split: "
-             f"{summary['ood_val_split']}", ""]
-    lines += [f"{'arm':<{name_width - 2}} {'trainable encoder params':>24} {'s/epoch':>8}  flags"]
-    lines += [f"{arm:<{name_width - 2}} {info['encoder_trainable_params']:>24,} {info['seconds_per_epoch']:>8.1f}  "
-              f"{info['flags'] or '(frozen encoder)'}" for arm, info in arm_info.items()]
-    data = lambda r: f"{r['data_seed']:>6} " if several else ""  # noqa: E731
-    lines += ["", f"{'data':>6} " * several + f"{'seed':>6}  {'arm':<{name_width - 8}} {'AUROC':>7} {'AUPR':>7} "
-              f"{'FPR95':>7} {'size-m.':>7} {'val':>7} {'best epoch':>10}"]
-    lines += [data(r) + f"{r['seed']:>6}  {arm_of[r['method']]:<{name_width - 8}} " + " ".join(
-              f"{'–' if np.isnan(r[k]) else format(r[k], '.4f'):>7}" for k in COLUMNS) + f" {r['best_epoch']:>10}"
-              for r in per_run if r["method"] in arm_of]
-    lines += ["", f"{'Method':<{name_width}}" + "".join(f" | {METRIC_LABELS[k]:<{width}}" for k in COLUMNS)]
-    for name in methods:
-        lines.append(f"{name:<{name_width}}" + "".join(f" | {cell(table[name][k]):<{width}}" for k in COLUMNS))
-    for arm, imp in improvement.items():
-        lines.append(f"{f'Improvement ({arm})':<{name_width}}" + "".join(f" | {cell(imp[k], '+'):<{width}}"
-                                                                         for k in COMPARED))
-    lines.append(f"{'(better when)':<{name_width}}" + "".join(
-        f" | {('> 0 (higher)' if BETTER[k] == 'higher' else '< 0 (lower)'):<{width}}" for k in COMPARED))
-    over = f"all {len(keys)} runs ({len(draws)} data draws × {len(seeds)} seeds)" if several else "seeds"
-    lines += ["", f"mean ± sample std over {over}; Improvement (arm) = arm − frozen, mean ± std of the paired "
-              "per-run differences (the same data seed and seed): positive is better for AUROC, AUPR and size-matched "
-              "AUROC, negative is better for FPR95. Size-matched AUROC: over ID-OOD pairs of equal heavy-atom count "
-              "(0.5 for a score that only counts atoms). Baselines are on the same test molecules (frozen features)."]
-    for arm in arms[1:]:
-        lines += _improvement_lines(arm, intervals[arm], tests[arm])
-    if several:
-        lines += ["", f"{'AUROC per data draw':<{name_width}}" + "".join(f" | {'draw ' + str(d):<9}" for d in draws)
-                  + f" | {'spread: draws':<13} | seeds"]
-        for name, means in per_draw.items():
-            sign = "+" if name.startswith("Improvement") else ""
-            lines.append((f"{name:<{name_width}}" + "".join(f" | {means[str(d)]:<{sign}9.4f}" for d in draws)
-                          + (f" | {spread[name]['auroc'][0]:<13.4f} | {spread[name]['auroc'][1]:.4f}"
-                             if name in spread else "")).rstrip())
-        lines.append("draw D: the mean AUROC (Improvement: the mean paired difference) over the seeds on data seed D; "
-                     "spread: over data draws the std of the per-draw means, over seeds the mean within-draw std")
-    if not baselines:
-        lines.append("no baselines.json in these runs (made before baselines were computed): no baseline rows")
-    for arm in arms:
-        warning = validation_warning(table[_arm_label(arm)]["val_auroc"][0], table[_arm_label(arm)]["auroc"][0],
-                                     summary["ood_val_split"])
-        if warning:
-            lines.append(f"{_arm_label(arm)}: {warning}")
-    if random_init:
-        lines.append(f"{identity.short_label}: these numbers do not measure pretrained Uni-Mol.")
-    number = lambda value: "" if value is None or np.isnan(value) else f"{value:.6f}"  # noqa: E731
-    rows = [(identity.short_label, r["data_seed"], r["seed"], r["method"], *(number(r[k]) for k in COLUMNS),
-             *(number(v) for v in (r["auroc_ci95"] or (None, None))), number(r["delong_p_vs_frozen"]),
-             r["best_epoch"], weights) for r in per_run]
-    return Comparison(root, summary, "\n".join(lines), rows,
-                      ComparedArms(runs, keys, table, baselines, args["dataset"], identity.short_label))
-
-
-def improvement_interval(differences, draws, level=0.95):
-    """A `level` t-interval of the mean paired AUROC difference, or None with fewer than two units. With
-    several data draws the unit is the draw (its mean difference over seeds): seeds within a draw share
-    its test molecules, so they are not independent replicates; with one draw, the seed."""
-    by_draw = _by_draw(differences, draws)
-    units = [float(np.mean(d)) for d in by_draw.values()] if len(by_draw) > 1 else list(differences)
-    if len(units) < 2 or np.isnan(units).any():
-        return None
-    mean, half = float(np.mean(units)), float(t.ppf((1 + level) / 2, len(units) - 1) * sem(units))
-    unit = (f"the {len(units)} data draws' mean differences" if len(by_draw) > 1 else
-            f"the {len(units)} seeds' differences, on one draw of the molecules (another draw may differ more)")
-    return {"mean": mean, "low": mean - half, "high": mean + half, "level": level, "over": unit,
-            "distinguishable_from_0": bool(mean - half > 0 or mean + half < 0)}
-
-
-def _improvement_lines(arm, interval, tests):
-    lines = []
-    if interval:
-        verdict = "distinguishable from 0" if interval["distinguishable_from_0"] else "not distinguishable from 0"
-        lines.append(f"Improvement ({arm}) AUROC {interval['mean']:+.4f}, 95% CI [{interval['low']:+.4f}, "
-                     f"{interval['high']:+.4f}] (t-interval over {interval['over']}): {verdict}")
-    significant = [test for test in tests if test["p"] < 0.05]
-    p_values = ", ".join(f"{test['p']:.3g}" for test in tests)
-    lines.append(f"  DeLong's test per paired run ({arm} vs frozen, the same test molecules): {len(significant)} of "
-                 f"{len(tests)} differ at p < 0.05 (p: {p_values})")
-    return lines
-
-
-def _by_draw(values, draws):
-    """{data seed: its runs' values}, in the order the draws first appear."""
-    grouped = {}
-    for draw, value in zip(draws, values):
-        grouped.setdefault(draw, []).append(value)
-    return grouped
-
-
-def _spreads(values, draws):
-    """(std of the per-draw means, mean of the within-draw stds) of one method's runs."""
-    by_draw = _by_draw(values, draws)
-    within = [np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in by_draw.values()]
-    return float(np.std([np.mean(v) for v in by_draw.values()], ddof=1)), float(np.mean(within))
+    return Comparison(
+        folder=Path(root), runs=runs, keys=keys, draw_of=draw_of,
+        identity=EncoderId.parse(reference[keys[0]].config["encoder_weights"]),
+        args=reference[keys[0]].config["args"], methods=methods, baselines=baselines, table=table, diffs=diffs,
+        intervals={arm: improvement_interval(per_metric["auroc"], run_draws) for arm, per_metric in diffs.items()},
+        tests={arm: [dict(zip(("auroc_difference", "z", "p"), _delong(root, arm, k)), data_seed=draw_of[k],
+                          seed=k.seed) for k in keys] for arm in arms[1:]},
+        spread=spread, per_draw=per_draw)
 
 
 def _delong(root, arm, key):
     """DeLong's test of an arm's run against the frozen run with the same key, on their shared test molecules."""
-    smiles, is_ood, energy = read_test_scores(run_folder(root, arm, key))
-    frozen_smiles, _, frozen_energy = read_test_scores(run_folder(root, REFERENCE_ARM, key))
-    if smiles != frozen_smiles:
-        raise InputError(f"{run_folder(root, arm, key)}: other test molecules than the frozen run of the same "
-                         f"{key.label}; the arms must share --data_seed and sizes")
+    smiles, is_ood, frozen_energy = arm_test_scores(root, REFERENCE_ARM, key)
+    _, _, energy = arm_test_scores(root, arm, key, smiles)
     ood = np.asarray(is_ood) == 1
     energy, frozen_energy = np.asarray(energy), np.asarray(frozen_energy)
     return delong_test(energy[~ood], energy[ood], frozen_energy[~ood], frozen_energy[ood])
 
 
-def _arm_flags(args):
+def arm_flags(args):
     """The fine-tuning flags of an arm, as a user would type them."""
     if not args.get("finetune_encoder"):
         return ""
@@ -363,56 +244,3 @@ def _arm_flags(args):
     if args.get("lr_schedule", TrainConfig.lr_schedule) != "constant":
         flags.append(f"--lr_schedule {args['lr_schedule']}")
     return " ".join(flags)
-
-
-def _json_safe(obj):
-    """NaN (a metric that does not exist for a run) as null, which JSON can hold."""
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return None if isinstance(obj, float) and math.isnan(obj) else obj
-
-
-def plot_comparison(path, parts):
-    """Per part (ComparedArms: one encoder's arms) a row of panels, one per compared metric: each seed's
-    arms joined (paired), their mean, and the best baseline. Several parts: the encoder labels the row."""
-    widest = max(len(p.runs) for p in parts)
-    cols = len(COMPARED) if widest <= 2 or len(parts) > 1 else 2  # many arms alone: a 2 × 2 grid
-    rows = math.ceil(len(COMPARED) / cols)
-    panel = max(4.0, 1.0 * widest + 1.0)
-    fig, axes = pyplot().subplots(rows * len(parts), cols, figsize=(panel * cols, 3.8 * rows * len(parts)),
-                                  squeeze=False)
-    for n, part in enumerate(parts):
-        _plot_panels(axes[n * rows:(n + 1) * rows].ravel(), part.runs, part.keys, part.table, part.baselines,
-                     textwrap.fill(part.label, 24) if len(parts) > 1 else "")
-    dataset, label = parts[0].dataset, parts[0].label
-    fig.suptitle(f"{dataset} · {label}" if len(parts) == 1 else f"{dataset} · one row per encoder", y=1.03)
-    fig.tight_layout()
-    save_figure(fig, path)
-
-
-def _plot_panels(axes, runs, keys, table, baselines, row_label):
-    arms = list(runs)
-    x = np.arange(len(arms))
-    draws = sorted({k.data_seed for k in keys}, key=lambda d: -1 if d is None else d)
-    for ax, key in zip(axes, COMPARED):
-        for i, k in enumerate(keys):  # one colour per data draw when there are several
-            colour = "grey" if len(draws) == 1 else f"C{4 + draws.index(k.data_seed) % 6}"
-            first = next(j for j, other in enumerate(keys) if other.data_seed == k.data_seed) == i
-            label = ("one seed (paired)" if len(draws) == 1 else f"data seed {k.data_seed}, each seed (paired)")
-            ax.plot(x, [_value(runs[arm][k].metrics, key) for arm in arms], color=colour, lw=0.8, marker="o",
-                    label=label if first else None)
-        ax.scatter(x, [table[_arm_label(arm)][key][0] for arm in arms], s=300, marker="_", linewidths=2.5,
-                   color="C3", zorder=3, label=f"mean of {len(keys)} runs")
-        ranked = sorted((table[_baseline_label(name)][key][0], name) for name in baselines
-                        if not np.isnan(table[_baseline_label(name)][key][0]))
-        if ranked:
-            value, name = ranked[0] if BETTER[key] == "lower" else ranked[-1]
-            ax.axhline(value, color="C0", ls="--", lw=1, label=f"best baseline ({name})")
-        ax.set_xticks(x, arms, rotation=20 if len(arms) > 3 else 0)
-        ax.set_xlim(-0.4, len(arms) - 0.6)
-        ylabel = f"test {METRIC_LABELS[key]}"
-        ax.set(ylabel=f"{row_label}\n\n{ylabel}" if row_label and ax is axes[0] else ylabel,
-               title=f"{METRIC_LABELS[key]} ({BETTER[key]} is better)")
-        ax.legend(fontsize="small")

@@ -1,95 +1,20 @@
-"""The comparison sweep behind run_finetune_comparison.sh: datasets × seeds × arms (× encoders) → runs
-of main.py → a summary per dataset.
-
-The sweep is planned whole before anything runs: every run's main.py arguments are built from the
-environment (the script's documented variables) and checked by main.py's own parser and checks, so a
-typo in an arm is a one-line error before the first run trains. The plan is then printed
-(--print-commands) or run: one run after the other, or K at once (--jobs K), each run its own
-main.py process with --auto_resume (a finished run is skipped, an interrupted one resumes)."""
-import dataclasses
+"""The comparison sweep behind run_finetune_comparison.sh, on the command line: its options and usage, then
+the plan (sweep_plan.py) printed as shell lines for a scheduler (--print-commands) or run on this machine
+(sweep_jobs.py: one run after the other, or K at once with --jobs K)."""
 import os
 import re
 import shlex
 import shutil
 import signal
-import subprocess
 import sys
 import time
-from pathlib import Path
 
-from cli import check_arguments, typed_flags
-from encoders import DEFAULT_ENCODER, ENCODER_FLAGS, ENCODERS, FOUNDATION_MODELS, WEIGHTS_OPTIONS, refused_flags
-from runs import FINISHED, REFERENCE_ARM, RunKey
+from encoders import ENCODERS, FOUNDATION_MODELS
+from sweep_jobs import MAIN, run_pool, run_serial
+from sweep_plan import (DEFAULTS, DEMO, DEMO_FILE, DEMO_RANDOM_INIT_ARGS, STRATEGY_ARMS, Options, SweepError,
+                        demo_encoders, plan_sweep)
 from settings import DEFAULT_DATASET
 
-SCRIPT = "run_finetune_comparison.sh"
-HERE = os.path.dirname(os.path.abspath(__file__))
-MAIN = os.path.join(HERE, "main.py")
-BUILTIN_ARMS = {"frozen": "", "finetuned": "--finetune_encoder",
-                **{s: f"--finetune_encoder --finetune_strategy {s}" for s in ("attention", "ffn", "lora")}}
-# Environment variables that become one main.py flag each, for every run (unset or empty: main.py's default)
-COMMON_FLAGS = {"EPOCHS": "--epochs", "BATCH_SIZE": "--batch_size", "TRAIN_SIZE": "--train_size",
-                "VAL_SIZE": "--val_size", "TEST_SIZE": "--test_size", "DATA_SEED": "--data_seed", "DEVICE": "--device",
-                "OOD_VAL_SPLIT": "--ood_val_split"}
-FINETUNE_FLAGS = {"FREEZE_LAYERS": "--freeze_layers", "ENCODER_LR": "--encoder_lr"}  # fine-tuned arms only
-DEMO = {"DATASETS": "demo_ec50_scaffold", "EPOCHS": "5", "TRAIN_SIZE": "200", "VAL_SIZE": "100", "TEST_SIZE": "200",
-        "OUTPUT_ROOT": "./outputs/finetune_comparison_demo"}
-# An encoder whose checkpoint is missing in the demo runs random-init: its rows only show that the pipeline
-# runs, so it gets half the molecules (half the cold-cache work)
-DEMO_RANDOM_INIT_ARGS = "--train_size 100 --val_size 50 --test_size 100"
-STOP_WAIT_S = 10  # how long an interrupted sweep waits for its runs to stop on their own
-
-
-class SweepError(Exception):
-    """A one-line error; `status` 2 for settings, 1 for missing inputs."""
-
-    def __init__(self, message, status=2):
-        super().__init__(message)
-        self.status = status
-
-
-@dataclasses.dataclass(frozen=True)
-class Options:
-    demo: bool = False
-    force: bool = False
-    jobs: int = 1
-    print_runs: bool = False
-    print_compare: bool = False
-
-    @property
-    def printing(self):
-        return self.print_runs or self.print_compare
-
-
-@dataclasses.dataclass(frozen=True)
-class Run:
-    dataset: str
-    arm: str  # as its folder names it: frozen, lora_lr1e-4, or <encoder>/<arm> in a sweep over encoders
-    key: RunKey  # its data seed (DATA_SEEDS; None: one draw) and training seed
-    folder: str  # OUTPUT_ROOT/<dataset>/<arm>/<its key's folder>, as sweep.py reads it
-    args: tuple  # main.py's arguments
-
-    @property
-    def seed(self):
-        return self.key.seed
-
-    @property
-    def name(self):
-        return f"{self.dataset} {self.arm} {self.key.label}"
-
-
-@dataclasses.dataclass(frozen=True)
-class Plan:
-    runs: tuple
-    datasets: tuple
-    output_root: str
-    notes: tuple = ()  # said before anything runs (which weights the demo uses, arms an encoder skips)
-
-    def compare_args(self, dataset):
-        return ("--mode", "compare", "--output_dir", f"{self.output_root}/{dataset}")
-
-
-# ----------------------------------------------------------------------------- settings → plan
 
 def parse_options(argv):
     options, rest = {}, list(argv)
@@ -120,205 +45,6 @@ def parse_options(argv):
     return parsed
 
 
-def words(name, text):
-    """TEXT split with shell quoting rules (never evaluated); a quoting error names the variable."""
-    try:
-        return shlex.split(text or "")
-    except ValueError as exc:
-        raise SweepError(f"{name}: {exc}: {text}") from None
-
-
-def given(env, name):
-    return env.get(name) or None  # unset or empty: the variable passes nothing
-
-
-def repeated(values, message):
-    seen = set()
-    for value in values:
-        if value in seen:
-            raise SweepError(message % value)
-        seen.add(value)
-
-
-def demo_encoders():
-    """The demo's encoders: those whose weights need no download first, then the others."""
-    return sorted(FOUNDATION_MODELS, key=lambda name: ENCODERS[name].weights is not None)
-
-
-def plan_sweep(env, options, check=True):
-    """The sweep's runs, in order (datasets, then data seeds, then seeds, then arms), from the environment `env`;
-    SweepError for settings that do not fit. `check`: every run's arguments through main.py's checks."""
-    env, notes = dict(env), []
-    if options.demo:
-        if not given(env, "DATASETS") and not given(env, "DATA_FILE"):
-            env["DATASETS"] = DEMO["DATASETS"]
-        if not given(env, "DATA_FILE"):
-            env["DATA_FILE"] = os.path.join(HERE, "data", "demo", "demo_ec50_scaffold.json")
-        for name, value in DEMO.items():
-            if name != "DATASETS" and not given(env, name):
-                env[name] = value
-        env["FOUNDATION_MODELS"] = given(env, "FOUNDATION_MODELS") or " ".join(demo_encoders())
-        for weights in WEIGHTS_OPTIONS:
-            if given(env, weights.variable):
-                continue
-            path = weights.default_path()
-            if os.path.isfile(path):
-                notes.append(f"== demo: {weights.label} weights {path}")
-            else:
-                notes.append(f"== demo: no checkpoint at {path}; using a random-init encoder "
-                             f"({weights.variable}=random)")
-                env[weights.variable] = "random"
-                for info in ENCODERS.values():
-                    if info.weights == weights:
-                        env.setdefault(f"{info.name.upper()}_ARGS", DEMO_RANDOM_INIT_ARGS)
-        for info in ENCODERS.values():  # its head's recipe; set but empty: the user's "no extra flags"
-            env.setdefault(f"{info.name.upper()}_ARGS", info.demo_args)
-    seeds = (given(env, "SEEDS") or "42 43 44").split()
-    data_seeds = data_seeds_of(env)
-    output_root = given(env, "OUTPUT_ROOT") or "./outputs/finetune_comparison"
-    if given(env, "DATASETS"):
-        datasets = env["DATASETS"].split()
-    elif given(env, "DATA_FILE"):
-        datasets = [os.path.basename(env["DATA_FILE"]).removesuffix(".json").removesuffix(".csv")]
-    else:
-        datasets = [DEFAULT_DATASET]
-    if not datasets or not seeds:
-        raise SweepError("DATASETS and SEEDS must name at least one dataset and seed")
-    if given(env, "DATA_FILE") and len(datasets) != 1:
-        raise SweepError(f"DATA_FILE names one file but DATASETS has {len(datasets)} datasets")
-    extra = words("EXTRA_ARGS", env.get("EXTRA_ARGS"))
-    encoder_args = {name: words(f"{name.upper()}_ARGS", env.get(f"{name.upper()}_ARGS")) for name in ENCODERS}
-    if "--force_recompute_cache" in extra and (options.jobs > 1 or options.printing):
-        raise SweepError("EXTRA_ARGS: --force_recompute_cache with runs at once (--jobs, printed commands) would "
-                         "delete caches other runs are reading; clear the cache folder before the sweep instead")
-    arms = expand_arms(env)
-    encoders = (given(env, "FOUNDATION_MODELS") or DEFAULT_ENCODER).split()
-    if not encoders:
-        raise SweepError(f"FOUNDATION_MODELS names no encoder ({', '.join(FOUNDATION_MODELS)})")
-    for name in encoders:
-        if name not in ENCODERS:
-            raise SweepError(f"FOUNDATION_MODELS: unknown encoder '{name}' ({', '.join(FOUNDATION_MODELS)})")
-    repeated(encoders, "FOUNDATION_MODELS gives %s twice")
-    typed = typed_flags(extra, ENCODER_FLAGS)
-    for name in encoders:  # EXTRA_ARGS goes to every run: a flag of some encoders only belongs in their own _ARGS
-        refused = refused_flags(ENCODERS[name], typed)
-        if refused:
-            takers = [f"{other.upper()}_ARGS" for other in encoders if refused[0] in ENCODERS[other].options]
-            raise SweepError(f"EXTRA_ARGS gives --{refused[0]} to every encoder's runs, but {ENCODERS[name].label} "
-                             f"takes no --{refused[0]}: pass it in {' or '.join(takers) or 'its takers _ARGS'}")
-    if encoders != [DEFAULT_ENCODER]:  # each encoder runs every arm, in <encoder>/<arm>/
-        arms, skipped = per_encoder(arms, encoders)
-        notes += [f"== {name}: frozen only ({ENCODERS[name].label} has no layers to fine-tune); its fine-tuned arms "
-                  f"are skipped: {' '.join(names)}" for name, names in skipped.items()]
-    repeated(seeds, "SEEDS gives seed %s twice")
-    repeated(data_seeds, "DATA_SEEDS gives data seed %s twice")
-    repeated(datasets, "DATASETS gives dataset %s twice")
-    repeated([arm for arm, _, _ in arms], "ARMS gives arm %s twice (after the ENCODER_LRS / FREEZE_SPECS expansion)")
-    data_files = []
-    for dataset in datasets:
-        data_file = given(env, "DATA_FILE") or f"./data/raw/{dataset}.json"
-        if not os.path.isfile(data_file):
-            raise SweepError(f"{data_file} not found for dataset {dataset} (set DATA_FILE, or see README 'Getting the "
-                             f"real inputs')", status=1)
-        data_files.append(data_file)
-    common = [word for name, flag in COMMON_FLAGS.items() if given(env, name) for word in (flag, env[name])]
-    finetune = [word for name, flag in FINETUNE_FLAGS.items() if given(env, name) for word in (flag, env[name])]
-    mode = ["--overwrite"] if options.force else ["--auto_resume"]
-    runs = []
-    for dataset, data_file in zip(datasets, data_files):
-        for data_seed in data_seeds:
-            for seed in seeds:
-                for arm, encoder, flags in arms:
-                    own = weights_args(ENCODERS[encoder], env, options.printing) + encoder_args[encoder]
-                    tuned = (finetune if "--finetune_encoder" in flags else []) + flags
-                    key = RunKey(data_seed and int(data_seed), int(seed) if seed.isdigit() else seed)
-                    folder = f"{output_root}/{dataset}/{arm}/{key.folder}"
-                    draw = ["--data_seed", data_seed] if data_seed else []
-                    args = ["--mode", "train", "--dataset", dataset, "--data_file", data_file, "--seed", seed,
-                            "--output_dir", folder, *common, *draw, *own, *tuned, *mode, *extra]
-                    runs.append(Run(dataset, arm, key, folder, tuple(args)))
-    if check:
-        for run in runs:
-            check_run(run)
-    return Plan(tuple(runs), tuple(datasets), output_root, tuple(notes))
-
-
-def weights_args(info, env, printing):
-    """The flag naming an encoder's weights file for its runs: its sweep variable (e.g. UNIMOL_WEIGHTS), else
-    nothing (main.py's default place); a printed line must not depend on the weights folder variable of the
-    shell that runs it, so there the default is spelled out."""
-    weights = info.weights
-    value = weights and (given(env, weights.variable) or (weights.default_path() if printing else None))
-    return [f"--{weights.flag}", value] if value else []
-
-
-def data_seeds_of(env):
-    """DATA_SEEDS' values as written ([None]: one draw, by DATA_SEED or main.py's default); SweepError for
-    a value that is not a seed."""
-    if not given(env, "DATA_SEEDS"):
-        return [None]
-    if given(env, "DATA_SEED"):
-        raise SweepError("DATA_SEED and DATA_SEEDS both set: DATA_SEEDS draws the molecules once per seed; unset "
-                         "DATA_SEED")
-    values = env["DATA_SEEDS"].split()
-    wrong = [value for value in values if not value.isdigit()]
-    if wrong:
-        raise SweepError(f"DATA_SEEDS: '{wrong[0]}' is not a data seed (whole numbers, 0 or more, e.g. "
-                         f"DATA_SEEDS=\"42 43 44\")")
-    return values
-
-
-def expand_arms(env):
-    """[(arm, flags)] from ARMS (built-in names or ARM_<name>), each fine-tuned arm expanded into one
-    arm per ENCODER_LRS and per FREEZE_SPECS value."""
-    out = []
-    lrs, specs = (given(env, "ENCODER_LRS") or "").split() or [""], (given(env, "FREEZE_SPECS") or "").split() or [""]
-    for name in (given(env, "ARMS") or "frozen finetuned").split():
-        if not re.fullmatch(r"[A-Za-z0-9_]+", name):
-            raise SweepError(f"ARMS: '{name}' is not a valid arm name (letters, digits, _)")
-        if given(env, f"ARM_{name}"):
-            flags = words(f"ARM_{name}", env[f"ARM_{name}"])
-        elif name in BUILTIN_ARMS:
-            flags = BUILTIN_ARMS[name].split()
-        else:
-            raise SweepError(f"ARMS: unknown arm '{name}'; built-in: {' '.join(BUILTIN_ARMS)}, or define "
-                             f"ARM_{name}=\"flags\"")
-        if "--finetune_encoder" not in flags:
-            out.append((name, flags))
-            continue
-        for lr in lrs:
-            for spec in specs:
-                out.append((name + (f"_lr{lr}" if lr else "") + (f"_freeze{spec}" if spec else ""),
-                            flags + (["--encoder_lr", lr] if lr else []) + (["--freeze_layers", spec] if spec else [])))
-    if REFERENCE_ARM not in [arm for arm, _ in out]:
-        raise SweepError(f"ARMS must include {REFERENCE_ARM}, the arm every other arm is compared with")
-    return [(arm, DEFAULT_ENCODER, flags) for arm, flags in out]
-
-
-def per_encoder(arms, encoders):
-    """Every arm for each encoder, as <encoder>/<arm>; a frozen-only encoder's fine-tuned arms are left out."""
-    out, skipped = [], {}
-    for name in encoders:
-        for arm, _, flags in arms:
-            if "--finetune_encoder" in flags and not ENCODERS[name].finetunable:
-                skipped.setdefault(name, []).append(arm)
-                continue
-            own = [] if name == DEFAULT_ENCODER else ["--foundation_model", name]
-            out.append((f"{name}/{arm}", name, own + flags))
-    return out, skipped
-
-
-def check_run(run):
-    """main.py's own parsing and checks of a run's arguments, now (nothing is created): SweepError naming the
-    arm. What belongs to the machine that runs the line is checked only for its form: the device (a GPU
-    may be there; checking one here would also load torch) and the encoder's weights file."""
-    error = check_arguments(run.args, {"--device": "cpu", **{f"--{w.flag}": "random" for w in WEIGHTS_OPTIONS}})
-    if error:
-        raise SweepError(f"arm '{run.arm}': {error}")
-
-
-# ----------------------------------------------------------------------------- printing
-
 def interpreter_path(python, pwd):
     """The interpreter by absolute path, for printed lines that run from anywhere."""
     path = shutil.which(python) if "/" not in python else os.path.join(pwd, python)
@@ -331,159 +57,6 @@ def command_line(pwd, python, args):
     """One shell line that runs main.py with `args` from the caller's folder, from anywhere."""
     return " ".join(shlex.quote(word) for word in ("cd", "--", pwd)) + " && " + \
         " ".join(shlex.quote(word) for word in (python, MAIN, *args))
-
-
-# ----------------------------------------------------------------------------- running
-
-def finished(run, options):
-    if os.path.isfile(os.path.join(run.folder, FINISHED)) and not options.force:
-        print(f"== {run.name}: finished, skipping ({run.folder})", flush=True)
-        return True
-    return False
-
-
-def job_env(slot, gpus, jobs):
-    """(environment, note) for the run in `slot` of `jobs` at once: its JOB_GPUS entry, and with jobs > 1
-    its share of the cores as OMP_NUM_THREADS (unless the caller set it). Without it every run starts a
-    thread per core: on 2 cores two MiniMol fine-tuning runs at once took 72 s against 46 s one after the
-    other, and 27 s with one thread each."""
-    env, parts = dict(os.environ), []
-    if gpus:
-        env["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
-        parts.append(f"on CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']}")
-    if jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
-        env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // jobs))
-        parts.append(f"with OMP_NUM_THREADS={env['OMP_NUM_THREADS']}")
-    return env, "".join(" " + part for part in parts)
-
-
-def stop(processes):
-    """Let interrupted runs end as a stopped run should (its atomic writes cleaned up, its log complete):
-    Ctrl-C reached them too, from the terminal; those still running after STOP_WAIT_S (the sweep alone
-    was interrupted, or sent SIGTERM) get the interrupt now."""
-    deadline = time.monotonic() + STOP_WAIT_S
-    for process in processes:
-        try:
-            process.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            process.send_signal(signal.SIGINT)
-    for process in processes:
-        process.wait()
-
-
-def run_to_end(command, env=None):
-    """A command's exit status; an interrupted sweep stops it gently first (stop)."""
-    process = subprocess.Popen(command, env=env)
-    try:
-        return process.wait()
-    except BaseException:
-        stop([process])
-        raise
-
-
-def compare(python, plan, dataset):
-    return run_to_end([python, MAIN, *plan.compare_args(dataset)]) == 0
-
-
-def run_serial(plan, options, python, gpus):
-    """One run after the other, each one's output on the console; each dataset's summary after its runs."""
-    env, note = job_env(0, gpus, 1)
-    for dataset in plan.datasets:
-        for run in (r for r in plan.runs if r.dataset == dataset):
-            if finished(run, options):
-                continue
-            print(f"== {run.name} -> {run.folder}{note}", flush=True)
-            if run_to_end([python, MAIN, *run.args], env) != 0:
-                raise SweepError(f"run failed: {run.name} (log: {run.folder}/training.log); sweep stopped", status=1)
-        if not compare(python, plan, dataset):
-            raise SweepError(f"the summary of {dataset} failed", status=1)
-
-
-def run_pool(plan, options, python, gpus):
-    """Up to options.jobs runs at once, each in a slot 0..K-1 (its JOB_GPUS entry), its output in
-    RUN/sweep_console.log; a dataset's summary once all its runs have ended. The first failed run stops
-    the launching: the running ones are waited for, the failed ones named."""
-    running, failed, free, summarized = {}, [], list(range(options.jobs)), set()
-    left = {dataset: sum(r.dataset == dataset for r in plan.runs) for dataset in plan.datasets}
-
-    def summarize(dataset):
-        if left[dataset] == 0 and not failed and dataset not in summarized:
-            summarized.add(dataset)
-            print(f"== {dataset}: all runs finished; writing the summary", flush=True)
-            if not compare(python, plan, dataset):
-                print(f"error: the summary of {dataset} failed", file=sys.stderr, flush=True)
-                failed.append(f"the summary of {dataset}")
-
-    def reap():
-        while True:
-            ended = [p for p in running if p.poll() is not None]
-            if ended:
-                break
-            time.sleep(0.2)
-        for process in ended:
-            run, slot, started = running.pop(process)
-            if process.returncode == 0:
-                print(f"== {run.name}: finished in {round(time.monotonic() - started)} s", flush=True)
-            else:
-                print(f"error: run failed (exit {process.returncode}): {run.name} (output: "
-                      f"{run.folder}/sweep_console.log, log: {run.folder}/training.log)", file=sys.stderr, flush=True)
-                failed.append(run.name)
-            free.append(slot)
-            left[run.dataset] -= 1
-            summarize(run.dataset)
-
-    try:
-        for dataset in plan.datasets:
-            for run in (r for r in plan.runs if r.dataset == dataset):
-                if failed:
-                    break
-                if finished(run, options):
-                    left[dataset] -= 1
-                    continue
-                while not free:
-                    reap()
-                if failed:
-                    break
-                slot = free.pop(0)
-                try:
-                    Path(run.folder).mkdir(parents=True, exist_ok=True)
-                except OSError:
-                    print(f"error: run failed: {run.name}: cannot create the folder {run.folder}", file=sys.stderr)
-                    failed.append(run.name)
-                    free.append(slot)
-                    break
-                env, note = job_env(slot, gpus, options.jobs)
-                with open(os.path.join(run.folder, "sweep_console.log"), "w") as log:
-                    process = subprocess.Popen([python, MAIN, *run.args], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                               stdin=subprocess.DEVNULL)
-                running[process] = (run, slot, time.monotonic())
-                print(f"== {run.name} -> {run.folder} (started{note}; output in {run.folder}/sweep_console.log)",
-                      flush=True)
-            if failed:
-                break
-            summarize(dataset)
-        if failed and running:
-            print(f"== a run failed: launching no more; waiting for the {len(running)} running run(s)", file=sys.stderr,
-                  flush=True)
-        while running:
-            reap()
-    finally:  # an interrupted sweep stops its runs; the next sweep resumes or restarts them
-        if running:
-            print(f"== stopping {len(running)} running run(s) (the next sweep resumes or restarts them): "
-                  f"{' '.join(run.folder for run, _, _ in running.values())}", file=sys.stderr, flush=True)
-            stop(list(running))
-    if failed:
-        raise SweepError(f"sweep stopped; failed: {'; '.join(failed)} (finished runs are kept; the next sweep resumes "
-                         f"the rest)", status=1)
-
-
-def usage():
-    encoders = " ".join(FOUNDATION_MODELS)
-    return USAGE.format(encoders=encoders, demo_encoders=" ".join(demo_encoders()), builtin=", ".join(BUILTIN_ARMS),
-                        demo_args="; ".join(f"{k.upper()}_ARGS='{i.demo_args}'" for k, i in ENCODERS.items()
-                                            if i.demo_args),
-                        random_init=DEMO_RANDOM_INIT_ARGS, frozen_only=" ".join(
-                            name for name, info in ENCODERS.items() if not info.finetunable) or "none")
 
 
 def main(argv, env=os.environ):
@@ -521,14 +94,25 @@ def main(argv, env=os.environ):
     return 0
 
 
+def usage():
+    return USAGE.format(encoders=" ".join(FOUNDATION_MODELS), demo_encoders=" ".join(demo_encoders()),
+                        strategy_arms=", ".join(STRATEGY_ARMS), strategies=" / ".join(STRATEGY_ARMS),
+                        random_init=DEMO_RANDOM_INIT_ARGS,
+                        demo_args="; ".join(f"{k.upper()}_ARGS='{i.demo_args}'" for k, i in ENCODERS.items()
+                                            if i.demo_args),
+                        frozen_only=" ".join(name for name, info in ENCODERS.items() if not info.finetunable) or "none",
+                        arms=DEFAULTS["ARMS"], seeds=DEFAULTS["SEEDS"], output_root=DEFAULTS["OUTPUT_ROOT"],
+                        dataset=DEFAULT_DATASET, demo=DEMO, demo_file=DEMO_FILE)
+
+
 USAGE = """\
 usage: run_finetune_comparison.sh [--demo] [--force] [--jobs K] [--print-commands] [--print-compare-commands]
                                   [--help]
 
-Runs the arms in ARMS (default: frozen finetuned) per dataset and seed with the same --data_seed:
+Runs the arms in ARMS (default: {arms}) per dataset and seed with the same --data_seed:
   frozen     Energy-DPO on frozen encoder features (the reference every other arm is compared with)
   finetuned  --finetune_encoder, with main.py's --freeze_layers and --encoder_lr defaults
-  attention, ffn, lora   --finetune_encoder --finetune_strategy attention / ffn / lora
+  {strategy_arms}   --finetune_encoder --finetune_strategy {strategies}
   <name>     any arm defined as ARM_<name>="main.py flags"
 FOUNDATION_MODELS="{demo_encoders}" runs every arm for each encoder, in OUTPUT_ROOT/<dataset>/<encoder>/<arm>/
 (with unimol alone, the default, the arms sit directly in OUTPUT_ROOT/<dataset>/); attention and ffn are
@@ -577,17 +161,17 @@ Environment overrides. The sweep has no defaults of its own for main.py's settin
 that is unset (or empty) passes no flag, so main.py's default applies (shown as [main.py's]; `python
 main.py --help` and docs/cli.md list them).
 Relative paths resolve against the current directory; --demo changes the marked defaults.
-  SEEDS           training seeds                       [42 43 44]
+  SEEDS           training seeds                       [{seeds}]
   FOUNDATION_MODELS  encoders, each runs every arm     [unimol] (demo: {demo_encoders}; any of {encoders})
-  DATASETS        dataset names                        [DATA_FILE's stem if set, else lbap_general_ec50_scaffold]
-                                                       (demo: demo_ec50_scaffold)
+  DATASETS        dataset names                        [DATA_FILE's stem if set, else {dataset}]
+                                                       (demo: {demo[DATASETS]})
   DATA_FILE       data file, one dataset only          [./data/raw/<dataset>.json]
-                                                       (demo: the shipped data/demo/demo_ec50_scaffold.json)
-  EPOCHS          max epochs, --epochs                 [main.py's] (demo: 5)
+                                                       (demo: the shipped {demo_file})
+  EPOCHS          max epochs, --epochs                 [main.py's] (demo: {demo[EPOCHS]})
   BATCH_SIZE      molecules per side per step          [main.py's]
-  TRAIN_SIZE      training molecules per side          [main.py's] (demo: 200)
-  VAL_SIZE        validation molecules per side        [main.py's] (demo: 100)
-  TEST_SIZE       test molecules per side              [main.py's] (demo: 200)
+  TRAIN_SIZE      training molecules per side          [main.py's] (demo: {demo[TRAIN_SIZE]})
+  VAL_SIZE        validation molecules per side        [main.py's] (demo: {demo[VAL_SIZE]})
+  TEST_SIZE       test molecules per side              [main.py's] (demo: {demo[TEST_SIZE]})
   DATA_SEED       subsampling seed, shared by the arms [main.py's]
   DATA_SEEDS      several draws of the molecules: every arm and seed runs once per data seed, in
                   <arm>/data<D>_seed<N>/ (each draw shared by every arm, so comparisons stay paired);
@@ -599,8 +183,8 @@ Relative paths resolve against the current directory; --demo changes the marked 
   OOD_VAL_SPLIT   random or domain (honest validation) [main.py's]
   FREEZE_LAYERS   frozen layers of the fine-tuned arm  [main.py's]
   ENCODER_LR      encoder learning rate (fine-tuned)   [main.py's]
-  OUTPUT_ROOT     where runs and summaries go          [./outputs/finetune_comparison]
-                                                       (demo: ./outputs/finetune_comparison_demo)
+  OUTPUT_ROOT     where runs and summaries go          [{output_root}]
+                                                       (demo: {demo[OUTPUT_ROOT]})
   <ENCODER>_ARGS  more main.py flags for that encoder's runs (after the ones above), e.g. MINIMOL_ARGS []
                                                        (demo: {demo_args}; random-init Uni-Mol:
                                                        UNIMOL_ARGS='{random_init}')
@@ -609,6 +193,7 @@ Relative paths resolve against the current directory; --demo changes the marked 
   PYTHON          interpreter                          [.venv/bin/python next to this script if present, else python3]
   JOB_GPUS        GPUs for the --jobs slots, e.g. "0 1 2 3" (see --jobs)             []
 The head learning rate is main.py's --lr; change it with EXTRA_ARGS='--lr ...'."""
+
 
 
 if __name__ == "__main__":

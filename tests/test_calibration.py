@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import DEMO
-from evaluate import conformal_p_values, fdr_discoveries
+from stats import conformal_p_values, fdr_discoveries
 from main import main
 from model import load_checkpoint
 

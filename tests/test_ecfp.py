@@ -10,7 +10,7 @@ import pytest
 from rdkit import Chem
 from rdkit.Chem import AllChem
 
-import sweep_cli
+import sweep_plan
 from conftest import SIZES
 from encoders import EncoderId
 from encoders.ecfp import ECFPEncoder
@@ -18,7 +18,7 @@ from main import main
 from model import load_checkpoint
 from scoring import load_run
 from settings import MoleculeSettings
-from sweep_cli import Options, plan_sweep
+from sweep_plan import Options, plan_sweep
 
 MOLS = ["OC(=O)c1ccccc1O", "c1ccccc1C(=O)O", "CC(C)Cc1ccc(cc1)C(C)C(O)=O", "CCO"]
 
@@ -107,4 +107,4 @@ def test_sweeps_skip_its_fine_tuned_arms_and_the_demo_runs_it(small_benchmark, m
     demo = plan_sweep({}, Options(demo=True, print_runs=True))
     ecfp = [run for run in demo.runs if run.arm.startswith("ecfp/")]
     assert [run.arm for run in ecfp] == ["ecfp/frozen"] * 3 and "--foundation_model" in ecfp[0].args
-    assert sweep_cli.demo_encoders() == ["minimol", "ecfp", "unimol"]
+    assert sweep_plan.demo_encoders() == ["minimol", "ecfp", "unimol"]

@@ -3,8 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from evaluate import (BOOTSTRAP, bootstrap_intervals, bootstrap_metrics, fpr_at_95_tpr, id_threshold,
-                      metrics_with_intervals, ood_metrics)
+from evaluate import fpr_at_95_tpr, id_threshold, metrics_with_intervals, ood_metrics
+from stats import BOOTSTRAP, bootstrap_intervals, bootstrap_metrics
 
 
 def test_metrics_on_a_hand_computed_case():

@@ -14,8 +14,9 @@ from runs import RUN_FILES
 # encoders registry (encoders/__init__.py) is light and low; the encoders themselves sit above the data.
 LAYERS = ["distributed", "utils", "encoders", "settings", "flagdoc", "download", "good", "store", "molecules", "tables",
           "data", "encoders.unimol_conformers", "encoders.minimol_net", "batching", "encoders.base", "encoders.unimol",
-          "encoders.minimol", "encoders.ecfp", "model", "evaluate", "baselines", "analyze", "features", "train", "runs", "scoring",
-          "sweep", "pipeline", "predict", "cli", "sweep_cli", "main"]  # main last: nothing imports the entry point
+          "encoders.minimol", "encoders.ecfp", "model", "stats", "evaluate", "baselines", "analyze", "features", "train",
+          "runs", "scoring", "sweep", "sweep_report", "pipeline", "predict", "cli", "sweep_plan", "sweep_jobs",
+          "sweep_cli", "main"]  # main last: nothing imports the entry point
 
 
 def module_path(module):

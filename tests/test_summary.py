@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from scipy.stats import norm, t
 
-import sweep_cli
-from evaluate import delong_test, ood_metrics
+import sweep_plan
+from evaluate import ood_metrics
 from main import main
-from sweep import _spreads, improvement_interval
+from stats import delong_test, improvement_interval, spreads
 
 
 def delong_by_definition(id_a, ood_a, id_b, ood_b):
@@ -47,7 +47,7 @@ def test_the_improvement_interval_is_over_draws_when_there_are_several():
     one_draw = improvement_interval([0.01, 0.012, 0.011], [42] * 3)
     assert "3 seeds" in one_draw["over"] and "another draw" in one_draw["over"] and one_draw["distinguishable_from_0"]
     assert improvement_interval([0.01], [42]) is None
-    across, within = _spreads([0.80, 0.82, 0.70, 0.72], [1, 1, 2, 2])
+    across, within = spreads([0.80, 0.82, 0.70, 0.72], [1, 1, 2, 2])
     assert across == pytest.approx(np.std([0.81, 0.71], ddof=1))
     assert within == pytest.approx(np.std([0.80, 0.82], ddof=1))  # both draws spread alike
 
@@ -63,7 +63,7 @@ def test_a_sweep_over_two_draws_says_how_sure_it_is(small_benchmark, cache_dir, 
            "FOUNDATION_MODELS": "ecfp", "ARMS": "frozen fast", "ARM_fast": "--lr 0.001", "SEEDS": "1",
            "DATA_SEEDS": "42 7", "EPOCHS": "3", "TRAIN_SIZE": "12", "VAL_SIZE": "8", "TEST_SIZE": "8",
            "EXTRA_ARGS": f"--cache_dir {cache_dir} --patience 0"}
-    plan = sweep_cli.plan_sweep(env, sweep_cli.Options(print_runs=True))
+    plan = sweep_plan.plan_sweep(env, sweep_plan.Options(print_runs=True))
     assert len(plan.runs) == 4
     for run in plan.runs:
         assert main(list(run.args)) == 0

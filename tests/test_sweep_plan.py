@@ -10,6 +10,7 @@ import sys
 import pytest
 
 import sweep_cli
+import sweep_jobs
 from conftest import ROOT
 
 SWEEP_VARS = ("SEEDS", "DATASETS", "DATA_FILE", "EPOCHS", "TRAIN_SIZE", "VAL_SIZE", "TEST_SIZE", "DATA_SEED",
@@ -180,12 +181,12 @@ def test_runs_at_once_share_the_cores_unless_the_caller_set_threads(monkeypatch)
     """--jobs K gives each run cores / K threads (at least 1); an OMP_NUM_THREADS of the caller's is kept, and one
     run at a time gets the caller's environment as it is."""
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(sweep_cli.os, "sched_getaffinity", lambda pid: set(range(8)))
-    assert sweep_cli.job_env(0, [], 2) == (dict(sweep_cli.os.environ, OMP_NUM_THREADS="4"), " with OMP_NUM_THREADS=4")
-    assert sweep_cli.job_env(1, [], 16)[0]["OMP_NUM_THREADS"] == "1"
-    assert "OMP_NUM_THREADS" not in sweep_cli.job_env(0, [], 1)[0]
+    monkeypatch.setattr(sweep_jobs.os, "sched_getaffinity", lambda pid: set(range(8)))
+    assert sweep_jobs.job_env(0, [], 2) == (dict(sweep_jobs.os.environ, OMP_NUM_THREADS="4"), " with OMP_NUM_THREADS=4")
+    assert sweep_jobs.job_env(1, [], 16)[0]["OMP_NUM_THREADS"] == "1"
+    assert "OMP_NUM_THREADS" not in sweep_jobs.job_env(0, [], 1)[0]
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
-    env, note = sweep_cli.job_env(1, ["0", "5"], 4)
+    env, note = sweep_jobs.job_env(1, ["0", "5"], 4)
     assert env["OMP_NUM_THREADS"] == "3" and env["CUDA_VISIBLE_DEVICES"] == "5" and note == " on CUDA_VISIBLE_DEVICES=5"
 
 
