@@ -6,6 +6,7 @@ import dataclasses
 import os
 import re
 import shlex
+from typing import NamedTuple
 
 from cli import check_arguments, typed_flags
 from encoders import (DEFAULT_ENCODER, ENCODER_FLAGS, ENCODERS, FOUNDATION_MODELS, STRATEGIES, WEIGHTS_OPTIONS,
@@ -186,15 +187,13 @@ def plan_sweep(env, options, check=True):
     if "--force_recompute_cache" in extra and (options.jobs > 1 or options.printing):
         raise SweepError("EXTRA_ARGS: --force_recompute_cache with runs at once (--jobs, printed commands) would "
                          "delete caches other runs are reading; clear the cache folder before the sweep instead")
-    arms = expand_arms(env)
-    encoders = encoders_of(env, extra)
-    if encoders != [DEFAULT_ENCODER]:  # each encoder runs every arm, in <encoder>/<arm>/
-        arms, skipped = per_encoder(arms, encoders)
-        notes += [f"== {name}: frozen only ({ENCODERS[name].label} has no layers to fine-tune); its fine-tuned arms "
-                  f"are skipped: {' '.join(names)}" for name, names in skipped.items()]
+    arms, encoders = named_arms(env), encoders_of(env, extra)
+    for rule in ARM_RULES:
+        arms, said = rule(arms, env, encoders)
+        notes += said
     repeated(seeds, "SEEDS gives seed %s twice")
     repeated(data_seeds, "DATA_SEEDS gives data seed %s twice")
-    repeated([arm for arm, _, _ in arms], "ARMS gives arm %s twice (after the ENCODER_LRS / FREEZE_SPECS expansion)")
+    repeated([arm.name for arm in arms], "ARMS gives arm %s twice (after the ENCODER_LRS / FREEZE_SPECS expansion)")
     encoder_args = {name: words(f"{name.upper()}_ARGS", env.get(f"{name.upper()}_ARGS")) for name in ENCODERS}
     common = [word for name, flag in COMMON_FLAGS.items() if given(env, name) for word in (flag, env[name])]
     finetune = [word for name, flag in FINETUNE_FLAGS.items() if given(env, name) for word in (flag, env[name])]
@@ -203,15 +202,15 @@ def plan_sweep(env, options, check=True):
     for dataset, data_file in datasets:
         for data_seed in data_seeds:
             for seed in seeds:
-                for arm, encoder, flags in arms:
-                    own = weights_args(ENCODERS[encoder], env, options.printing) + encoder_args[encoder]
-                    tuned = (finetune if "--finetune_encoder" in flags else []) + flags
+                for arm in arms:
+                    own = weights_args(ENCODERS[arm.encoder], env, options.printing) + encoder_args[arm.encoder]
+                    tuned = (finetune if "--finetune_encoder" in arm.flags else []) + arm.flags
                     key = RunKey(data_seed and int(data_seed), int(seed))
-                    folder = run_path(f"{output_root}/{dataset}", arm, key)
+                    folder = run_path(f"{output_root}/{dataset}", arm.name, key)
                     draw = ["--data_seed", data_seed] if data_seed else []
                     args = ["--mode", "train", "--dataset", dataset, "--data_file", data_file, "--seed", seed,
                             "--output_dir", folder, *common, *draw, *own, *tuned, *mode, *extra]
-                    runs.append(Run(dataset, arm, key, folder, tuple(args)))
+                    runs.append(Run(dataset, arm.name, key, folder, tuple(args)))
     if check:
         for run in runs:
             check_run(run)
@@ -250,11 +249,15 @@ def data_seeds_of(env):
     return seeds_of(env, "DATA_SEEDS", "")
 
 
-def expand_arms(env):
-    """[(arm, encoder, flags)] from ARMS (built-in names or ARM_<name>), each fine-tuned arm expanded into one
-    arm per ENCODER_LRS and per FREEZE_SPECS value."""
+class Arm(NamedTuple):
+    name: str  # as its folder names it (<encoder>/<arm> in a sweep over several encoders)
+    encoder: str
+    flags: list  # the main.py flags that make it what it is
+
+
+def named_arms(env):
+    """[Arm] from ARMS: built-in names or ARM_<name>="flags" (the frozen arm among them)."""
     out = []
-    lrs, specs = (given(env, "ENCODER_LRS") or "").split() or [""], (given(env, "FREEZE_SPECS") or "").split() or [""]
     for name in (given(env, "ARMS") or DEFAULTS["ARMS"]).split():
         if not re.fullmatch(r"[A-Za-z0-9_]+", name):
             raise SweepError(f"ARMS: '{name}' is not a valid arm name (letters, digits, _)")
@@ -265,30 +268,49 @@ def expand_arms(env):
         else:
             raise SweepError(f"ARMS: unknown arm '{name}'; built-in: {' '.join(BUILTIN_ARMS)}, or define "
                              f"ARM_{name}=\"flags\"")
-        if "--finetune_encoder" not in flags:
-            out.append((name, flags))
-            continue
-        for lr in lrs:
-            for spec in specs:
-                out.append((name + (f"_lr{lr}" if lr else "") + (f"_freeze{spec}" if spec else ""),
-                            flags + (["--encoder_lr", lr] if lr else []) + (["--freeze_layers", spec] if spec else [])))
-    if REFERENCE_ARM not in [arm for arm, _ in out]:
+        out.append(Arm(name, DEFAULT_ENCODER, flags))
+    if REFERENCE_ARM not in [arm.name for arm in out]:
         raise SweepError(f"ARMS must include {REFERENCE_ARM}, the arm every other arm is compared with")
-    return [(arm, DEFAULT_ENCODER, flags) for arm, flags in out]
+    return out
 
 
-def per_encoder(arms, encoders):
-    """Every arm for each encoder, in its <encoder>/<arm> folder; a frozen-only encoder's fine-tuned arms are
-    left out."""
+# ----------------------------------------------------------------------------- arm rules
+# Each rule takes the arms so far, the environment and the encoders, and returns the arms it makes (and notes
+# to say before anything runs); plan_sweep applies ARM_RULES in order to named_arms' arms.
+
+def by_rate_and_spec(arms, env, encoders):
+    """Each fine-tuned arm once per ENCODER_LRS value and per FREEZE_SPECS value (e.g. finetuned_lr1e-5_freeze0-10)."""
+    lrs, specs = (given(env, "ENCODER_LRS") or "").split() or [""], (given(env, "FREEZE_SPECS") or "").split() or [""]
+    out = []
+    for arm in arms:
+        if "--finetune_encoder" not in arm.flags:
+            out.append(arm)
+            continue
+        out += [Arm(arm.name + (f"_lr{lr}" if lr else "") + (f"_freeze{spec}" if spec else ""), arm.encoder,
+                    arm.flags + (["--encoder_lr", lr] if lr else []) + (["--freeze_layers", spec] if spec else []))
+                for lr in lrs for spec in specs]
+    return out, []
+
+
+def per_encoder(arms, env, encoders):
+    """Every arm for each encoder, in its <encoder>/<arm> folder, when the sweep has several (or another than
+    the default); a frozen-only encoder's fine-tuned arms are left out, said in a note."""
+    if encoders == [DEFAULT_ENCODER]:
+        return arms, []
     out, skipped = [], {}
     for name in encoders:
-        for arm, _, flags in arms:
-            if "--finetune_encoder" in flags and not ENCODERS[name].finetunable:
-                skipped.setdefault(name, []).append(arm)
+        for arm in arms:
+            if "--finetune_encoder" in arm.flags and not ENCODERS[name].finetunable:
+                skipped.setdefault(name, []).append(arm.name)
                 continue
             own = [] if name == DEFAULT_ENCODER else ["--foundation_model", name]
-            out.append((arm_folder(arm, name), name, own + flags))
-    return out, skipped
+            out.append(Arm(arm_folder(arm.name, name), name, own + arm.flags))
+    notes = [f"== {name}: frozen only ({ENCODERS[name].label} has no layers to fine-tune); its fine-tuned arms are "
+             f"skipped: {' '.join(names)}" for name, names in skipped.items()]
+    return out, notes
+
+
+ARM_RULES = (by_rate_and_spec, per_encoder)
 
 
 def check_run(run):

@@ -141,7 +141,7 @@ def cut_points(counts):
     return best[0], best[1], True
 
 
-def make_split(records, domain, threshold):
+def make_split(records, domain):
     """Assign every record to one of the five splits; return (split, info)."""
     key_of, keys = domain_order(records, domain)
     rank = {k: n for n, k in enumerate(keys)}
@@ -232,7 +232,7 @@ def write_variant(path, domain, records, skipped, tables):
     median = float(np.median(labels))
     lo, hi = THRESHOLD_BOUNDS
     threshold = median if lo <= median <= hi else THRESHOLD_FALLBACK
-    split, info = make_split(records, domain, threshold)
+    split, info = make_split(records, domain)
     for name, items in split.items():
         if not items:
             sys.exit(f"{domain}: split {name} is empty")

@@ -155,9 +155,14 @@ def test_every_example_in_the_docs_runs(tmp_path, random_ckpt, cache_dir, monkey
     # the README scores a run of `make demo`: the run docs/api.md trained stands in for it
     demo_run = tmp_path / "outputs" / "finetune_comparison_demo" / "demo_ec50_scaffold" / "minimol" / "frozen" / "seed42"
     shutil.copytree(tmp_path / "outputs" / "api_demo", demo_run)
+    capsys.readouterr()
+    readme_namespace = {}
     for block in readme:
-        exec(compile(block, "README.md", "exec"), {})  # noqa: S102
-    assert "Scored(" in capsys.readouterr().out
+        exec(compile(block, "README.md", "exec"), readme_namespace)  # noqa: S102
+    # what it printed: the demo run's scores of its two SMILES, as load_run gives them (and predict writes them)
+    scored = load_run(demo_run).score_smiles(["CCO", "c1ccccc1O"])
+    assert capsys.readouterr().out.strip() == str(scored) and all(row.energy is not None for row in scored)
+    assert readme_namespace["features"].shape == (2, 512) and readme_namespace["features"].requires_grad
 
 
 def test_a_fine_tunable_encoder_frozen_for_inference_never_fills_the_frozen_cache(tmp_path):

@@ -72,7 +72,12 @@ def test_a_sweep_over_two_draws_says_how_sure_it_is(small_benchmark, cache_dir, 
     part = json.loads((root / "comparison_summary.json").read_text())["encoders"][0]
     assert (part["seeds"], part["data_seeds"]) == ([1], [7, 42])
     interval = part["improvement_ci95"]["fast"]
-    assert interval["low"] <= interval["mean"] <= interval["high"] and "2 data draws" in interval["over"]
+    # one seed per draw: each draw's mean paired difference is its run's, and the interval is t's over the 2
+    differences = part["paired_differences"]["fast"]["auroc"]
+    half = t.ppf(0.975, 1) * np.std(differences, ddof=1) / np.sqrt(2)
+    assert (interval["low"], interval["mean"], interval["high"]) == pytest.approx(
+        (np.mean(differences) - half, np.mean(differences), np.mean(differences) + half))
+    assert "2 data draws" in interval["over"]
     tests = part["paired_tests"]["fast"]
     assert sorted((test["data_seed"], test["seed"]) for test in tests) == [(7, 1), (42, 1)]
     assert all(0 <= test["p"] <= 1 for test in tests)
