@@ -64,6 +64,9 @@ def build_parser():
         help="molecules per side for testing (eval --data_file: default the run's)")
     add(g, "--data_seed", TRAIN | EVAL, type=int, default=M.data_seed,
         help="seed of the subsampling, independent of --seed (eval --data_file: default the run's)")
+    add(g, "--calibration_size", TRAIN, type=int, default=M.calibration_size,
+        help="ID molecules that no other role uses, drawn to calibrate predict's p-values (fewer when the file "
+             "holds fewer; 0 or none left: the validation ID molecules, which model selection also uses)")
     add(g, "--ood_val_split", TRAIN, choices=["random", "domain"], default=M.ood_val_split,
         help="how ood_val becomes OOD train and OOD val: random = disjoint molecules of the same domains "
              "(the reference protocol; GOOD: cut 70/30), domain = disjoint domain_ids (honest validation)")
@@ -214,7 +217,8 @@ def check_numbers(args):
         return "--lora_rank must be at least 1, --lora_alpha positive, --lora_dropout in [0, 1), --warmup_epochs ≥ 0"
     if not 0 <= args.head_dropout < 1:
         return "--head_dropout must be in [0, 1)"
-    negative = [name for name in ("lambda_reg", "weight_decay", "patience", "num_workers", "data_seed")
+    negative = [name for name in ("lambda_reg", "weight_decay", "patience", "num_workers", "data_seed",
+                                  "calibration_size")
                 if getattr(args, name) < 0]
     if negative:
         return f"--{negative[0]} cannot be negative"

@@ -21,6 +21,11 @@ log = logging.getLogger("energy_dpo.data")
 
 SPLITS = ("train", "iid_val", "iid_test", "ood_val", "ood_test")
 ROLES = ("id_train", "id_val", "id_test", "ood_train", "ood_val", "ood_test")
+# ID molecules that no other role uses, drawn for predict's p-values: model selection never sees them, so
+# they are exchangeable with new ID molecules (split-conformal calibration); a run has this role only when
+# its file has such molecules
+CALIBRATION = "id_cal"
+CALIBRATION_STREAM = len(ROLES) + 1  # its seed stream: the roles' are 0-5, GOOD's OOD cut len(ROLES)
 
 
 # ----------------------------------------------------------------------------- DrugOOD
@@ -156,9 +161,12 @@ def _split_ood_val_at(pool, fraction, train_n, val_n, data_seed):
                    _sample(pools["ood_val"], val_n, _role_rng(data_seed, "ood_val")))
 
 
-def build_roles(path, sizes, data_seed, report, ood_val_split=DataSpec.ood_val_split, ood_train_fraction=None):
+def build_roles(path, sizes, data_seed, report, ood_val_split=DataSpec.ood_val_split, ood_train_fraction=None,
+                calibration_size=0):
     """ID/OOD roles from a DrugOOD file: train→ID train, iid_val→ID val, iid_test→ID test,
-    ood_val→disjoint OOD train + OOD val, ood_test→OOD test. `sizes` = (train, val, test) per side.
+    ood_val→disjoint OOD train + OOD val, ood_test→OOD test, and up to `calibration_size` ID molecules
+    of the three ID splits that no other role drew → CALIBRATION (left out when there are none).
+    `sizes` = (train, val, test) per side.
     ood_val_split: 'random' (disjoint molecules of the same domains, the reference protocol) or
     'domain' (disjoint domains). With 'random', ood_train_fraction (GOOD: 0.7) first cuts the shuffled
     ood_val into OOD train's and OOD val's pools at that fraction; None draws OOD train's molecules
@@ -197,6 +205,9 @@ def build_roles(path, sizes, data_seed, report, ood_val_split=DataSpec.ood_val_s
         roles["ood_val"] = sorted(ood_pool[n_ood_train:n_ood_train + val_n], key=position.get)
     report["ood_val_split"] = ood_val_split
     role_split = dict(zip(ROLES, ("train", "iid_val", "iid_test", "ood_val", "ood_val", "ood_test")))
+    drawn = {c for mols in roles.values() for c in mols}
+    spare = [(split, c) for split in ("train", "iid_val", "iid_test") for c in pools[split] if c not in drawn]
+    calibration = _sample(spare, calibration_size, np.random.default_rng([data_seed, CALIBRATION_STREAM]))
     roles = {r: [firsts[role_split[r]][c] for c in roles[r]] for r in ROLES}
     requested = dict(zip(ROLES, (train_n, val_n, test_n, train_n, val_n, test_n)))
     report["roles"] = {r: {"requested": requested[r], "available": len(ood_pools.get(r, pools[role_split[r]])),
@@ -204,6 +215,15 @@ def build_roles(path, sizes, data_seed, report, ood_val_split=DataSpec.ood_val_s
     for role in ROLES:
         if len(roles[role]) < requested[role]:
             log.warning("%s: %d molecules requested, %d available", role, requested[role], len(roles[role]))
+    if calibration_size:
+        report["roles"][CALIBRATION] = {"requested": calibration_size, "available": len(spare),
+                                        "used": len(calibration)}
+        if len(calibration) < calibration_size:
+            log.warning("%s (calibration): %d molecules requested, %d ID molecules unused by the other roles%s",
+                        CALIBRATION, calibration_size, len(spare), "" if calibration else
+                        ": predict's p-values will be calibrated on id_val, which model selection also used")
+    if calibration:
+        roles[CALIBRATION] = [firsts[split][c] for split, c in calibration]
     check_roles(roles, path)
     return roles
 
@@ -246,15 +266,16 @@ def finalize_report(report):
 
 
 def load_benchmark(data_file, sizes, data_seed, settings=MoleculeSettings(), ood_val_split=DataSpec.ood_val_split,
-                   good_spec=None):
+                   good_spec=None, calibration_size=0):
     """Roles and the data report for one DrugOOD file, or with `good_spec` (a GoodSpec) for GOOD's split
     of the raw file data_file (built once into settings.cache_dir; OOD train / OOD val cut 70/30 as the
-    reference does). An encoder's inputs are attached to the roles next (features.attach_inputs)."""
+    reference does), with up to `calibration_size` calibration molecules (build_roles). An encoder's
+    inputs are attached to the roles next (features.attach_inputs)."""
     report, fraction = {}, None
     if good_spec is not None:
         data_file, report["good"] = good_benchmark(data_file, good_spec, settings)
         fraction = good.OOD_TRAIN_FRACTION
-    roles = build_roles(data_file, sizes, data_seed, report, ood_val_split, fraction)
+    roles = build_roles(data_file, sizes, data_seed, report, ood_val_split, fraction, calibration_size)
     return roles, report
 
 

@@ -12,7 +12,7 @@ import numpy as np
 
 import distributed
 from batching import FeatureInputs, Subset
-from data import check_roles, finalize_report
+from data import CALIBRATION, check_roles, finalize_report
 from encoders.base import BATCH
 from molecules import reason_kind
 from store import cached_entries
@@ -37,6 +37,8 @@ def attach_inputs(encoder, roles, report, settings, source):
     roles = {r: [s for s in mols if s in prepared] for r, mols in roles.items()}
     for r in roles:
         report["roles"][r]["used"] = len(roles[r])
+    if CALIBRATION in roles and not roles[CALIBRATION]:  # optional: without it, p-values calibrate on id_val
+        del roles[CALIBRATION]
     report.update(encoder.input_report(prepared, everything))
     check_roles(roles, source)
     finalize_report(report)

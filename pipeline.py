@@ -15,8 +15,8 @@ import analyze
 import distributed
 from baselines import baseline_metrics, baseline_scores, descriptor
 from batching import encoded, energies
-from data import (SPLITS, benchmark_name, build_good_split, good_report, good_spec, item_field, load_benchmark,
-                  load_test_roles, log_good_report)
+from data import (CALIBRATION, ROLES, SPLITS, benchmark_name, build_good_split, good_report, good_spec, item_field,
+                  load_benchmark, load_test_roles, log_good_report)
 from encoders import RANDOM_INIT_LABEL, EncoderId, build_encoder, encoder_info
 from encoders.base import prepare_rows
 from evaluate import (finite_scores, id_threshold, interval_text, plot_training_curves,
@@ -118,7 +118,7 @@ def run_train(job):
         check_resumable(run_dir, config, job.flag_defaults, job.resume_ignores)
     team.barrier()  # every rank has looked at the run folder before the leader changes it
     roles, report = load_benchmark(job.data.data_file, job.data.sizes, job.data.data_seed, job.molecules,
-                                   job.data.ood_val_split, job.data.good)
+                                   job.data.ood_val_split, job.data.good, job.data.calibration_size)
     roles, prepared = attach_inputs(encoder, roles, report, job.molecules, report["data_file"])
     if job.data.good:  # what the run's DrugOOD file was built from, and how
         config["good"] = report["good"]
@@ -134,8 +134,8 @@ def run_train(job):
         write_roles(run_dir, roles)
     log.info("roles: %s; %d items skipped (listed in data_report.json)",
              ", ".join(f"{r} {len(m)}" for r, m in roles.items()), len(report["skipped"]))
-    inputs = model_inputs(encoder, roles, prepared, job.molecules.cache_dir, job.encoder.encode_batch_size,
-                          job.train.device, job.molecules.force)
+    inputs = model_inputs(encoder, {r: roles[r] for r in ROLES}, prepared, job.molecules.cache_dir,
+                          job.encoder.encode_batch_size, job.train.device, job.molecules.force)
     spec = dataclasses.replace(job.model, encoder_weights=encoder.weights_id, in_dim=encoder.width)
     net = EnergyDPOModel(spec, encoder if spec.finetune_encoder else None, seed=job.train.seed)
     trainer = EnergyDPOTrainer(net, job.train, run_dir, {"config": config})
@@ -153,8 +153,11 @@ def run_train(job):
         log.warning("%s", stalled)
         labels["training_warning"] = stalled
     baselines, skipped, baseline_s = run_baselines(
-        run_dir, encoder.frozen_twin(), roles, prepared, labels_from=report["data_file"], seed=job.train.seed,
-        molecules=job.molecules, batch_size=job.encoder.encode_batch_size, device=job.train.device)
+        run_dir, encoder.frozen_twin(), {r: roles[r] for r in ROLES}, prepared, labels_from=report["data_file"],
+        seed=job.train.seed, molecules=job.molecules, batch_size=job.encoder.encode_batch_size, device=job.train.device)
+    if CALIBRATION in roles:  # scored once, by the best checkpoint: its energies calibrate predict's p-values
+        inputs |= model_inputs(encoder, {CALIBRATION: roles[CALIBRATION]}, prepared, job.molecules.cache_dir,
+                               job.encoder.encode_batch_size, job.train.device)
     metrics = finish_run(run_dir, net, inputs, roles, job.train.eval_batch_size, job.train.device, labels)
     log_results_table(metrics, baselines, skipped, encoder.identity)
     log.info("baselines took %.1f s of this run's %.1f s", baseline_s, time.monotonic() - started)
@@ -164,25 +167,30 @@ def run_train(job):
 
 
 def finish_run(run_dir, net, inputs, roles, batch_size, device, labels):
-    """Score the test roles with the best checkpoint, store the predict threshold in it, and write
-    the test results (test_metrics.json last: it marks the run finished).
+    """Score the test roles with the best checkpoint, store the predict threshold and the calibration
+    energies in it, and write the test results (test_metrics.json last: it marks the run finished).
 
-    The threshold comes from validation ID energies, never from the test split."""
+    The threshold comes from validation ID energies, never from the test split; predict's p-values from
+    the calibration molecules (CALIBRATION), which model selection never saw; a run without them (its file
+    had no ID molecule to spare) calibrates on the validation ID, and says so."""
     best = run_dir / "best_model.pt"
     state = load_checkpoint(best)
     net.load_checkpoint_state(state["model"], best)
     net.to(device)
-    scores = finite_scores({role: energies(net, inputs[role], batch_size, device).numpy()
-                            for role in ("id_val", "id_test", "ood_test")}, best, "this run's molecules")
-    calibration = scores.pop("id_val")
-    threshold = id_threshold(calibration)
-    # what predict decides with (the threshold; the validation ID energies its p-values are calibrated
-    # on) and the training warning that eval's results must repeat
-    save_checkpoint(best, state | {"threshold_95_id_val": threshold,
-                                   "calibration_id_val_energies": sorted(calibration.tolist()),
+    calibration_role = CALIBRATION if CALIBRATION in inputs else "id_val"
+    scored = finite_scores({role: energies(net, inputs[role], batch_size, device).numpy()
+                            for role in dict.fromkeys(("id_val", "id_test", "ood_test", calibration_role))},
+                           best, "this run's molecules")
+    threshold, calibration = id_threshold(scored["id_val"]), scored[calibration_role]
+    scores = {role: scored[role] for role in ("id_test", "ood_test")}
+    # what predict decides with (the threshold; the energies its p-values are calibrated on, and whose)
+    # and the training warning that eval's results must repeat
+    save_checkpoint(best, state | {"threshold_95_id_val": threshold, "calibration_role": calibration_role,
+                                   "calibration_energies": sorted(calibration.tolist()),
                                    "training_warning": labels.get("training_warning")})
     identity = EncoderId.parse(net.spec.encoder_weights)
     extra = {"best_epoch": state["epoch"], "val_auroc": state["val_auroc"], "threshold_95_id_val": threshold,
+             "calibration": {"role": calibration_role, "molecules": len(calibration)},
              "encoder_weights": identity.text, "random_init_encoder": identity.is_random_init, **labels}
     test_roles = {r: roles[r] for r in scores}
     return write_test_results(run_dir, test_roles, scores, extra, heavy_atom_counts(test_roles))

@@ -8,12 +8,14 @@ import csv
 import dataclasses
 import itertools
 import logging
+import math
 import os
 from pathlib import Path
 
 import numpy as np
 
 import distributed
+from data import CALIBRATION
 from stats import fdr_discoveries
 from scoring import load_job_run
 from tables import iter_table
@@ -149,10 +151,29 @@ def score_chunk(run, chunk, device):
     return out, counts
 
 
+def fdr_power_warning(fdr, scored, calibrated):
+    """Words for a Benjamini-Hochberg decision that the calibration set's size held back, or None: with n
+    calibration molecules no p-value is below 1/(n + 1), so among N molecules BH at rate q flags anything
+    only once at least N / (q (n + 1)) of them score above every calibration energy."""
+    needed = math.ceil(scored / (fdr * (calibrated + 1)) - 1e-9)
+    if needed <= 1:
+        return None
+    return (f"--fdr {fdr:g} flagged nothing among {scored} molecules: the run's {calibrated} calibration molecules "
+            f"give p-values of 1/{calibrated + 1} = {1 / (calibrated + 1):.2g} at the smallest, above {fdr:g}/{scored} "
+            f"= {fdr / scored:.2g}, so Benjamini-Hochberg flags molecules only when at least {needed} score above "
+            f"every calibration energy; with {math.ceil(scored / fdr) - 1} calibration molecules (train with "
+            f"--calibration_size {math.ceil(scored / fdr) - 1}) one alone could be flagged")
+
+
 def run_predict(score_job, job):
     """Score `job`'s molecules with the finished run `score_job` names, into job.output."""
     run = load_job_run(score_job)
     team = distributed.current()
+    if run.calibration_role != CALIBRATION and team.leader:
+        log.warning("%s: its p-values are calibrated on its %d validation ID molecules, on which model selection "
+                    "also chose the best epoch (the run has no calibration set of its own: it predates them, or its "
+                    "file had no ID molecule to spare), so they may run optimistic; retrain it for a calibration "
+                    "set", run.folder, len(run.calibration))
     columns, rows = input_rows(job)
     source = Path(job.input).resolve() if job.input else None
     recorded = {"input": str(source) if source else job.smiles,
@@ -189,6 +210,10 @@ def run_predict(score_job, job):
                         "discovery rate is controlled within each shard, not over the whole input; for one decision "
                         "over the whole file, run predict on it without --shard")
         output.state["flagged"] = output.decide_by_fdr(job.fdr, rule)
+        if not output.state["flagged"]:
+            warning = fdr_power_warning(job.fdr, output.state["scored"], len(run.calibration))
+            if warning:
+                log.warning("%s", warning)
     totals = output.finish()
     if totals["failed"]:
         log.warning("%d of %d molecules could not be featurised (reasons in the error column)", totals["failed"],

@@ -57,7 +57,7 @@ class Scored(NamedTuple):
     smiles: str  # as given
     canonical_smiles: str  # '' when it could not be scored
     energy: Optional[float]  # higher is more out-of-distribution; None when it could not be scored
-    p_value: Optional[float]  # the share of the run's validation ID molecules scoring at least as high (conformal)
+    p_value: Optional[float]  # conformal: (1 + calibration ID molecules scoring at least as high) / (n + 1)
     is_ood: Optional[bool]  # energy above the run's threshold (the 95th percentile of its validation ID)
     warning: str  # e.g. a salt or mixture, or a dummy atom, scored as one molecule / an unknown atom
     error: str  # why it could not be scored ('' when it was)
@@ -88,13 +88,20 @@ class FinishedRun:
     def threshold(self):
         return self.state["threshold_95_id_val"]
 
+    @property
+    def calibration_role(self):
+        """The role its p-values are calibrated on: data.CALIBRATION, ID molecules no other role used; id_val for
+        a run whose file had none to spare, or that finished before runs drew them (model selection used it)."""
+        return self.state.get("calibration_role", "id_val")
+
     @functools.cached_property
     def calibration(self):
-        """The energies of the run's validation ID molecules, which its p-values are calibrated on: kept in
-        its checkpoint; for a run that finished before they were kept there, scored again from its
-        roles.csv (the same molecules, the same model)."""
-        if "calibration_id_val_energies" in self.state:
-            return np.asarray(self.state["calibration_id_val_energies"], np.float64)
+        """The energies its p-values are calibrated on (calibration_role's), kept in its checkpoint; for a run
+        that finished before they were kept there, its validation ID scored again from its roles.csv (the
+        same molecules, the same model)."""
+        for key in ("calibration_energies", "calibration_id_val_energies"):  # the second: runs before id_cal
+            if key in self.state:
+                return np.asarray(self.state[key], np.float64)
         molecules = trained_roles(self.folder)["id_val"]
         log.info("%s predates kept calibration energies: scoring its %d validation ID molecules (roles.csv) again",
                  self.checkpoint, len(molecules))

@@ -43,6 +43,9 @@ class DataSpec:
     test_size: int = 1000
     data_seed: int = 42  # the subsampling's own seed, independent of --seed
     ood_val_split: str = "random"  # random (the reference protocol) or domain (honest validation)
+    # ID molecules no other role uses, for predict's p-values: the smallest p is 1/(n + 1), so 2,000 let
+    # Benjamini-Hochberg at 0.1 flag one molecule alone among 200 inputs, and five among 1,000
+    calibration_size: int = 2000
     good: Optional[GoodSpec] = None
 
     @property

@@ -89,6 +89,8 @@ def test_minimol_fine_tunes_from_python_and_names_what_it_cannot_take(tmp_path):
     assert torch.allclose(features.detach(), MiniMolEncoder().encode_smiles(SMILES, settings), atol=1e-5)
     with pytest.raises(InputError, match=r"SMILES 1 \('not a molecule'\) has no MiniMol graphs: RDKit cannot parse"):
         MiniMolEncoder().encode_smiles(["CCO", "not a molecule"], settings)
+    with pytest.raises(InputError, match=r"SMILES 1 \(None\) has no MiniMol graphs: not a SMILES string but NoneType"):
+        MiniMolEncoder().encode_smiles(["CCO", None], settings)  # a row, and what it got, named
     written, _, failed = prepare_rows(MiniMolEncoder(), ["CCO", "not a molecule"], settings)
     assert list(written) == [0] and list(failed) == [1]
 

@@ -85,6 +85,7 @@ def test_bad_freeze_specs(spec):
     (["--finetune_encoder", "--freeze_layers", "all"], "leaves no Uni-Mol layer"),
     (["--finetune_encoder", "--freeze_layers", "0-14"], "leaves no Uni-Mol layer"),
     (["--freeze_layers", "0-20"], "outside layers 0-14"),
+    (["--finetune_encoder", "--freeze_layers", ""], "--freeze_layers '': cannot read ''"),  # never the default
     (["--finetune_encoder", "--encoder_lr", "0"], "must be positive"),
     (["--grad_accum_steps", "0"], "--grad_accum_steps must be at least 1"),
 ])

@@ -2,6 +2,7 @@
 against its definition, the paired Improvement's interval over data draws (or seeds), the spread over
 draws and over seeds apart; and a sweep over two draws of the molecules summarised end to end."""
 import csv
+import dataclasses
 import json
 
 import numpy as np
@@ -12,6 +13,8 @@ import sweep_plan
 from evaluate import ood_metrics
 from main import main
 from stats import delong_test, improvement_interval, spreads
+from sweep import compare_arms
+from sweep_report import SUMMARY_COLUMNS, csv_rows
 
 
 def delong_by_definition(id_a, ood_a, id_b, ood_b):
@@ -97,3 +100,11 @@ def test_a_sweep_over_two_draws_says_how_sure_it_is(small_benchmark, cache_dir, 
     fast = [r for r in rows if r["method"] == "Energy-DPO (fast)"]
     assert sorted((r["data_seed"], r["seed"]) for r in fast) == [("42", "1"), ("7", "1")]
     assert all(r["delong_p_vs_frozen"] and float(r["auroc_ci95_low"]) <= float(r["auroc"]) for r in fast)
+    p_of = {(str(test["data_seed"]), str(test["seed"])): test["p"] for test in tests}
+    assert all(float(r["delong_p_vs_frozen"]) == pytest.approx(p_of[r["data_seed"], r["seed"]], rel=1e-5) for r in fast)
+    # a p-value far below 1e-6 keeps its digits in the CSV (it read 0.000000)
+    part = compare_arms(root / "ecfp")
+    tiny = dataclasses.replace(part, tests={arm: [dict(test, p=1.7e-7) for test in arm_tests]
+                                            for arm, arm_tests in part.tests.items()})
+    column = SUMMARY_COLUMNS.index("delong_p_vs_frozen")
+    assert {row[column] for row in csv_rows(tiny) if row[3] == "Energy-DPO (fast)"} == {"1.7e-07"}

@@ -168,6 +168,8 @@ def test_data_seeds_draw_the_molecules_again_for_every_arm_and_seed(sweep, small
 
 @pytest.mark.parametrize("settings, message", [
     ({"DATA_SEEDS": "42 x"}, "DATA_SEEDS: 'x' is not a data seed"),
+    ({"SEEDS": "1 two"}, "SEEDS: 'two' is not a seed (whole numbers"),
+    ({"SEEDS": " "}, "SEEDS names no seed"),
     ({"DATA_SEEDS": "42 -1"}, "DATA_SEEDS: '-1' is not a data seed"),
     ({"DATA_SEEDS": "42 43 42"}, "DATA_SEEDS gives data seed 42 twice"),
     ({"DATA_SEEDS": "42 43", "DATA_SEED": "1"}, "DATA_SEED and DATA_SEEDS both set")])
