@@ -117,7 +117,9 @@ def build_parser():
     add(g, "--lambda_reg", TRAIN, type=float, default=D.lambda_reg, help="weight of the energy-magnitude penalty")
     add(g, "--hinge_margin", TRAIN, type=float, default=D.hinge_margin, help="margin of --loss_type hinge")
     g = p.add_argument_group("training")
-    add(g, "--epochs", TRAIN, type=int, default=T.epochs, help="maximum epochs")
+    add(g, "--epochs", TRAIN, type=int, default=T.epochs,
+        help="the epoch budget: early stopping (--patience) ends a run before it; a run it cuts while still improving "
+             "is flagged (convergence_warning)")
     add(g, "--batch_size", TRAIN, type=int,
         help=f"per side (default {FROZEN_BATCH_SIZE}; {FINETUNE_BATCH_SIZE} when fine-tuning)")
     add(g, "--eval_batch_size", ALL, True, type=int, help=f"default {FROZEN_EVAL_BATCH_SIZE}; "

@@ -31,7 +31,7 @@ from scoring import encoder_options, from_run, load_job_run, run_molecules
 from settings import DataSpec, ModelSpec
 from sweep import arm_test_scores, collect_arm_runs, key_order
 from sweep_report import write_comparison
-from train import EnergyDPOTrainer, learning_warning
+from train import EnergyDPOTrainer, learning_warning, stopping_line
 from tables import read_table
 from utils import (InputError, atomic_path, atomic_write_json, attach_log_file, file_sha256, full_disk_is_one_line,
                    write_csv)
@@ -44,13 +44,16 @@ def _or_dash(value):
 
 
 def result_line(dataset, metrics):
-    """The last line of a run's log: its test metrics, with what to compare them to."""
+    """The last line of a run's log: its test metrics, with what to compare them to and how training ended."""
     identity = EncoderId.parse(metrics["encoder_weights"])
+    ended = (f" of {metrics['epochs_run']} run ({metrics['optimizer_steps']} optimizer steps, stopped by "
+             f"{metrics['stopped_by']})" if "stopped_by" in metrics else "")
     return (f"{dataset} test ({identity.label}): AUROC {metrics['auroc']:.4f} "
             f"(95% CI {interval_text(metrics)})  "
             f"AUPR {metrics['aupr']:.4f}  AUPR-In {metrics['aupr_in']:.4f}  FPR95 {metrics['fpr95']:.4f}  "
             f"size-matched AUROC {_or_dash(metrics.get('auroc_size_matched'))}  (ID {metrics['n_id']}, "
-            f"OOD {metrics['n_ood']}; model: best epoch {metrics['best_epoch']}, val AUROC {metrics['val_auroc']:.4f})")
+            f"OOD {metrics['n_ood']}; model: best epoch {metrics['best_epoch']}{ended}, val AUROC "
+            f"{metrics['val_auroc']:.4f})")
 
 
 def heavy_atom_counts(roles):
@@ -142,12 +145,17 @@ def run_train(job):
     if resume:
         trainer.resume(run_dir / "last.pt")
     history = trainer.fit(inputs)
+    stopping = trainer.stopping()
     distributed.stop()  # the leader finishes the run alone
     if not team.leader:
         return
+    log.info("%s", stopping_line(stopping))
     title = f"{job.data.dataset}\n{encoder.identity.label}"
     plot_training_curves(run_dir / "training_curves.png", history, trainer.best_epoch, title)
-    labels = {"dataset": job.data.dataset, "title": title, "ood_val_split": job.data.ood_val_split}
+    labels = {"dataset": job.data.dataset, "title": title, "ood_val_split": job.data.ood_val_split,
+              "stopping": {k: v for k, v in stopping.items() if k != "best_epoch"}}
+    if "convergence_warning" in stopping:
+        log.warning("%s", stopping["convergence_warning"])
     stalled = learning_warning(history, job.train.batch_size)
     if stalled:
         log.warning("%s", stalled)
@@ -187,11 +195,12 @@ def finish_run(run_dir, net, inputs, roles, batch_size, device, labels):
     # and the training warning that eval's results must repeat
     save_checkpoint(best, state | {"threshold_95_id_val": threshold, "calibration_role": calibration_role,
                                    "calibration_energies": sorted(calibration.tolist()),
-                                   "training_warning": labels.get("training_warning")})
+                                   "training_warning": labels.get("training_warning"), "stopping": labels["stopping"]})
     identity = EncoderId.parse(net.spec.encoder_weights)
     extra = {"best_epoch": state["epoch"], "val_auroc": state["val_auroc"], "threshold_95_id_val": threshold,
              "calibration": {"role": calibration_role, "molecules": len(calibration)},
-             "encoder_weights": identity.text, "random_init_encoder": identity.is_random_init, **labels}
+             "encoder_weights": identity.text, "random_init_encoder": identity.is_random_init,
+             **{k: v for k, v in labels.items() if k != "stopping"}, **labels["stopping"]}
     test_roles = {r: roles[r] for r in scores}
     return write_test_results(run_dir, test_roles, scores, extra, heavy_atom_counts(test_roles))
 
@@ -253,7 +262,7 @@ def run_eval(job, other=None):
     warning = training_warning(run)
     if warning:
         log.warning("%s", warning)
-    extra = {"best_epoch": run.state["epoch"], "val_auroc": run.state["val_auroc"],
+    extra = {"best_epoch": run.state["epoch"], "val_auroc": run.state["val_auroc"], **run.state.get("stopping", {}),
              "threshold_95_id_val": run.threshold, "encoder_weights": run.identity.text,
              **({"training_warning": warning} if warning else {}),
              "random_init_encoder": run.identity.is_random_init, "dataset": dataset,

@@ -125,7 +125,10 @@ class ModelSpec:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """How to train (the model's own settings live in its ModelSpec)."""
-    epochs: int = 100
+    # A budget, not a schedule: early stopping (patience) should end a run. A frozen head at the default batch
+    # (one step per epoch up to 4,096 molecules per side) stops by patience after a few hundred epochs at lr 1e-4;
+    # a fine-tuned run takes what the user affords and is flagged (convergence_warning) when the budget cut it.
+    epochs: int = 1000
     batch_size: int = FROZEN_BATCH_SIZE  # molecules per side per micro-batch
     eval_batch_size: int = FROZEN_EVAL_BATCH_SIZE
     lr: float = 1e-4  # the head

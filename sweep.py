@@ -13,10 +13,12 @@ from evaluate import read_test_scores
 from runs import FINISHED, REFERENCE_ARM, run_folder, run_key
 from settings import DataSpec, ModelSpec, TrainConfig
 from stats import by_draw, delong_test, improvement_interval, spreads
+from train import stopping_report
 from utils import InputError, read_json
 
 COMPARED = ("auroc", "aupr", "fpr95", "auroc_size_matched")  # test metrics, with a paired Improvement
 COLUMNS = (*COMPARED, "val_auroc")
+UPDATES_RATIO = 1.5  # arms whose median head updates differ more than this compare training recipes too
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +27,7 @@ class ArmRun:
     metrics: dict  # its test_metrics.json
     config: dict  # its config.json
     seconds_per_epoch: float  # NaN when its history.csv is missing
+    stopping: dict  # how it ended (train.stopping_report): steps, epochs run, best epoch, what ended it
 
 
 def value(metrics, key):
@@ -46,14 +49,26 @@ def sweep_arms(root):
     return sorted(arms, key=lambda arm: (arm != REFERENCE_ARM, arm))
 
 
-def _epoch_seconds(run):
-    """Mean seconds per epoch of a run (its history.csv); NaN when it has none."""
+def _history(run):
+    """A run's history.csv rows with epoch, steps and seconds as numbers; [] when it has none."""
     try:
         with open(run / "history.csv", newline="") as f:
-            seconds = [float(row["seconds"]) for row in csv.DictReader(f)]
+            return [{"epoch": int(row["epoch"]), "steps": int(row["steps"]), "seconds": float(row["seconds"])}
+                    for row in csv.DictReader(f)]
     except (OSError, KeyError, ValueError):
-        return float("nan")
-    return float(np.mean(seconds)) if seconds else float("nan")
+        return []
+
+
+def _stopping(metrics, config, history):
+    """How a run ended: its test_metrics.json says (runs since stop reasons were kept), else its history and
+    flags tell (train.stopping_report); {} when it has neither."""
+    if "stopped_by" in metrics:
+        return {k: metrics[k] for k in ("optimizer_steps", "epochs_run", "epoch_budget", "stopped_by",
+                                        "convergence_warning") if k in metrics} | {"best_epoch": metrics["best_epoch"]}
+    args = config["args"]
+    if not history or "epochs" not in args:
+        return {}
+    return stopping_report(history, metrics["best_epoch"], args["epochs"], args.get("patience", TrainConfig.patience))
 
 
 def collect_arm_runs(root):
@@ -82,7 +97,9 @@ def collect_arm_runs(root):
             except (ValueError, AttributeError):
                 raise InputError(f"{run / 'config.json'}: damaged encoder_weights {config['encoder_weights']!r}; "
                                  f"rerun that run with --overwrite") from None
-            runs[arm][run_key(run)] = ArmRun(metrics, config, _epoch_seconds(run))
+            history = _history(run)
+            seconds = float(np.mean([row["seconds"] for row in history])) if history else float("nan")
+            runs[arm][run_key(run)] = ArmRun(metrics, config, seconds, _stopping(metrics, config, history))
     keys = {arm: sorted(r, key=key_order) for arm, r in runs.items()}
     if REFERENCE_ARM not in runs or any(k != keys[REFERENCE_ARM] for k in keys.values()):
         found = {arm: [key.folder for key in k] for arm, k in keys.items()}
@@ -172,20 +189,41 @@ class Comparison:
         return self.args.get("ood_val_split", DataSpec.ood_val_split)
 
     def arm_info(self):
-        """{arm: its fine-tuning flags, trainable encoder parameters and mean seconds per epoch}."""
-        first = self.keys[0]
-        return {arm: {"flags": arm_flags(runs[first].config["args"]),
-                      "encoder_trainable_params": runs[first].config["encoder_trainable_params"],
-                      "seconds_per_epoch": mean_std([runs[k].seconds_per_epoch for k in self.keys])[0]}
-                for arm, runs in self.runs.items()}
+        """{arm: its fine-tuning flags, trainable encoder parameters, mean seconds per epoch, and how its runs
+        ended: median optimizer steps and best epoch, how many stopped by patience, how many were still
+        improving when their budget ran out}."""
+        first, info = self.keys[0], {}
+        for arm, runs in self.runs.items():
+            ended = [runs[k].stopping for k in self.keys]
+            median = lambda field: float(np.median([e[field] for e in ended])) if all(ended) else None  # noqa: E731
+            info[arm] = {"flags": arm_flags(runs[first].config["args"]),
+                         "encoder_trainable_params": runs[first].config["encoder_trainable_params"],
+                         "seconds_per_epoch": mean_std([runs[k].seconds_per_epoch for k in self.keys])[0],
+                         "median_optimizer_steps": median("optimizer_steps"), "median_best_epoch": median("best_epoch"),
+                         "stopped_by_patience": sum(e.get("stopped_by") == "patience" for e in ended),
+                         "convergence_warnings": sum("convergence_warning" in e for e in ended), "runs": len(ended)}
+        return info
+
+    def updates_ratio(self):
+        """(largest / smallest median head updates over the arms, the arm with most, the arm with fewest), or
+        None when a run does not say."""
+        steps = {arm: info["median_optimizer_steps"] for arm, info in self.arm_info().items()}
+        if None in steps.values() or not all(steps.values()):
+            return None
+        most, fewest = max(steps, key=steps.get), min(steps, key=steps.get)
+        return steps[most] / steps[fewest], most, fewest
 
     def per_run(self):
         """One row per run and method (arms and baselines): its metrics, interval, best epoch and DeLong p."""
         arm_of = {arm_label(arm): arm for arm in self.runs}
         p_of = {(arm, test["data_seed"], test["seed"]): test["p"] for arm, tests in self.tests.items() for test in tests}
+        ended = lambda name, k: self.runs[arm_of[name]][k].stopping if name in arm_of else {}  # noqa: E731
         return [{"data_seed": self.draw_of[k], "seed": k.seed, "method": name,
                  **{m: value(rows[k], m) for m in COLUMNS}, "auroc_ci95": rows[k].get("auroc_ci95"),
                  "best_epoch": rows[k].get("best_epoch", ""),
+                 "optimizer_steps": ended(name, k).get("optimizer_steps", ""),
+                 "stopped_by": ended(name, k).get("stopped_by", ""),
+                 "convergence_warning": ended(name, k).get("convergence_warning", ""),
                  "delong_p_vs_frozen": p_of.get((arm_of.get(name), self.draw_of[k], k.seed))}
                 for k in self.keys for name, rows in self.methods.items()]
 

@@ -13,7 +13,7 @@ from encoders import ENCODERS, FOUNDATION_MODELS
 from sweep_jobs import MAIN, run_pool, run_serial
 from sweep_plan import (DEFAULTS, DEMO, DEMO_FILE, DEMO_RANDOM_INIT_ARGS, STRATEGY_ARMS, Options, SweepError,
                         demo_encoders, plan_sweep)
-from settings import DEFAULT_DATASET
+from settings import DEFAULT_DATASET, FINETUNE_BATCH_SIZE, FROZEN_BATCH_SIZE
 
 
 def parse_options(argv):
@@ -102,7 +102,8 @@ def usage():
                                             if i.demo_args),
                         frozen_only=" ".join(name for name, info in ENCODERS.items() if not info.finetunable) or "none",
                         arms=DEFAULTS["ARMS"], seeds=DEFAULTS["SEEDS"], output_root=DEFAULTS["OUTPUT_ROOT"],
-                        dataset=DEFAULT_DATASET, demo=DEMO, demo_file=DEMO_FILE)
+                        dataset=DEFAULT_DATASET, demo=DEMO, demo_file=DEMO_FILE, recipe=DEFAULTS["RECIPE"],
+                        finetune_batch=FINETUNE_BATCH_SIZE, frozen_batch=FROZEN_BATCH_SIZE)
 
 
 USAGE = """\
@@ -167,8 +168,15 @@ Relative paths resolve against the current directory; --demo changes the marked 
                                                        (demo: {demo[DATASETS]})
   DATA_FILE       data file, one dataset only          [./data/raw/<dataset>.json]
                                                        (demo: the shipped {demo_file})
-  EPOCHS          max epochs, --epochs                 [main.py's] (demo: {demo[EPOCHS]})
-  BATCH_SIZE      molecules per side per step          [main.py's]
+  RECIPE          how the arms' heads train            [{recipe}]
+                  controlled: every arm the same head recipe (with a fine-tuned arm, every run gets the
+                  fine-tuned batch, {finetune_batch} per side, unless BATCH_SIZE or the arm sets one), so the arms
+                  differ only in what they define; as-designed: main.py's per-mode defaults (frozen
+                  {frozen_batch}, fine-tuned {finetune_batch} per side: the fine-tuned arm takes up to 16 times the head
+                  updates, and the summary says how many times)
+  EPOCHS          the epoch budget, --epochs           [main.py's] (demo: {demo[EPOCHS]})
+  PATIENCE        epochs without validation gain before a run stops, --patience     [main.py's]
+  BATCH_SIZE      molecules per side per step          [RECIPE's]
   TRAIN_SIZE      training molecules per side          [main.py's] (demo: {demo[TRAIN_SIZE]})
   VAL_SIZE        validation molecules per side        [main.py's] (demo: {demo[VAL_SIZE]})
   TEST_SIZE       test molecules per side              [main.py's] (demo: {demo[TEST_SIZE]})

@@ -12,7 +12,7 @@ from cli import check_arguments, typed_flags
 from encoders import (DEFAULT_ENCODER, ENCODER_FLAGS, ENCODERS, FOUNDATION_MODELS, STRATEGIES, WEIGHTS_OPTIONS,
                       refused_flags)
 from runs import REFERENCE_ARM, RunKey, arm_folder, run_path
-from settings import DEFAULT_DATASET, ModelSpec
+from settings import DEFAULT_DATASET, FINETUNE_BATCH_SIZE, ModelSpec
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # An arm is a name and the main.py flags it adds: frozen, the default strategy's fine-tuning, each other strategy
@@ -20,18 +20,22 @@ STRATEGY_ARMS = [s for s in STRATEGIES if s != ModelSpec.finetune_strategy]  # n
 BUILTIN_ARMS = {REFERENCE_ARM: "", "finetuned": "--finetune_encoder",
                 **{s: f"--finetune_encoder --finetune_strategy {s}" for s in STRATEGY_ARMS}}
 # Environment variables that become one main.py flag each, for every run (unset or empty: main.py's default)
-COMMON_FLAGS = {"EPOCHS": "--epochs", "BATCH_SIZE": "--batch_size", "TRAIN_SIZE": "--train_size",
-                "VAL_SIZE": "--val_size", "TEST_SIZE": "--test_size", "DATA_SEED": "--data_seed", "DEVICE": "--device",
-                "OOD_VAL_SPLIT": "--ood_val_split"}
+COMMON_FLAGS = {"EPOCHS": "--epochs", "PATIENCE": "--patience", "BATCH_SIZE": "--batch_size",
+                "TRAIN_SIZE": "--train_size", "VAL_SIZE": "--val_size", "TEST_SIZE": "--test_size", "DATA_SEED": "--data_seed",
+                "DEVICE": "--device", "OOD_VAL_SPLIT": "--ood_val_split"}
 FINETUNE_FLAGS = {"FREEZE_LAYERS": "--freeze_layers", "ENCODER_LR": "--encoder_lr"}  # fine-tuned arms only
 # The sweep's own defaults (for variables that are not main.py flags)
-DEFAULTS = {"SEEDS": "42 43 44", "ARMS": f"{REFERENCE_ARM} finetuned", "OUTPUT_ROOT": "./outputs/finetune_comparison"}
+DEFAULTS = {"SEEDS": "42 43 44", "ARMS": f"{REFERENCE_ARM} finetuned", "OUTPUT_ROOT": "./outputs/finetune_comparison",
+            "RECIPE": "controlled"}
+# How the arms' heads train: controlled (every arm the same head recipe: what the arms compare is what they
+# define) or as-designed (main.py's per-mode defaults: the frozen arm's batch is 16 times the fine-tuned one's)
+RECIPES = ("controlled", "as-designed")
 DEMO = {"DATASETS": "demo_ec50_scaffold", "EPOCHS": "5", "TRAIN_SIZE": "200", "VAL_SIZE": "100", "TEST_SIZE": "200",
         "OUTPUT_ROOT": "./outputs/finetune_comparison_demo"}
 DEMO_FILE = "data/demo/demo_ec50_scaffold.json"  # under this folder
 # An encoder whose checkpoint is missing in the demo runs random-init: its rows only show that the pipeline
 # runs, so it gets half the molecules (half the cold-cache work)
-DEMO_RANDOM_INIT_ARGS = "--train_size 100 --val_size 50 --test_size 100"
+DEMO_RANDOM_INIT_ARGS = "--train_size 100 --val_size 50 --test_size 100 --calibration_size 100"
 
 
 class SweepError(Exception):
@@ -195,7 +199,8 @@ def plan_sweep(env, options, check=True):
     repeated(data_seeds, "DATA_SEEDS gives data seed %s twice")
     repeated([arm.name for arm in arms], "ARMS gives arm %s twice (after the ENCODER_LRS / FREEZE_SPECS expansion)")
     encoder_args = {name: words(f"{name.upper()}_ARGS", env.get(f"{name.upper()}_ARGS")) for name in ENCODERS}
-    common = [word for name, flag in COMMON_FLAGS.items() if given(env, name) for word in (flag, env[name])]
+    common = recipe_args(env, arms) + \
+        [word for name, flag in COMMON_FLAGS.items() if given(env, name) for word in (flag, env[name])]
     finetune = [word for name, flag in FINETUNE_FLAGS.items() if given(env, name) for word in (flag, env[name])]
     mode = ["--overwrite"] if options.force else ["--auto_resume"]
     runs = []
@@ -215,6 +220,20 @@ def plan_sweep(env, options, check=True):
         for run in runs:
             check_run(run)
     return Plan(tuple(runs), tuple(dataset for dataset, _ in datasets), output_root, tuple(notes))
+
+
+def recipe_args(env, arms):
+    """The head recipe every run of a controlled sweep (RECIPE=controlled, the default) shares: when an arm
+    fine-tunes, the batch size main.py gives fine-tuned runs (FINETUNE_BATCH_SIZE per side, where memory needs
+    it), for every arm (a frozen arm can always use it); BATCH_SIZE, an arm's or an encoder's own flags come
+    after, so an arm differs in what it defines. RECIPE=as-designed passes nothing: each run gets main.py's
+    defaults for its mode (the seed's design: frozen 4096, fine-tuned 256 per side)."""
+    recipe = given(env, "RECIPE") or DEFAULTS["RECIPE"]
+    if recipe not in RECIPES:
+        raise SweepError(f"RECIPE: '{recipe}' is not a recipe ({' or '.join(RECIPES)})")
+    if recipe != "controlled" or not any("--finetune_encoder" in arm.flags for arm in arms):
+        return []
+    return ["--batch_size", str(FINETUNE_BATCH_SIZE)]
 
 
 def weights_args(info, env, printing):

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import numpy as np
 
-from evaluate import BETTER, METRIC_LABELS, pyplot, save_figure, validation_warning
+from evaluate import ARM_VALIDATION_GAP, BETTER, METRIC_LABELS, pyplot, save_figure, validation_warning
 from runs import encoder_folders
-from sweep import COLUMNS, COMPARED, arm_label, baseline_label, compare_arms, value
+from sweep import COLUMNS, COMPARED, UPDATES_RATIO, arm_label, baseline_label, compare_arms, value
 from utils import atomic_write_csv, atomic_write_json, atomic_write_text
 
 SUMMARY_COLUMNS = ["encoder", "data_seed", "seed", "method", *COLUMNS, "auroc_ci95_low", "auroc_ci95_high",
-                   "delong_p_vs_frozen", "best_epoch", "encoder_weights"]
+                   "delong_p_vs_frozen", "best_epoch", "optimizer_steps", "stopped_by", "encoder_weights"]
 
 
 def write_comparison(root):
@@ -78,14 +78,21 @@ def text_of(part, date):
              f"sizes per side: train {args['train_size']}, val {args['val_size']}, test {args['test_size']}; "
              f"max epochs {args['epochs']}; model selection on validation AUROC; OOD val split: "
              f"{part.ood_val_split}", ""]
-    lines += [f"{'arm':<{name_width - 2}} {'trainable encoder params':>24} {'s/epoch':>8}  flags"]
-    lines += [f"{arm:<{name_width - 2}} {info['encoder_trainable_params']:>24,} {info['seconds_per_epoch']:>8.1f}  "
-              f"{info['flags'] or '(frozen encoder)'}" for arm, info in part.arm_info().items()]
+    median = lambda x: "–" if x is None else f"{x:g}"  # noqa: E731
+    lines += [f"{'arm':<{name_width - 2}} {'trainable encoder params':>24} {'s/epoch':>8} {'steps':>6} {'best ep':>7} "
+              f"{'by patience':>11}  flags"]
+    lines += [f"{arm:<{name_width - 2}} {info['encoder_trainable_params']:>24,} {info['seconds_per_epoch']:>8.1f} "
+              f"{median(info['median_optimizer_steps']):>6} {median(info['median_best_epoch']):>7} "
+              f"{str(info['stopped_by_patience']) + ' of ' + str(info['runs']):>11}  {info['flags'] or '(frozen encoder)'}"
+              for arm, info in part.arm_info().items()]
+    lines.append("steps, best ep: medians over the arm's runs (optimizer steps of the head, best epoch on validation); "
+                 "by patience: runs that early stopping ended (the others ran out of their epoch budget)")
     data = lambda r: f"{r['data_seed']:>6} " if several else ""  # noqa: E731
     lines += ["", f"{'data':>6} " * several + f"{'seed':>6}  {'arm':<{name_width - 8}} {'AUROC':>7} {'AUPR':>7} "
-              f"{'FPR95':>7} {'size-m.':>7} {'val':>7} {'best epoch':>10}"]
+              f"{'FPR95':>7} {'size-m.':>7} {'val':>7} {'best epoch':>10} {'steps':>6}  stopped by"]
     lines += [data(r) + f"{r['seed']:>6}  {arm_of[r['method']]:<{name_width - 8}} " + " ".join(
-              f"{'–' if np.isnan(r[k]) else format(r[k], '.4f'):>7}" for k in COLUMNS) + f" {r['best_epoch']:>10}"
+              f"{'–' if np.isnan(r[k]) else format(r[k], '.4f'):>7}" for k in COLUMNS) + f" {r['best_epoch']:>10} "
+              f"{r['optimizer_steps']:>6}  {r['stopped_by'] or '–'}{' (still improving)' * bool(r['convergence_warning'])}"
               for r in part.per_run() if r["method"] in arm_of]
     lines += ["", f"{'Method':<{name_width}}" + "".join(f" | {METRIC_LABELS[k]:<{width}}" for k in COLUMNS)]
     for name in part.methods:
@@ -114,14 +121,35 @@ def text_of(part, date):
                      "spread: over data draws the std of the per-draw means, over seeds the mean within-draw std")
     if not part.baselines:
         lines.append("no baselines.json in these runs (made before baselines were computed): no baseline rows")
+    lines += _training_lines(part)
     for arm in arms:
         warning = validation_warning(table[arm_label(arm)]["val_auroc"][0], table[arm_label(arm)]["auroc"][0],
-                                     part.ood_val_split)
+                                     part.ood_val_split, ARM_VALIDATION_GAP)
         if warning:
-            lines.append(f"{arm_label(arm)}: {warning}")
+            lines.append(f"{arm_label(arm)}: {warning} (means over its runs: validation ran ahead of test by "
+                         f"{table[arm_label(arm)]['val_auroc'][0] - table[arm_label(arm)]['auroc'][0]:+.3f})")
     if identity.is_random_init:
         lines.append(f"{identity.short_label}: these numbers do not measure pretrained Uni-Mol.")
     return "\n".join(lines)
+
+
+def _training_lines(part):
+    """Warnings about how the arms' heads trained: runs still improving when their budget ran out, and arms
+    whose heads got different numbers of updates (then the comparison measures the recipe as well)."""
+    lines = []
+    for arm, info in part.arm_info().items():
+        if info["convergence_warnings"]:
+            lines.append(f"{arm_label(arm)}: {info['convergence_warnings']} of {info['runs']} runs still improving when "
+                         f"their epoch budget ran out (convergence_warning in test_metrics.json): their numbers are "
+                         f"not a converged head's; raise EPOCHS")
+    ratio = part.updates_ratio()
+    if ratio and ratio[0] > UPDATES_RATIO:
+        times, most, fewest = ratio
+        steps = {arm: info["median_optimizer_steps"] for arm, info in part.arm_info().items()}
+        lines.append(f"head updates differ: {arm_label(most)} took {times:.1f} times the optimizer steps of "
+                     f"{arm_label(fewest)} (median {steps[most]:g} vs {steps[fewest]:g}), so the comparison measures "
+                     f"the training recipe (batch size, epochs, stopping) as well as the encoder")
+    return lines
 
 
 def _improvement_lines(arm, interval, tests):
@@ -146,7 +174,7 @@ def csv_rows(part):
     significant digits (a p of 1.7e-07 is not 0)."""
     return [(part.identity.short_label, r["data_seed"], r["seed"], r["method"], *(_number(r[k]) for k in COLUMNS),
              *(_number(v) for v in (r["auroc_ci95"] or (None, None))), _number(r["delong_p_vs_frozen"], ".6g"),
-             r["best_epoch"], part.identity.text) for r in part.per_run()]
+             r["best_epoch"], r["optimizer_steps"], r["stopped_by"], part.identity.text) for r in part.per_run()]
 
 
 def _json_safe(obj):

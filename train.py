@@ -1,5 +1,6 @@
 """Energy-DPO training: pairwise loss, validation-AUROC model selection, early stopping and
 resumable checkpoints."""
+import copy
 import csv
 import dataclasses
 import io
@@ -18,6 +19,11 @@ from utils import InputError, atomic_write_text, progress
 
 log = logging.getLogger("energy_dpo.train")
 
+# A frozen head's epoch takes milliseconds, and a converged run takes thousands: last.pt and history.csv are
+# written after the first epoch, then at most every SAVE_EVERY_S seconds and after the last one (an interrupted
+# run resumes exactly from the last written epoch), and the log shows about LOG_LINES epochs of a long budget.
+SAVE_EVERY_S = 10
+LOG_LINES = 100
 HISTORY_COLUMNS = ["epoch", "train_loss", "misranked", "margin", "e_id", "e_ood",
                    "val_loss", "val_auroc", "val_misranked", "lr", "encoder_lr", "steps", "seconds", "encoder_weights"]
 
@@ -204,6 +210,7 @@ class EnergyDPOTrainer:
     def fit(self, inputs):
         """inputs: role → FeatureInputs / ConformerInputs. Returns the per-epoch history."""
         cfg, stale = self.cfg, self.start_epoch - 1 - self.best_epoch
+        best, saved, log_every = None, None, max(1, cfg.epochs // LOG_LINES)
         for epoch in range(self.start_epoch, cfg.epochs + 1):
             if cfg.patience and stale >= cfg.patience:
                 break
@@ -219,22 +226,29 @@ class EnergyDPOTrainer:
             self.history.append(row)
             if row["val_auroc"] > self.best_auroc:
                 self.best_auroc, self.best_epoch, stale = row["val_auroc"], epoch, 0
-                if self.team.leader:
-                    save_checkpoint(self.run_dir / "best_model.pt",
-                                    self._checkpoint(epoch) | {"val_auroc": row["val_auroc"]})
+                # the best model so far, as best_model.pt will hold it (tensors copied: training goes on)
+                best = copy.deepcopy(self._checkpoint(epoch) | {"val_auroc": row["val_auroc"]})
             else:
                 stale += 1
-            log.info("epoch %3d  loss %.4f  misranked %.3f  margin %+.3f  E(id) %+.3f  E(ood) %+.3f  "
-                     "val AUROC %.4f%s", epoch, row["train_loss"], row["misranked"], row["margin"], row["e_id"],
-                     row["e_ood"], row["val_auroc"], "  *" if stale == 0 else "")
-            if self.team.leader:
+            last = epoch == cfg.epochs or bool(cfg.patience and stale >= cfg.patience)
+            if epoch <= 10 or epoch % log_every == 0 or last:
+                log.info("epoch %3d  loss %.4f  misranked %.3f  margin %+.3f  E(id) %+.3f  E(ood) %+.3f  "
+                         "val AUROC %.4f%s", epoch, row["train_loss"], row["misranked"], row["margin"], row["e_id"],
+                         row["e_ood"], row["val_auroc"], "  *" if stale == 0 else "")
+            if self.team.leader and (saved is None or last or time.monotonic() - saved >= SAVE_EVERY_S):
+                if best is not None:  # first the best, then last.pt that names it: a resume finds them in step
+                    save_checkpoint(self.run_dir / "best_model.pt", best)
+                    best = None
                 self._write_history()
                 save_checkpoint(self.run_dir / "last.pt", self._checkpoint(epoch) | {
                     "optimizer": self.optimizer.state_dict(), "history": self.history,
                     "best_auroc": self.best_auroc, "best_epoch": self.best_epoch})
-        if cfg.patience and stale >= cfg.patience:
-            log.info("early stop: no validation improvement for %d epochs (best epoch %d)", stale, self.best_epoch)
+                saved = time.monotonic()
         return self.history
+
+    def stopping(self):
+        """How the run ended (stopping_report of its history)."""
+        return stopping_report(self.history, self.best_epoch, self.cfg.epochs, self.cfg.patience)
 
     def _resume_hint(self, epoch):
         if epoch == self.start_epoch == 1:
@@ -259,6 +273,38 @@ class EnergyDPOTrainer:
             writer.writerow({**{k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()},
                              "encoder_weights": self.model.spec.encoder_weights})
         atomic_write_text(self.run_dir / "history.csv", buf.getvalue())
+
+
+# A run that ended by its epoch budget with its best epoch in the last fifth of it was still improving
+LAST_PART = 0.2
+
+
+def stopping_report(history, best_epoch, epochs, patience):
+    """How a run ended, from its history: the optimizer steps it took, the epochs it ran, its best epoch, what
+    ended it ('patience': no validation gain for `patience` epochs; 'epoch budget': its `epochs` ran out), and
+    a convergence_warning when the budget ended it while it was still improving (its best epoch in the last
+    fifth of the budget)."""
+    run = history[-1]["epoch"] if history else 0
+    report = {"optimizer_steps": history[-1]["steps"] if history else 0, "epochs_run": run, "epoch_budget": epochs,
+              "best_epoch": best_epoch,
+              "stopped_by": "patience" if patience and run - best_epoch >= patience else "epoch budget"}
+    if report["stopped_by"] == "epoch budget" and best_epoch > epochs - max(1, math.ceil(LAST_PART * epochs)):
+        report["convergence_warning"] = (
+            f"still improving when stopped: the best validation AUROC came at epoch {best_epoch} of a {epochs}-epoch "
+            f"budget ({report['optimizer_steps']} optimizer steps); raise --epochs until early stopping "
+            f"(--patience {patience}) ends the run" if patience else
+            f"still improving when stopped: the best validation AUROC came at epoch {best_epoch} of a {epochs}-epoch "
+            f"budget ({report['optimizer_steps']} optimizer steps) with early stopping off (--patience 0); raise "
+            f"--epochs, or let --patience end the run")
+    return report
+
+
+def stopping_line(report):
+    """The log's words for how a run ended."""
+    how = (f"early stop: no validation gain for {report['epochs_run'] - report['best_epoch']} epochs"
+           if report["stopped_by"] == "patience" else f"the {report['epoch_budget']}-epoch budget ran out")
+    return (f"{how} after epoch {report['epochs_run']} ({report['optimizer_steps']} optimizer steps); best epoch "
+            f"{report['best_epoch']}")
 
 
 def learning_warning(history, batch_size):

@@ -11,7 +11,7 @@ import data
 import utils
 from conftest import write_drugood
 from evaluate import auroc_size_matched, ood_metrics, validation_warning
-from train import learning_warning
+from train import learning_warning, stopping_line, stopping_report
 
 
 def test_descriptors_by_hand():
@@ -112,3 +112,20 @@ def test_learning_warning_names_the_steps():
     assert "after 2 optimizer steps (1 per epoch at --batch_size 4096 per side)" in text
     learned = [{"train_loss": 0.69, "misranked": 0.45, "steps": 10}, {"train_loss": 0.40, "misranked": 0.10, "steps": 20}]
     assert learning_warning(learned, 64) is None
+
+
+def test_a_run_says_how_it_stopped():
+    """stopping_report: what ended a run (patience, or its epoch budget), its steps, and a convergence warning
+    when the budget ended it with its best epoch in the budget's last fifth (still improving)."""
+    history = [{"epoch": e, "steps": 7 * e} for e in range(1, 61)]
+    patience = stopping_report(history, 40, 200, 20)
+    assert patience == {"optimizer_steps": 420, "epochs_run": 60, "epoch_budget": 200, "best_epoch": 40,
+                        "stopped_by": "patience"}
+    late = stopping_report(history, 55, 60, 20)
+    assert late["stopped_by"] == "epoch budget" and "best validation AUROC came at epoch 55 of a 60-epoch" in \
+        late["convergence_warning"]
+    assert "convergence_warning" not in stopping_report(history, 47, 60, 20)  # budget, best before its last fifth
+    assert stopping_report(history, 60, 60, 0)["stopped_by"] == "epoch budget"  # patience off: only the budget
+    assert "early stopping off" in stopping_report(history, 60, 60, 0)["convergence_warning"]
+    assert stopping_line(patience) == ("early stop: no validation gain for 20 epochs after epoch 60 (420 optimizer "
+                                       "steps); best epoch 40")

@@ -108,3 +108,44 @@ def test_a_sweep_over_two_draws_says_how_sure_it_is(small_benchmark, cache_dir, 
                                             for arm, arm_tests in part.tests.items()})
     column = SUMMARY_COLUMNS.index("delong_p_vs_frozen")
     assert {row[column] for row in csv_rows(tiny) if row[3] == "Energy-DPO (fast)"} == {"1.7e-07"}
+
+
+@pytest.mark.slow  # four small runs
+def test_the_summary_says_how_each_run_stopped_and_when_arms_got_different_head_updates(
+        small_benchmark, cache_dir, tmp_path, monkeypatch):
+    """ECFP, the frozen arm at main.py's batch (one step per epoch here) and an arm whose head takes three steps
+    per epoch (--batch_size 4): each run's steps, best epoch and stop reason in the CSV and JSON, per arm the
+    medians and the runs still improving when their budget ran out, and the warning that the arms got three
+    times different head updates."""
+    for name in ("SEEDS", "DATASETS", "ARMS", "FOUNDATION_MODELS", "DATA_SEEDS", "DATA_SEED", "RECIPE"):
+        monkeypatch.delenv(name, raising=False)
+    env = {"DATA_FILE": str(small_benchmark), "DATASETS": "tiny", "OUTPUT_ROOT": str(tmp_path / "sweep"),
+           "FOUNDATION_MODELS": "ecfp", "ARMS": "frozen small", "ARM_small": "--batch_size 4", "SEEDS": "1 2",
+           "EPOCHS": "5", "PATIENCE": "0", "TRAIN_SIZE": "12", "VAL_SIZE": "8", "TEST_SIZE": "8",
+           "EXTRA_ARGS": f"--cache_dir {cache_dir}"}
+    for run in sweep_plan.plan_sweep(env, sweep_plan.Options(print_runs=True)).runs:
+        assert main(list(run.args)) == 0
+    root = tmp_path / "sweep" / "tiny"
+    assert main(["--mode", "compare", "--output_dir", str(root)]) == 0
+    part = json.loads((root / "comparison_summary.json").read_text())["encoders"][0]
+    metrics = {(arm, seed): json.loads((root / "ecfp" / arm / f"seed{seed}" / "test_metrics.json").read_text())
+               for arm in ("frozen", "small") for seed in (1, 2)}
+    assert {m["stopped_by"] for m in metrics.values()} == {"epoch budget"}  # patience 0: the budget ends every run
+    assert {(arm, m["optimizer_steps"]) for (arm, _), m in metrics.items()} == {("frozen", 5), ("small", 15)}
+    for (arm, seed), m in metrics.items():
+        assert ("convergence_warning" in m) == (m["best_epoch"] == 5)  # best in the last fifth of 5 epochs
+        row = next(r for r in part["per_seed"] if r["method"] == f"Energy-DPO ({arm})" and r["seed"] == seed)
+        assert (row["optimizer_steps"], row["best_epoch"], row["stopped_by"]) == (m["optimizer_steps"], m["best_epoch"],
+                                                                                   "epoch budget")
+    for arm in ("frozen", "small"):
+        info = part["arms"][arm]
+        assert (info["median_optimizer_steps"], info["stopped_by_patience"], info["runs"]) == (
+            {"frozen": 5, "small": 15}[arm], 0, 2)
+        assert info["convergence_warnings"] == sum("convergence_warning" in metrics[arm, s] for s in (1, 2))
+    text = (root / "ecfp" / "comparison_summary.txt").read_text()
+    assert ("head updates differ: Energy-DPO (small) took 3.0 times the optimizer steps of Energy-DPO (frozen) "
+            "(median 15 vs 5)") in text
+    with open(root / "comparison_summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["method"], r["optimizer_steps"], r["stopped_by"]) for r in rows if r["method"].startswith("Energy")} == {
+        ("Energy-DPO (frozen)", "5", "epoch budget"), ("Energy-DPO (small)", "15", "epoch budget")}

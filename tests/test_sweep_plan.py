@@ -16,7 +16,8 @@ from conftest import ROOT
 SWEEP_VARS = ("SEEDS", "DATASETS", "DATA_FILE", "EPOCHS", "TRAIN_SIZE", "VAL_SIZE", "TEST_SIZE", "DATA_SEED",
               "OOD_VAL_SPLIT", "UNIMOL_WEIGHTS", "UNIMOL_WEIGHT_DIR", "OUTPUT_ROOT", "DEVICE", "FREEZE_LAYERS",
               "ENCODER_LR", "EXTRA_ARGS", "PYTHON", "ARMS", "ENCODER_LRS", "FREEZE_SPECS", "JOB_GPUS",
-              "FOUNDATION_MODELS", "BATCH_SIZE", "MINIMOL_ARGS", "UNIMOL_ARGS", "ECFP_ARGS", "ARM_mine")
+              "FOUNDATION_MODELS", "BATCH_SIZE", "MINIMOL_ARGS", "UNIMOL_ARGS", "ECFP_ARGS", "ARM_mine", "RECIPE",
+              "PATIENCE", "ARM_big")
 
 
 @pytest.fixture
@@ -68,10 +69,11 @@ def test_the_demo_runs_every_encoder_with_its_own_recipe(sweep, tmp_path):
     # name Uni-Mol weights
     assert "== ecfp: frozen only" in err
     assert len(lines) == 3 * 5 and all(flag(w, "--train_size") == "200" for w in lines)
-    # MiniMol's and ECFP's recipe (their heads learn: 20 epochs of 7 steps) after the common --epochs 5; argparse
-    # takes the last
-    assert {(encoder(w), flag(w, "--epochs", last=True), "--batch_size" in w) for w in lines} == \
-        {("minimol", "20", True), ("ecfp", "20", True), ("unimol", "5", False)}
+    # MiniMol's and ECFP's recipe (heads trained until early stopping ends them) after the common --epochs 5
+    # and the controlled recipe's shared batch; argparse takes the last. Every arm of an encoder shares it.
+    assert {(encoder(w), flag(w, "--epochs", last=True), flag(w, "--batch_size", last=True), flag(w, "--lr", last=True)
+             if "--lr" in w else None) for w in lines} == \
+        {("minimol", "200", "32", "1e-3"), ("ecfp", "200", "32", "1e-3"), ("unimol", "5", "256", None)}
     # random-init Uni-Mol (no checkpoint here) is a pipeline check at half the molecules
     assert {(encoder(w), flag(w, "--train_size", last=True), flag(w, "--test_size", last=True)) for w in lines} == \
         {("minimol", "200", "200"), ("ecfp", "200", "200"), ("unimol", "100", "100")}
@@ -207,3 +209,21 @@ def test_the_results_reproduction_command_plans_the_documented_sweep():
     assert sum("/minimol/lora_lr1e4/data43_seed44" in f for f in folders) == 3
     assert {f.split("/")[2] for f in folders} == {f"demo_ec50_{s}" for s in ("scaffold", "assay", "size")}
     assert sum("/ecfp/frozen/" in f for f in folders) == 27
+
+
+def test_arms_share_the_heads_recipe_unless_the_sweep_is_as_designed(sweep, small_benchmark):
+    """RECIPE=controlled (the default): when an arm fine-tunes, every run trains its head at the fine-tuned batch
+    (256 per side), which the frozen arm can always use; BATCH_SIZE or an arm's own --batch_size come after it.
+    RECIPE=as-designed: main.py's per-mode defaults (frozen 4096, fine-tuned 256)."""
+    common = dict(DATA_FILE=str(small_benchmark), OUTPUT_ROOT="out", SEEDS="1", UNIMOL_WEIGHTS="random")
+    batch = lambda lines: {flag(w, "--output_dir").split("/")[-2]: flag(w, "--batch_size", last=True)  # noqa: E731
+                           if "--batch_size" in w else None for w in lines}
+    status, lines, err = sweep("--print-commands", **common)
+    assert status == 0 and batch(lines) == {"frozen": "256", "finetuned": "256"}, err
+    assert batch(sweep("--print-commands", RECIPE="as-designed", **common)[1]) == {"frozen": None, "finetuned": None}
+    assert batch(sweep("--print-commands", BATCH_SIZE="64", **common)[1]) == {"frozen": "64", "finetuned": "64"}
+    assert batch(sweep("--print-commands", ARMS="frozen big", ARM_big="--finetune_encoder --batch_size 512",
+                       **common)[1]) == {"frozen": "256", "big": "512"}  # an arm differs in what it defines
+    assert batch(sweep("--print-commands", FOUNDATION_MODELS="ecfp", **common)[1]) == {"frozen": None}  # all frozen
+    status, lines, err = sweep("--print-commands", RECIPE="seed", **common)
+    assert status == 2 and err == "error: RECIPE: 'seed' is not a recipe (controlled or as-designed)\n" and not lines
