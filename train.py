@@ -1,6 +1,5 @@
 """Energy-DPO training: pairwise loss, validation-AUROC model selection, early stopping and
 resumable checkpoints."""
-import copy
 import csv
 import dataclasses
 import io
@@ -19,10 +18,8 @@ from utils import InputError, atomic_write_text, progress
 
 log = logging.getLogger("energy_dpo.train")
 
-# A frozen head's epoch takes milliseconds, and a converged run takes thousands: last.pt and history.csv are
-# written after the first epoch, then at most every SAVE_EVERY_S seconds and after the last one (an interrupted
-# run resumes exactly from the last written epoch), and the log shows about LOG_LINES epochs of a long budget.
-SAVE_EVERY_S = 10
+# A frozen head's epoch takes milliseconds and a converged run hundreds of them: the log shows the first ten
+# epochs, then about LOG_LINES of a long budget, and the last (history.csv has every epoch)
 LOG_LINES = 100
 HISTORY_COLUMNS = ["epoch", "train_loss", "misranked", "margin", "e_id", "e_ood",
                    "val_loss", "val_auroc", "val_misranked", "lr", "encoder_lr", "steps", "seconds", "encoder_weights"]
@@ -210,7 +207,7 @@ class EnergyDPOTrainer:
     def fit(self, inputs):
         """inputs: role → FeatureInputs / ConformerInputs. Returns the per-epoch history."""
         cfg, stale = self.cfg, self.start_epoch - 1 - self.best_epoch
-        best, saved, log_every = None, None, max(1, cfg.epochs // LOG_LINES)
+        log_every = max(1, cfg.epochs // LOG_LINES)
         for epoch in range(self.start_epoch, cfg.epochs + 1):
             if cfg.patience and stale >= cfg.patience:
                 break
@@ -226,8 +223,9 @@ class EnergyDPOTrainer:
             self.history.append(row)
             if row["val_auroc"] > self.best_auroc:
                 self.best_auroc, self.best_epoch, stale = row["val_auroc"], epoch, 0
-                # the best model so far, as best_model.pt will hold it (tensors copied: training goes on)
-                best = copy.deepcopy(self._checkpoint(epoch) | {"val_auroc": row["val_auroc"]})
+                if self.team.leader:
+                    save_checkpoint(self.run_dir / "best_model.pt",
+                                    self._checkpoint(epoch) | {"val_auroc": row["val_auroc"]})
             else:
                 stale += 1
             last = epoch == cfg.epochs or bool(cfg.patience and stale >= cfg.patience)
@@ -235,15 +233,11 @@ class EnergyDPOTrainer:
                 log.info("epoch %3d  loss %.4f  misranked %.3f  margin %+.3f  E(id) %+.3f  E(ood) %+.3f  "
                          "val AUROC %.4f%s", epoch, row["train_loss"], row["misranked"], row["margin"], row["e_id"],
                          row["e_ood"], row["val_auroc"], "  *" if stale == 0 else "")
-            if self.team.leader and (saved is None or last or time.monotonic() - saved >= SAVE_EVERY_S):
-                if best is not None:  # first the best, then last.pt that names it: a resume finds them in step
-                    save_checkpoint(self.run_dir / "best_model.pt", best)
-                    best = None
+            if self.team.leader:
                 self._write_history()
                 save_checkpoint(self.run_dir / "last.pt", self._checkpoint(epoch) | {
                     "optimizer": self.optimizer.state_dict(), "history": self.history,
                     "best_auroc": self.best_auroc, "best_epoch": self.best_epoch})
-                saved = time.monotonic()
         return self.history
 
     def stopping(self):

@@ -110,7 +110,6 @@ def test_a_sweep_over_two_draws_says_how_sure_it_is(small_benchmark, cache_dir, 
     assert {row[column] for row in csv_rows(tiny) if row[3] == "Energy-DPO (fast)"} == {"1.7e-07"}
 
 
-@pytest.mark.slow  # four small runs
 def test_the_summary_says_how_each_run_stopped_and_when_arms_got_different_head_updates(
         small_benchmark, cache_dir, tmp_path, monkeypatch):
     """ECFP, the frozen arm at main.py's batch (one step per epoch here) and an arm whose head takes three steps
