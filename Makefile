@@ -31,7 +31,7 @@ $(VENV)/.installed: requirements.txt requirements-nodeps.txt
 
 # The frozen-vs-fine-tuned sweep on the shipped demo benchmark (3 seeds, small sizes, CPU-friendly).
 demo: install
-	PYTHON=$(PY) ./run_finetune_comparison.sh --demo
+	PYTHON=$(PY) ./run_finetune_comparison.sh --demo --jobs 2
 
 # Everything but the bench scripts' end-to-end runs, in two worker processes; test-fast: the quick
 # tier for day-to-day work (no tests marked slow: torchrun, the sweep script, whole fine-tuned runs);
