@@ -156,24 +156,26 @@ def fdr_power_warning(fdr, scored, calibrated):
     calibration molecules no p-value is below 1/(n + 1), so among N molecules BH at rate q flags anything
     only once at least N / (q (n + 1)) of them score above every calibration energy."""
     needed = math.ceil(scored / (fdr * (calibrated + 1)) - 1e-9)
+    alone = math.ceil(scored / fdr - 1e-9) - 1  # the size at which 1/(n + 1) <= fdr / scored
     if needed <= 1:
         return None
     return (f"--fdr {fdr:g} flagged nothing among {scored} molecules: the run's {calibrated} calibration molecules "
             f"give p-values of 1/{calibrated + 1} = {1 / (calibrated + 1):.2g} at the smallest, above {fdr:g}/{scored} "
             f"= {fdr / scored:.2g}, so Benjamini-Hochberg flags molecules only when at least {needed} score above "
-            f"every calibration energy; with {math.ceil(scored / fdr) - 1} calibration molecules (train with "
-            f"--calibration_size {math.ceil(scored / fdr) - 1}) one alone could be flagged")
+            f"every calibration energy; with {alone} calibration molecules (train with "
+            f"--calibration_size {alone}) one alone could be flagged")
 
 
 def run_predict(score_job, job):
     """Score `job`'s molecules with the finished run `score_job` names, into job.output."""
     run = load_job_run(score_job)
     team = distributed.current()
+    calibrated = len(run.calibration)  # on every process: a run without kept energies scores them as a team
     if run.calibration_role != CALIBRATION and team.leader:
         log.warning("%s: its p-values are calibrated on its %d validation ID molecules, on which model selection "
-                    "also chose the best epoch (the run has no calibration set of its own: it predates them, or its "
-                    "file had no ID molecule to spare), so they may run optimistic; retrain it for a calibration "
-                    "set", run.folder, len(run.calibration))
+                    "also chose the best epoch (the run has no calibration set of its own: it predates them, was "
+                    "trained with --calibration_size 0, or its file had no ID molecule to spare), so they may run "
+                    "optimistic; retrain it for a calibration set", run.folder, calibrated)
     columns, rows = input_rows(job)
     source = Path(job.input).resolve() if job.input else None
     recorded = {"input": str(source) if source else job.smiles,

@@ -11,6 +11,7 @@ import pytest
 from rdkit import Chem
 
 from conftest import DEMO
+from evaluate import id_threshold
 from stats import conformal_p_values, fdr_discoveries
 from main import main
 from model import load_checkpoint
@@ -152,6 +153,8 @@ def test_runs_from_before_calibration_sets_calibrate_on_validation_and_say_so(fi
         torch.save(state, run / "best_model.pt")
     again = tmp_path / "none"
     validation = load_run(again).calibration
+    # scored again, the validation ID molecules give the threshold the run computed from them when it finished
+    assert id_threshold(validation) == pytest.approx(state["threshold_95_id_val"], rel=1e-5)
     state = torch.load(kept / "best_model.pt", weights_only=True)
     torch.save(state | {"calibration_id_val_energies": sorted(validation.tolist())}, kept / "best_model.pt")
     for run, out in ((kept, "a.csv"), (again, "b.csv")):

@@ -274,6 +274,7 @@ def test_featurize_writes_rows_in_input_order(tmp_path, random_ckpt, cache_dir):
     (["--lr", "nan"], "--lr must be a finite number"),
     (["--dpo_beta", "inf"], "--dpo_beta must be a finite number"),
     (["--data_seed", "-1"], "--data_seed cannot be negative"),
+    (["--calibration_size", "-5"], "--calibration_size cannot be negative"),
     (["--mode", "featurize", "--smiles", "CCO", "--output", "f.npy", "--epochs", "3"], "does not use --epochs"),
     (["--mode", "predict", "--output_dir", "x", "--smiles", "CCO", "--output", "p.csv", "--chunk_rows", "0"],
      "--chunk_rows must be at least 1"),

@@ -10,11 +10,11 @@ import pytest
 from scipy.stats import norm, t
 
 import sweep_plan
-from evaluate import ood_metrics
+from evaluate import ARM_VALIDATION_GAP, ood_metrics
 from main import main
 from stats import delong_test, improvement_interval, spreads
 from sweep import compare_arms
-from sweep_report import SUMMARY_COLUMNS, csv_rows
+from sweep_report import SUMMARY_COLUMNS, csv_rows, text_of
 
 
 def delong_by_definition(id_a, ood_a, id_b, ood_b):
@@ -142,6 +142,18 @@ def test_the_summary_says_how_each_run_stopped_and_when_arms_got_different_head_
             {"frozen": 5, "small": 15}[arm], 0, 2)
         assert info["convergence_warnings"] == sum("convergence_warning" in metrics[arm, s] for s in (1, 2))
     text = (root / "ecfp" / "comparison_summary.txt").read_text()
+    for arm in ("frozen", "small"):  # an arm whose mean validation AUROC runs ahead of its test AUROC is named
+        row = part["table"][f"Energy-DPO ({arm})"]
+        ahead = row["val_auroc"][0] - row["auroc"][0]
+        assert (f"Energy-DPO ({arm}): validation optimistic" in text) == (ahead > ARM_VALIDATION_GAP), (arm, ahead)
+        assert (f"validation ran ahead of test by {ahead:+.3f}" in text) == (ahead > ARM_VALIDATION_GAP)
+    compared = compare_arms(root / "ecfp")  # the line either way, whatever these tiny runs gave
+    for gap, named in ((ARM_VALIDATION_GAP + 0.01, True), (ARM_VALIDATION_GAP - 0.01, False)):
+        table = dict(compared.table)
+        table["Energy-DPO (small)"] = dict(table["Energy-DPO (small)"], val_auroc=(
+            table["Energy-DPO (small)"]["auroc"][0] + gap, 0.0))
+        shown = text_of(dataclasses.replace(compared, table=table), "today")
+        assert ("Energy-DPO (small): validation optimistic" in shown) == named
     assert ("head updates differ: Energy-DPO (small) took 3.0 times the optimizer steps of Energy-DPO (frozen) "
             "(median 15 vs 5)") in text
     with open(root / "comparison_summary.csv", newline="") as f:
