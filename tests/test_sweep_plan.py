@@ -195,8 +195,9 @@ def test_runs_at_once_share_the_cores_unless_the_caller_set_threads(monkeypatch)
 
 
 def test_the_results_reproduction_command_plans_the_documented_sweep():
-    """docs/results.md's command, with --print-commands for --jobs 2 (planning checks every run's flags): 45 runs per
-    benchmark (MiniMol 4 arms, ECFP frozen only, x 3 data draws x 3 seeds), 135 in all, into the folders it names."""
+    """docs/results.md's command, with --print-commands for --jobs 2 (planning checks every run's flags): 36 runs per
+    benchmark (MiniMol 3 arms, ECFP frozen only, x 3 data draws x 3 seeds), 108 in all, into the folders it names,
+    every run with the same head recipe."""
     block = re.search(r"```bash\n(for f in scaffold assay size; do.*?)```", (ROOT / "docs" / "results.md").read_text(),
                       re.S).group(1)
     assert block.count("--jobs 2") == 1
@@ -205,7 +206,9 @@ def test_the_results_reproduction_command_plans_the_documented_sweep():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     folders = [flag(shlex.split(line), "--output_dir") for line in proc.stdout.splitlines()]
-    assert len(folders) == 135 and len(set(folders)) == 135
+    assert len(folders) == 108 and len(set(folders)) == 108
+    assert {(flag(w, "--batch_size", last=True), flag(w, "--lr", last=True), flag(w, "--epochs", last=True))
+            for w in map(shlex.split, proc.stdout.splitlines())} == {("32", "1e-3", "200")}
     assert sum("/minimol/lora_lr1e4/data43_seed44" in f for f in folders) == 3
     assert {f.split("/")[2] for f in folders} == {f"demo_ec50_{s}" for s in ("scaffold", "assay", "size")}
     assert sum("/ecfp/frozen/" in f for f in folders) == 27
