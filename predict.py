@@ -156,9 +156,9 @@ def fdr_power_warning(fdr, scored, calibrated):
     calibration molecules no p-value is below 1/(n + 1), so among N molecules BH at rate q flags anything
     only once at least N / (q (n + 1)) of them score above every calibration energy."""
     needed = math.ceil(scored / (fdr * (calibrated + 1)) - 1e-9)
-    alone = math.ceil(scored / fdr - 1e-9) - 1  # the size at which 1/(n + 1) <= fdr / scored
     if needed <= 1:
         return None
+    alone = math.ceil(scored / fdr - 1e-9) - 1  # the size at which 1/(n + 1) <= fdr / scored
     return (f"--fdr {fdr:g} flagged nothing among {scored} molecules: the run's {calibrated} calibration molecules "
             f"give p-values of 1/{calibrated + 1} = {1 / (calibrated + 1):.2g} at the smallest, above {fdr:g}/{scored} "
             f"= {fdr / scored:.2g}, so Benjamini-Hochberg flags molecules only when at least {needed} score above "

@@ -205,10 +205,11 @@ def test_the_results_reproduction_command_plans_the_documented_sweep():
     proc = subprocess.run(["bash", "-c", block.replace("--jobs 2", "--print-commands")], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    folders = [flag(shlex.split(line), "--output_dir") for line in proc.stdout.splitlines()]
+    runs = [shlex.split(line) for line in proc.stdout.splitlines()]
+    folders = [flag(words, "--output_dir") for words in runs]
     assert len(folders) == 108 and len(set(folders)) == 108
     assert {(flag(w, "--batch_size", last=True), flag(w, "--lr", last=True), flag(w, "--epochs", last=True))
-            for w in map(shlex.split, proc.stdout.splitlines())} == {("32", "1e-3", "200")}
+            for w in runs} == {("32", "1e-3", "200")}
     assert sum("/minimol/lora_lr1e4/data43_seed44" in f for f in folders) == 3
     assert {f.split("/")[2] for f in folders} == {f"demo_ec50_{s}" for s in ("scaffold", "assay", "size")}
     assert sum("/ecfp/frozen/" in f for f in folders) == 27
